@@ -1,0 +1,1 @@
+"""Pure tensor maths of compression: masks, magnitude, Wanda, SparseGPT. Imports only torch."""

@@ -1,0 +1,155 @@
+"""The job recipe: one typed, validated model per stage, loaded from YAML.
+
+A job file says *what* to do (model, corpora and mix, selection, compression, eval tasks);
+the layer pipeline (`engine/`) says *how*, and `RayConfig` says *where*. Every model forbids
+unknown fields, so a typo is an error that names the field and the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job file that cannot be read or does not validate; the message names file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """One named corpus: a local path (or glob) of JSONL documents with a text field."""
+
+    path: str
+    text_field: str = "text"
+    max_doc_chars: int = Field(200_000, gt=0, description="documents longer than this are skipped")
+
+
+class SelectConfig(_Strict):
+    """Calibration-set selection (stage 1)."""
+
+    method: str = "zipcal"
+    sources: dict[str, SourceConfig]
+    mix: dict[str, float] = Field(default_factory=dict, description="source name -> share of n_samples")
+    n_samples: int = Field(64, gt=0)
+    seq_len: int = Field(512, gt=1, description="tokens per calibration sequence")
+    seed: int = 0
+    candidate_pool: int = Field(2000, gt=0, description="ZipCal: random candidate pool per greedy step")
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> "SelectConfig":
+        mix = self.mix or {name: 1.0 / len(self.sources) for name in self.sources}
+        unknown = sorted(set(mix) - set(self.sources))
+        if unknown:
+            raise ValueError(f"mix names unknown sources {unknown}; sources are {sorted(self.sources)}")
+        if any(v < 0 for v in mix.values()) or abs(sum(mix.values()) - 1.0) > 1e-6:
+            raise ValueError(f"mix shares must be >= 0 and sum to 1, got {mix}")
+        object.__setattr__(self, "mix", dict(mix))
+        return self
+
+
+class CompressConfig(_Strict):
+    """Compression (stage 2): one algorithm applied to every decoder-layer linear."""
+
+    algorithm: str = "sparsegpt"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    n_m: tuple[int, int] | None = Field(None, description="N:M semi-structured pattern, e.g. [2, 4]")
+    block_size: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns)")
+    damping: float = Field(0.01, ge=0.0, description="fraction of mean(diag(H)) added to the Hessian")
+    targets: list[str] | None = Field(None, description="module names inside a decoder layer; default: all linears")
+
+    @field_validator("n_m")
+    @classmethod
+    def _check_nm(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 < v[0] < v[1]):
+            raise ValueError(f"n_m must be [N, M] with 0 < N < M, got {list(v)}")
+        return v
+
+
+class TaskConfig(_Strict):
+    """One evaluation task instance; `name` picks a registered task kind."""
+
+    name: str
+    kind: Literal["perplexity", "multiple_choice"]
+    path: str
+    format: str = Field(..., description="reader: text, jsonl_text, piqa, pubmedqa")
+    domain: str = "general"
+    seq_len: int = Field(512, gt=1, description="perplexity window (tokens)")
+    max_tokens: int | None = Field(None, gt=0, description="perplexity: score at most this many tokens")
+    limit: int | None = Field(None, gt=0, description="multiple choice: score the first N items")
+
+
+class EvaluateConfig(_Strict):
+    """Evaluation (stage 3)."""
+
+    tasks: list[TaskConfig]
+    batch_tokens: int = Field(4096, gt=0, description="tokens per forward batch")
+    include_dense: bool = True
+
+
+class RayConfig(_Strict):
+    """Where the work runs: the Ray cluster and the resources of each actor kind."""
+
+    address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a cluster")
+    num_cpus: int | None = Field(None, description="local Ray only: CPUs to offer")
+    compress_actors: int = Field(1, gt=0)
+    eval_actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    torch_threads: int | None = Field(None, description="intra-op threads per actor; default cpus_per_actor")
+
+
+class JobConfig(_Strict):
+    """A whole job: model plus the three stages and the Ray placement."""
+
+    name: str = "job"
+    model: str = Field(..., description="a local Hugging Face folder, or a known alias (smollm2-135m-instruct)")
+    select: SelectConfig
+    compress: CompressConfig
+    evaluate: EvaluateConfig
+    ray: RayConfig = RayConfig()
+    base_dir: str = Field(".", description="relative data paths resolve against this (set by the loader)")
+
+    def resolve(self, path: str) -> Path:
+        """A data path from the job file, made absolute against the job's base directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+
+def _find_base_dir(config_path: Path) -> Path:
+    """The repository root above `config_path` (first parent with pyproject.toml), else its folder."""
+    for parent in config_path.resolve().parents:
+        if (parent / "pyproject.toml").exists():
+            return parent
+    return config_path.resolve().parent
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read and validate a job YAML file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or a field is wrong; the message names
+            the file and the dotted field path (e.g. ``compress.sparsity``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw.setdefault("base_dir", str(_find_base_dir(path)))
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid job config"]
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<top>"
+            lines.append(f"  field '{loc}': {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc

@@ -1,0 +1,50 @@
+"""Calibration statistics per linear input, accumulated batch by batch and summed across workers.
+
+Kinds:
+- "hessian": H = sum over tokens of x x^T, (d_in, d_in) — SparseGPT / GPTQ.
+- "sqnorm": sum over tokens of x_j^2, (d_in,) — Wanda's ||X_j||_2^2.
+The accumulator dtype is float32 by default (as the reference implementations); float64 on request.
+Both carry the token count, so partial statistics from data-parallel workers simply add.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class InputStats:
+    kind: str
+    value: torch.Tensor  # (d_in, d_in) for hessian, (d_in,) for sqnorm
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, kind: str, d_in: int, dtype: torch.dtype = torch.float32) -> "InputStats":
+        if kind == "hessian":
+            return cls(kind, torch.zeros(d_in, d_in, dtype=dtype))
+        if kind == "sqnorm":
+            return cls(kind, torch.zeros(d_in, dtype=dtype))
+        raise ValueError(f"unknown statistics kind '{kind}' (hessian, sqnorm)")
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Accumulate activations x (..., d_in)."""
+        x = x.reshape(-1, x.shape[-1]).to(self.value.dtype)  # (tokens, d_in)
+        if self.kind == "hessian":
+            self.value.addmm_(x.T, x)
+        else:
+            self.value.add_((x * x).sum(0))
+        self.tokens += x.shape[0]
+
+    def __add__(self, other: "InputStats") -> "InputStats":
+        if other.kind != self.kind:
+            raise ValueError(f"cannot add {self.kind} and {other.kind} statistics")
+        return InputStats(self.kind, self.value + other.value, self.tokens + other.tokens)
+
+
+def sum_stats(parts: list[InputStats]) -> InputStats:
+    """Sum of partial statistics in the given order (callers keep the order fixed)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total

@@ -1,0 +1,171 @@
+"""One data-parallel compression worker: a shard of calibration activations and the current layer.
+
+Lifecycle per decoder layer (each a method, called in this order by the pipeline):
+    begin_layer(i)      load layer i's weights from safetensors (memory-mapped)
+    accumulate(kinds)   run the dense layer on this shard with hooks -> partial InputStats
+    solve(name, ...)    (owner only) sum partials, compress one linear, keep the result
+    apply(names, Ws)    install compressed weights, run the layer -> next layer's inputs
+    write_layer(...)    (writer only) persist the layer's tensors
+    end_layer()         free the layer
+This class knows nothing about Ray; `distributed.compress` wraps it in an actor.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raycompress.config import CompressConfig
+from raycompress.engine.stats import InputStats, sum_stats
+from raycompress.models.checkpoint import write_shard
+from raycompress.models.weights import OffloadedModel
+from raycompress.registry import ALGORITHMS
+
+log = logging.getLogger(__name__)
+
+
+class LayerWorker:
+    """Holds hidden states (n, seq, hidden) for its calibration shard and one decoder layer.
+
+    Args:
+        model_dir: Hugging Face folder with safetensors weights.
+        input_ids: (n, seq) int64 calibration token ids of this worker's shard.
+        micro_batch: sequences per forward pass.
+    """
+
+    def __init__(self, model_dir: str, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.model = OffloadedModel(model_dir)
+        self.micro_batch = micro_batch
+        self.layer: nn.Module | None = None
+        self.layer_idx = -1
+        self.infos: list[dict] = []
+        self.timings: dict[str, float] = {}
+        with torch.no_grad():
+            embed = self.model.load_module(self.model.spec.embed[0])
+            self.hidden = embed(input_ids.long())  # (n, seq, hidden)
+        del embed
+        self.rotary = self.model.rotary()
+        seq = input_ids.shape[1]
+        self.position_ids = torch.arange(seq).unsqueeze(0)  # (1, seq)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _tick(self, key: str, t0: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Run the current layer on h (b, seq, hidden); causal attention via sdpa with mask=None."""
+        kwargs = {"position_ids": self.position_ids, "attention_mask": None}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(h, self.position_ids)
+        out = self.layer(h, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _run_all(self) -> torch.Tensor:
+        outs = [self._forward(self.hidden[i : i + self.micro_batch]) for i in range(0, len(self.hidden), self.micro_batch)]
+        return torch.cat(outs) if outs else self.hidden
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def begin_layer(self, idx: int) -> int:
+        t0 = time.perf_counter()
+        self.layer = self.model.load_layer(idx)
+        self.layer_idx = idx
+        self._tick("io", t0)
+        return self.hidden.shape[0]
+
+    @torch.no_grad()
+    def accumulate(self, group_kinds: dict[str, str]) -> dict[str, InputStats]:
+        """Partial statistics of this shard for each input group.
+
+        Args:
+            group_kinds: first module name of an input group -> stats kind ("hessian"/"sqnorm").
+        Returns:
+            group name -> InputStats over this shard's tokens.
+        """
+        t0 = time.perf_counter()
+        stats: dict[str, InputStats] = {}
+        hooks = []
+        for name, kind in group_kinds.items():
+            lin = self.layer.get_submodule(name)
+            stats[name] = InputStats.empty(kind, lin.in_features)
+            hooks.append(lin.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add_batch(args[0])))
+        try:
+            if stats:
+                self._run_all()
+        finally:
+            for hk in hooks:
+                hk.remove()
+        self._tick("stats", t0)
+        return stats
+
+    def solve(self, name: str, group: str, cfg: CompressConfig, *partials: dict[str, InputStats]) -> torch.Tensor:
+        """Compress linear `name` of the current layer from the summed statistics of `group`."""
+        t0 = time.perf_counter()
+        algo = ALGORITHMS.get(cfg.algorithm)
+        stats = sum_stats([p[group] for p in partials]) if algo.stats else None
+        w = self.layer.get_submodule(name).weight.data
+        w_new, info = algo.solve(w, stats, cfg)
+        err = _reconstruction_error(w, w_new, stats)
+        self.infos.append(
+            {"layer": self.layer_idx, "module": name, "sparsity": float((w_new == 0).float().mean()),
+             "rel_error": err, "seconds": time.perf_counter() - t0, **info}
+        )
+        self._tick("solve", t0)
+        return w_new
+
+    @torch.no_grad()
+    def apply(self, names: list[str], *weights: torch.Tensor) -> None:
+        """Install compressed weights and propagate this shard through the compressed layer."""
+        t0 = time.perf_counter()
+        for name, w in zip(names, weights):
+            self.layer.get_submodule(name).weight.data = w.to(self.model.dtype)
+        self.hidden = self._run_all()
+        self._tick("propagate", t0)
+
+    def write_layer(self, path: str) -> str:
+        """Persist the current layer's tensors, with full checkpoint names, to `path` (atomic)."""
+        t0 = time.perf_counter()
+        prefix = self.model.layer_prefix(self.layer_idx)
+        tensors = {f"{prefix}.{k}": v for k, v in self.layer.state_dict().items()}
+        write_shard(tensors, Path(path))
+        self._tick("io", t0)
+        return path
+
+    @torch.no_grad()
+    def replay_layer(self, idx: int, shard: str) -> None:
+        """Resume: propagate this shard through layer `idx` as already written to `shard`."""
+        t0 = time.perf_counter()
+        self.layer = self.model.load_layer_from_shard(idx, Path(shard))
+        self.layer_idx = idx
+        self.hidden = self._run_all()
+        self.layer = None
+        self._tick("replay", t0)
+
+    def write_outside_layers(self, path: str) -> str:
+        """Persist every tensor outside the decoder layers (embeddings, final norm, lm_head) unchanged."""
+        t0 = time.perf_counter()
+        write_shard(self.model.read_outside_layers(), Path(path))
+        self._tick("io", t0)
+        return path
+
+    def end_layer(self) -> None:
+        self.layer = None
+
+    def pop_infos(self) -> list[dict]:
+        infos, self.infos = self.infos, []
+        return infos
+
+
+def _reconstruction_error(w: torch.Tensor, w_new: torch.Tensor, stats: InputStats | None) -> float | None:
+    """Relative output error ||(W - Ŵ) X||_F² / ||W X||_F² from H = X X^T: tr(D H D^T) / tr(W H W^T)."""
+    if stats is None or stats.kind != "hessian":
+        return None
+    h = stats.value.float()
+    d = (w.float() - w_new.float())
+    num = float((d @ h * d).sum())
+    den = float((w.float() @ h * w.float()).sum())
+    return num / den if den > 0 else None

@@ -1,0 +1,105 @@
+"""Writing a merged Hugging Face checkpoint: one safetensors shard per decoder layer, plus one for
+the modules outside the layers, an index, config and tokenizer files, and a SHA-256 manifest.
+
+Shards are written atomically (temporary file, fsync, rename), so a shard that exists is whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# files copied verbatim from the source model folder, when present
+SIDECAR_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+
+
+def shard_name(index: int, total: int) -> str:
+    """The conventional shard file name, 1-based: model-00001-of-00031.safetensors."""
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Save `tensors` (name -> tensor) to `path` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def scan_nonfinite(path: Path) -> list[str]:
+    """Names of tensors in shard `path` that hold NaN or Inf."""
+    bad = []
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(k)
+    return bad
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path]) -> dict:
+    """Write the index, copy config and tokenizer files, scan for NaN/Inf and hash every file.
+
+    Returns:
+        the manifest {"files": {name: sha256}, "total_size": bytes}; also written to
+        `out_dir/manifest.sha256.json`.
+    Raises:
+        ValueError: a shard holds NaN or Inf (the tensors are named).
+    """
+    weight_map: dict[str, str] = {}
+    total = 0
+    bad: list[str] = []
+    for shard in shard_files:
+        bad += scan_nonfinite(shard)
+        with safe_open(str(shard), framework="pt") as f:
+            for k in f.keys():
+                weight_map[k] = shard.name
+        total += shard.stat().st_size
+    if bad:
+        raise ValueError(f"{out_dir}: non-finite values in {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_atomic_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
+    for name in SIDECAR_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+    files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and not p.name.startswith("manifest")}
+    manifest = {"files": files, "total_size": total}
+    write_atomic_text(out_dir / "manifest.sha256.json", json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,143 @@
+"""Offloaded model access: a meta-device skeleton plus per-module weights read from safetensors.
+
+`OffloadedModel` never materialises the whole model. It reads `config.json` and the safetensors
+index, builds the `*ForCausalLM` skeleton on the meta device (no memory), and hands out single
+decoder layers (or the embedding / final modules) with real weights read from disk on demand.
+The reader is memory-mapped (`safetensors.safe_open`), so only the tensors asked for are paged in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from raycompress.models.arch import ArchSpec, arch_spec
+
+
+def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+class OffloadedModel:
+    """A causal LM on disk: config, skeleton on meta, and per-prefix weight loading.
+
+    Args:
+        model_dir: a Hugging Face folder with config.json and *.safetensors (sharded or not).
+        dtype: dtype the weights are cast to when loaded (default float32).
+
+    Raises:
+        FileNotFoundError: the folder has no config.json or no safetensors file.
+        UnsupportedArchitectureError: the architecture is not in `models.arch.ARCHITECTURES`.
+    """
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir}: no config.json")
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.config._attn_implementation = "sdpa"  # attention_mask=None then means causal
+        self.spec: ArchSpec = arch_spec(self.config)
+        self.dtype = dtype
+        self.weight_map = self._read_weight_map()
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config)
+        self.num_layers = len(_get_submodule(self.skeleton, self.spec.layers))
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        single = self.model_dir / "model.safetensors"
+        if not single.is_file():
+            raise FileNotFoundError(f"{self.model_dir}: no model.safetensors or index")
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single.name for k in f.keys()}
+
+    def read_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors whose name starts with `prefix + '.'`, keyed without the prefix.
+
+        Raises:
+            KeyError: no tensor has that prefix.
+        """
+        keys = [k for k in self.weight_map if k.startswith(prefix + ".")]
+        if not keys:
+            raise KeyError(f"{self.model_dir}: no weights under '{prefix}'")
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for fname, names in sorted(by_file.items()):
+            with safe_open(str(self.model_dir / fname), framework="pt") as f:
+                for k in names:
+                    t = f.get_tensor(k)
+                    out[k[len(prefix) + 1 :]] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def layer_prefix(self, idx: int) -> str:
+        return f"{self.spec.layers}.{idx}"
+
+    def load_module(self, dotted: str) -> nn.Module:
+        """A copy of skeleton module `dotted` with real weights from disk (tied weights resolved).
+
+        Raises:
+            KeyError: the module's weights are not in the checkpoint.
+        """
+        meta = _get_submodule(self.skeleton, dotted)
+        module = _clone_meta(meta)
+        try:
+            state = self.read_tensors(dotted)
+        except KeyError:
+            state = self._tied_fallback(dotted)
+        module.load_state_dict(state, assign=True, strict=True)
+        return module.eval()
+
+    def _tied_fallback(self, dotted: str) -> dict[str, torch.Tensor]:
+        if dotted == "lm_head" and getattr(self.config, "tie_word_embeddings", False):
+            return self.read_tensors(self.spec.embed[0])
+        raise KeyError(f"{self.model_dir}: no weights under '{dotted}'")
+
+    def load_layer(self, idx: int) -> nn.Module:
+        """Decoder layer `idx` with its weights read from disk, in eval mode."""
+        return self.load_module(self.layer_prefix(idx))
+
+    def load_layer_from_shard(self, idx: int, shard: Path) -> nn.Module:
+        """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names)."""
+        prefix = self.layer_prefix(idx) + "."
+        with safe_open(str(shard), framework="pt") as f:
+            state = {k[len(prefix):]: f.get_tensor(k).to(self.dtype) for k in f.keys() if k.startswith(prefix)}
+        module = _clone_meta(self.skeleton.get_submodule(self.layer_prefix(idx)))
+        module.load_state_dict(state, assign=True, strict=True)
+        return module.eval()
+
+    def read_outside_layers(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor not under the decoder layers, with its full name, in its stored dtype."""
+        prefix = self.spec.layers + "."
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for k, fname in self.weight_map.items():
+            if not k.startswith(prefix):
+                by_file.setdefault(fname, []).append(k)
+        for fname, names in sorted(by_file.items()):
+            with safe_open(str(self.model_dir / fname), framework="pt") as f:
+                for k in names:
+                    out[k] = f.get_tensor(k)
+        return out
+
+    def rotary(self) -> nn.Module | None:
+        """The rotary-embedding module, rebuilt on CPU (its buffers are computed, not stored)."""
+        if self.spec.rotary is None:
+            return None
+        meta = _get_submodule(self.skeleton, self.spec.rotary)
+        return type(meta)(config=self.config)
+
+
+def _clone_meta(meta: nn.Module) -> nn.Module:
+    """A fresh module of the same class and config as `meta`, still on the meta device."""
+    import copy
+
+    return copy.deepcopy(meta)
