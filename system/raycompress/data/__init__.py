@@ -1,0 +1,1 @@
+"""Corpus readers and tokenization, written as batch -> batch functions for Ray Data."""

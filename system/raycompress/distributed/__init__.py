@@ -1,0 +1,1 @@
+"""Ray shells only: the select pipeline on Ray Data, compression actors, the eval pool, the orchestrator."""

@@ -1,0 +1,39 @@
+"""Where actors run: Ray start-up and per-actor resource options from `RayConfig`."""
+from __future__ import annotations
+
+import logging
+import os
+
+from raycompress.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start (or join) Ray once per process; workers inherit the offline switches."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+                                      "TOKENIZERS_PARALLELISM", "RAYCOMPRESS_CACHE") if k in os.environ}
+    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if cfg.address:
+        ray.init(address=cfg.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, **kwargs)
+    log.info("ray resources: %s", ray.cluster_resources())
+
+
+def actor_options(cfg: RayConfig) -> dict:
+    """Ray `.options()` for one worker actor: GPUs where the cluster has them, else CPU."""
+    import ray
+
+    gpus = cfg.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
+
+
+def torch_threads(cfg: RayConfig) -> int:
+    return cfg.torch_threads or max(1, int(cfg.cpus_per_actor))

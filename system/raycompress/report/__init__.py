@@ -1,0 +1,1 @@
+"""Reports: report.json and report.md from a finished job folder."""
