@@ -45,7 +45,9 @@ class TokenizePack:
         self.concepts = concept_table(self.tokenizer)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        enc = self.tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"]
+        keep = [i for i, r in enumerate(batch["reason"]) if r == ""]  # rejected documents are skipped
+        batch = {k: [batch[k][i] for i in keep] for k in ("text", "source", "doc_id")}
+        enc = self.tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"] if keep else []
         out: dict[str, list] = {"source": [], "doc_ids": [], "input_ids": [], "concepts": []}
         stream: list[int] = []
         owners: list[int] = []  # index into batch of the document each token comes from

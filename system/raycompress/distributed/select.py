@@ -47,12 +47,11 @@ def _windows(job: JobConfig, name: str, paths: list[str], model_dir: Path, concu
         parse_jsonl_batch, batch_size=256, batch_format="numpy",
         fn_kwargs={"source": name, "text_field": src.text_field, "max_chars": src.max_doc_chars},
     ).materialize()
-    rejects = docs.filter(lambda r: r["reason"] != "")
-    skipped = {r["reason"]: int(r["count()"]) for r in rejects.groupby("reason").count().take_all()} if rejects.count() else {}
-    good = docs.filter(lambda r: r["reason"] == "")
-    if good.count() == 0:
+    counts = {r["reason"]: int(r["count()"]) for r in docs.groupby("reason").count().take_all()}
+    skipped = {k: v for k, v in counts.items() if k}
+    if not counts.get(""):
         raise SelectionError(f"select.sources.{name}: no usable documents in {paths} (skipped: {skipped})")
-    windows = good.map_batches(
+    windows = docs.map_batches(
         TokenizePack, batch_size=64, batch_format="numpy", concurrency=concurrency,
         fn_constructor_kwargs={"model_dir": str(model_dir), "seq_len": job.select.seq_len},
     ).take_all()
