@@ -69,6 +69,12 @@ class CompressConfig(_Strict):
             raise ValueError(f"n_m must be [N, M] with 0 < N < M, got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _check_block(self) -> "CompressConfig":
+        if self.n_m is not None and self.block_size % self.n_m[1]:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of M={self.n_m[1]} for N:M")
+        return self
+
 
 class TaskConfig(_Strict):
     """One evaluation task instance; `name` picks a registered task kind."""

@@ -73,8 +73,8 @@ def sparsegpt_prune(
     d_out, d_in = w.shape
     if h.shape != (d_in, d_in):
         raise ValueError(f"H must be ({d_in}, {d_in}) for W {tuple(w.shape)}, got {tuple(h.shape)}")
-    if n_m is not None and d_in % n_m[1]:
-        raise ValueError(f"d_in={d_in} is not divisible by M={n_m[1]}")
+    if n_m is not None and (d_in % n_m[1] or block_size % n_m[1]):
+        raise ValueError(f"N:M needs d_in={d_in} and block_size={block_size} divisible by M={n_m[1]}")
     W = w.float().clone()  # (d_out, d_in)
     dead = torch.diagonal(h) == 0
     W[:, dead] = 0

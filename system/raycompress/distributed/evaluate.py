@@ -31,16 +31,15 @@ class EvalActor:
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def score(self, kind: str, requests: list, batch_tokens: int) -> list:
-        from raycompress.evaluation.scoring import loglikelihoods, window_nll
+        from raycompress.evaluation.scoring import score_requests
 
-        if kind == "nll":
-            return [window_nll(self.model, [w], batch_tokens) for w in requests]
-        return loglikelihoods(self.model, requests, self.max_len, batch_tokens)
+        return score_requests(self.model, kind, requests, self.max_len, batch_tokens)
 
 
-def _chunks(prepared, size: int):
+def _chunks(prepared, windows: int = 8, pairs: int = 64):
+    """Work units (task index, kind, requests): `windows` perplexity windows or `pairs` MC requests."""
     for t, prep in enumerate(prepared):
-        step = max(1, size // (64 if prep.kind == "ll" else 1))
+        step = pairs if prep.kind == "ll" else windows
         for i in range(0, len(prep.requests), step):
             yield t, prep.kind, prep.requests[i : i + step]
 
@@ -56,7 +55,7 @@ def evaluate_models(job: JobConfig, models: dict[str, Path]) -> dict:
     first = next(iter(models.values()))
     tokenizer = AutoTokenizer.from_pretrained(first)
     prepared = [prepare_task(job, t, tokenizer) for t in job.evaluate.tasks]
-    units = list(_chunks(prepared, 8))
+    units = list(_chunks(prepared))
     opts = actor_options(job.ray)
     out: dict[str, dict] = {}
     for label, path in models.items():

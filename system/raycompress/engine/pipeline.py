@@ -95,7 +95,8 @@ class Progress:
             self.records = dict(state.get("records", {}))
 
     def mark(self, idx: int, records: list[dict]) -> None:
-        self.done.append(idx)
+        if idx not in self.done:
+            self.done.append(idx)
         self.records[str(idx)] = records
         state = {"fingerprint": self.fingerprint, "done": self.done, "records": self.records}
         write_atomic_text(self.path, json.dumps(state))

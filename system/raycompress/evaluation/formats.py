@@ -56,7 +56,8 @@ def read_piqa(path: Path) -> list[MCItem]:
     items = []
     for n, r in enumerate(_jsonl(path)):
         ctx = f"Question: {_field(r, 'goal', path, n)}\nAnswer:"
-        items.append(MCItem(ctx, (" " + r["sol1"], " " + r["sol2"]), int(_field(r, "label", path, n))))
+        sols = (" " + str(_field(r, "sol1", path, n)), " " + str(_field(r, "sol2", path, n)))
+        items.append(MCItem(ctx, sols, int(_field(r, "label", path, n))))
     return items
 
 

@@ -82,3 +82,12 @@ def window_nll(model, windows: list[list[int]], batch_tokens: int = 4096) -> tup
             total += float(nll)
             count += b[:, 1:].numel()
     return total, count
+
+
+def score_requests(model, kind: str, requests: list, max_len: int, batch_tokens: int) -> list:
+    """Dispatch one work unit: "nll" -> [(nll, tokens)] per window; "ll" -> [(logprob, greedy)]."""
+    if kind == "nll":
+        return [window_nll(model, [w], batch_tokens) for w in requests]
+    if kind == "ll":
+        return loglikelihoods(model, requests, max_len, batch_tokens)
+    raise ValueError(f"unknown request kind '{kind}' (nll, ll)")

@@ -1,0 +1,146 @@
+"""engine.pipeline + engine.worker in-process (LocalBackend, no Ray) on a tiny random Llama."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from raycompress.config import CompressConfig
+from raycompress.engine.pipeline import FingerprintMismatch, LocalBackend, assign_owners, compress_layers
+from raycompress.engine.worker import LayerWorker
+from raycompress.models.checkpoint import shard_name
+from raycompress.models.weights import OffloadedModel
+
+TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _run(model_dir, ids, out_dir, cfg, k=1, fingerprint="fp-1"):
+    workers = [LayerWorker(str(model_dir), s) for s in torch.tensor_split(ids, k)]
+    return compress_layers(LocalBackend(workers), OffloadedModel(model_dir), cfg, out_dir, fingerprint)
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_llama_dir):
+    return _load(tiny_llama_dir)
+
+
+def _linears(model):
+    return {f"{i}.{t}": layer.get_submodule(t).weight.detach() for i, layer in enumerate(model.model.layers) for t in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def sgpt_run(tiny_llama_dir, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sgpt1")
+    cfg = CompressConfig(algorithm="sparsegpt", sparsity=0.5)
+    records = _run(tiny_llama_dir, calib, out, cfg, k=1)
+    return out, cfg, records
+
+
+def test_output_loads_with_requested_sparsity(sgpt_run, dense):
+    out, _, records = sgpt_run
+    model = _load(out / "model")
+    ref = _linears(dense)
+    for name, w in _linears(model).items():
+        assert float((w == 0).float().mean()) == 0.5, name
+        assert not torch.equal(w[w != 0], ref[name][w != 0]), name  # SparseGPT updated survivors
+    assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    assert [(r["layer"], r["module"]) for r in records] == [(i, t) for i in range(2) for t in sorted(TARGETS)]
+    assert all(r["sparsity"] == 0.5 and 0 < r["rel_error"] < 1 and r["damping"] == 0.01 for r in records)
+    state = json.loads((out / "progress.json").read_text())
+    assert state["fingerprint"] == "fp-1" and state["done"] == [0, 1]
+    files = sorted(p.name for p in (out / "model").iterdir())
+    assert [shard_name(i, 3) for i in range(3)] == [f for f in files if f.endswith(".safetensors")]
+    assert "manifest.sha256.json" in files and "model.safetensors.index.json" in files
+
+
+def test_two_workers_match_one(sgpt_run, tiny_llama_dir, calib, tmp_path):
+    # Partial statistics summed over 2 workers equal the 1-worker statistics up to float32
+    # summation order, so results agree except where that rounding flips a near-tie in the mask
+    # (observed: 2 of 4096 entries in one module); allow a handful of such flips.
+    out1, cfg, rec1 = sgpt_run
+    rec2 = _run(tiny_llama_dir, calib, tmp_path, cfg, k=2)
+    a, b = _linears(_load(out1 / "model")), _linears(_load(tmp_path / "model"))
+    exact = 0
+    for name in a:
+        flips = int(((a[name] == 0) != (b[name] == 0)).sum())
+        assert flips <= 4, name
+        assert float((b[name] == 0).float().mean()) == 0.5
+        if flips == 0:
+            exact += 1
+            torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)
+        else:
+            assert float((a[name] - b[name]).norm() / a[name].norm()) < 0.1, name
+    assert exact >= len(a) - 2
+    for r1, r2 in zip(rec1, rec2):
+        assert (r1["layer"], r1["module"]) == (r2["layer"], r2["module"])
+        assert r2["rel_error"] == pytest.approx(r1["rel_error"], rel=0.05)
+
+
+def test_two_four_pattern(tiny_llama_dir, calib, tmp_path):
+    cfg = CompressConfig(algorithm="sparsegpt", n_m=(2, 4))
+    _run(tiny_llama_dir, calib, tmp_path, cfg, k=2)
+    for name, w in _linears(_load(tmp_path / "model")).items():
+        assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all(), name
+
+
+def test_targets_subset_leaves_others_dense(tiny_llama_dir, dense, calib, tmp_path):
+    cfg = CompressConfig(algorithm="magnitude", sparsity=0.25, targets=["mlp.down_proj"])
+    records = _run(tiny_llama_dir, calib, tmp_path, cfg)
+    assert {r["module"] for r in records} == {"mlp.down_proj"}
+    ref = _linears(dense)
+    for name, w in _linears(_load(tmp_path / "model")).items():
+        if name.endswith("down_proj"):
+            assert float((w == 0).float().mean()) == 0.25
+        else:
+            assert torch.equal(w, ref[name]), name
+    with pytest.raises(ValueError, match="not linears"):
+        _run(tiny_llama_dir, calib, tmp_path / "x", CompressConfig(targets=["mlp.fc1"]))
+
+
+def test_assign_owners_lpt():
+    costs = {"a": 5, "b": 4, "c": 3, "d": 3, "e": 2, "f": 1}
+    owners = assign_owners(costs, 2)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1, "f": 0}
+    loads = [sum(c for n, c in costs.items() if owners[n] == j) for j in range(2)]
+    assert loads == [9, 9]
+    assert set(assign_owners(costs, 1).values()) == {0}
+    o3 = assign_owners(costs, 3)
+    assert sorted(sum(c for n, c in costs.items() if o3[n] == j) for j in range(3)) == [6, 6, 6]
+
+
+def test_resume_replays_and_is_byte_identical(sgpt_run, tiny_llama_dir, calib, tmp_path):
+    out1, cfg, records1 = sgpt_run
+    work = tmp_path / "job"
+    shutil.copytree(out1, work)
+    total = 3
+    shards = [shard_name(i, total) for i in range(total)]
+    # 1) everything done: all layers replayed, nothing recompressed
+    records = _run(tiny_llama_dir, calib, work, cfg)
+    assert records == records1
+    for s in shards:
+        assert (work / "model" / s).read_bytes() == (out1 / "model" / s).read_bytes(), s
+    # 2) last layer's shard lost: layer 0 replayed, layer 1 recompressed from the replayed inputs
+    (work / "model" / shards[1]).unlink()
+    _run(tiny_llama_dir, calib, work, cfg)
+    for s in shards:
+        assert (work / "model" / s).read_bytes() == (out1 / "model" / s).read_bytes(), s
+
+
+def test_fingerprint_mismatch(sgpt_run, tiny_llama_dir, calib, tmp_path):
+    out1, cfg, _ = sgpt_run
+    work = tmp_path / "job"
+    shutil.copytree(out1, work)
+    with pytest.raises(FingerprintMismatch, match="another job"):
+        _run(tiny_llama_dir, calib, work, cfg, fingerprint="fp-2")

@@ -1,0 +1,57 @@
+"""engine.stats: Hessian / sqnorm accumulation and summing of partials."""
+import pytest
+import torch
+
+from raycompress.engine.stats import InputStats, sum_stats
+
+
+def test_hessian_two_batches_equals_concat():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 6), torch.randn(7, 6)
+    s = InputStats.empty("hessian", 6, torch.float64)
+    s.add_batch(a)
+    s.add_batch(b)
+    x = torch.cat([a.reshape(-1, 6), b]).double()
+    torch.testing.assert_close(s.value, x.T @ x)
+    assert s.tokens == 17
+    assert s.value.shape == (6, 6)
+
+
+def test_partials_sum_to_whole():
+    torch.manual_seed(1)
+    xs = [torch.randn(4, 3, 8) for _ in range(3)]
+    for kind in ("hessian", "sqnorm"):
+        whole = InputStats.empty(kind, 8, torch.float64)
+        parts = []
+        for x in xs:
+            whole.add_batch(x)
+            p = InputStats.empty(kind, 8, torch.float64)
+            p.add_batch(x)
+            parts.append(p)
+        total = sum_stats(parts)
+        torch.testing.assert_close(total.value, whole.value)
+        assert total.tokens == whole.tokens == 36
+        assert total.kind == kind
+        assert parts[0].tokens == 12  # summing does not mutate the first partial
+
+
+def test_sqnorm_is_column_sum_of_squares():
+    x = torch.tensor([[1.0, -2.0, 0.0], [3.0, 1.0, 0.5]])
+    s = InputStats.empty("sqnorm", 3)
+    s.add_batch(x)
+    assert s.value.tolist() == [10.0, 5.0, 0.25]
+    assert s.tokens == 2
+
+
+def test_kind_mismatch_and_unknown_kind():
+    with pytest.raises(ValueError, match="cannot add"):
+        InputStats.empty("hessian", 2) + InputStats.empty("sqnorm", 2)
+    with pytest.raises(ValueError, match="unknown statistics kind"):
+        InputStats.empty("mean", 2)
+
+
+def test_accumulator_dtype_casts_input():
+    s = InputStats.empty("hessian", 2)
+    s.add_batch(torch.ones(3, 2, dtype=torch.float16))
+    assert s.value.dtype == torch.float32
+    assert s.value.tolist() == [[3.0, 3.0], [3.0, 3.0]]

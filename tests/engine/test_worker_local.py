@@ -1,0 +1,51 @@
+"""engine.worker.LayerWorker in-process: the meta-device loader and one solve, on a tiny random Llama."""
+import pytest
+import torch
+
+from raycompress.config import CompressConfig
+from raycompress.engine.worker import LayerWorker
+
+TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+def test_meta_loader_reproduces_layer0_hidden_states(tiny_llama_dir, dense, calib):
+    worker = LayerWorker(str(tiny_llama_dir), calib, micro_batch=3)
+    full = dense
+    with torch.no_grad():
+        ref = full(input_ids=calib, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(worker.hidden, ref[0], atol=1e-6, rtol=0)
+    worker.begin_layer(0)
+    weights = [worker.layer.get_submodule(t).weight.data.clone() for t in TARGETS]
+    worker.apply(list(TARGETS), *weights)
+    torch.testing.assert_close(worker.hidden, ref[1], atol=1e-5, rtol=0)
+    worker.end_layer()
+    worker.begin_layer(1)
+    worker.apply([])
+    # the last hidden_states entry has the final norm applied; compare before it
+    torch.testing.assert_close(full.model.norm(worker.hidden), ref[2], atol=1e-5, rtol=0)
+
+
+def test_worker_solve_records(tiny_llama_dir, calib):
+    worker = LayerWorker(str(tiny_llama_dir), calib)
+    worker.begin_layer(0)
+    parts = worker.accumulate({"mlp.gate_proj": "hessian"})
+    assert parts["mlp.gate_proj"].tokens == 64
+    assert parts["mlp.gate_proj"].value.shape == (64, 64)
+    w_new = worker.solve("mlp.up_proj", "mlp.gate_proj", CompressConfig(sparsity=0.5), parts, parts)
+    assert float((w_new == 0).float().mean()) == 0.5
+    (info,) = worker.pop_infos()
+    assert info["layer"] == 0 and info["module"] == "mlp.up_proj" and 0 < info["rel_error"] < 1
+    assert worker.pop_infos() == []

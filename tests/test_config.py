@@ -1,0 +1,91 @@
+"""config.load_config: the shipped job validates; errors name field and file."""
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycompress.config import ConfigError, load_config
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "smollm2-biomed-sparsegpt50.yaml"
+
+
+def _variant(tmp_path, edit, name="job.yaml"):
+    raw = yaml.safe_load(JOB.read_text())
+    edit(raw)
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_good_config_loads(tmp_path):
+    p = tmp_path / "job.yaml"
+    shutil.copy(JOB, p)
+    job = load_config(p)
+    assert job.name == "smollm2-biomed-sparsegpt50"
+    assert job.select.mix == {"biomed": 0.75, "general": 0.25}
+    assert job.select.n_samples == 64 and job.select.seq_len == 512
+    assert job.compress.algorithm == "sparsegpt" and job.compress.sparsity == 0.5 and job.compress.n_m is None
+    assert [t.name for t in job.evaluate.tasks] == ["wikitext2", "biomed_abstracts", "piqa", "pubmedqa"]
+    assert job.ray.compress_actors == 2
+    # no pyproject above tmp_path: relative paths resolve against the job file's folder
+    assert Path(job.base_dir) == tmp_path.resolve()
+    assert job.resolve("data/x.jsonl") == tmp_path.resolve() / "data" / "x.jsonl"
+    assert job.resolve("/abs/y") == Path("/abs/y")
+
+
+def test_shipped_config_base_dir_is_repo_root():
+    job = load_config(JOB)
+    assert Path(job.base_dir) == JOB.parents[1]
+
+
+def test_unknown_field_names_dotted_path_and_file(tmp_path):
+    p = _variant(tmp_path, lambda r: r["compress"].update(sparsityy=0.5), "typo.yaml")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert "compress.sparsityy" in msg
+    assert str(p) in msg
+
+
+def test_bad_value_names_field(tmp_path):
+    p = _variant(tmp_path, lambda r: r["compress"].update(sparsity=1.5))
+    with pytest.raises(ConfigError, match=r"compress\.sparsity"):
+        load_config(p)
+
+
+def test_mix_not_summing_to_one(tmp_path):
+    p = _variant(tmp_path, lambda r: r["select"].update(mix={"biomed": 0.5, "general": 0.25}))
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(p)
+
+
+def test_mix_unknown_source(tmp_path):
+    p = _variant(tmp_path, lambda r: r["select"].update(mix={"biomed": 0.5, "legal": 0.5}))
+    with pytest.raises(ConfigError, match="legal"):
+        load_config(p)
+
+
+def test_mix_defaults_to_uniform(tmp_path):
+    job = load_config(_variant(tmp_path, lambda r: r["select"].pop("mix")))
+    assert job.select.mix == {"biomed": 0.5, "general": 0.5}
+
+
+def test_n_m_order(tmp_path):
+    with pytest.raises(ConfigError, match=r"compress\.n_m"):
+        load_config(_variant(tmp_path, lambda r: r["compress"].update(n_m=[4, 2]), "a.yaml"))
+    job = load_config(_variant(tmp_path, lambda r: r["compress"].update(n_m=[2, 4]), "b.yaml"))
+    assert tuple(job.compress.n_m) == (2, 4)
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    q = tmp_path / "bad.yaml"
+    q.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(q)
