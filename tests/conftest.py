@@ -26,6 +26,41 @@ def make_tiny_llama(path, layers: int = 2, hidden: int = 64, inter: int = 128, v
     return model
 
 
+WORDS = ("cell protein gene tumor patient dose trial therapy blood acid receptor enzyme "
+         "nation congress people freedom economy war peace budget tax law family work").split()
+
+
+def random_doc(rng, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+def write_tokenizer(path, texts, vocab_size: int = 300) -> int:
+    """Train a tiny byte-level BPE tokenizer on `texts` and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return len(fast)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random Llama with a real (tiny, trained) tokenizer."""
+    import random
+
+    path = tmp_path_factory.mktemp("tiny_lm")
+    rng = random.Random(0)
+    vocab = write_tokenizer(path, [random_doc(rng, 60) for _ in range(80)])
+    make_tiny_llama(path, layers=2, hidden=64, inter=128, vocab=vocab)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")

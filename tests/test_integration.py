@@ -8,46 +8,24 @@ import random
 import pytest
 import yaml
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, random_doc, write_tokenizer
 
 pytestmark = pytest.mark.integration
-
-WORDS = ("cell protein gene tumor patient dose trial therapy blood acid receptor enzyme "
-         "nation congress people freedom economy war peace budget tax law family work").split()
-
-
-def _doc(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
-
-
-def _write_tokenizer(path, texts):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
-    return len(fast)
-
 
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     rng = random.Random(0)
-    bio = [_doc(rng, 60) for _ in range(40)]
-    gen = [_doc(rng, 60) for _ in range(40)]
+    bio = [random_doc(rng, 60) for _ in range(40)]
+    gen = [random_doc(rng, 60) for _ in range(40)]
     (root / "bio.jsonl").write_text("\n".join(json.dumps({"id": f"b{i}", "text": t}) for i, t in enumerate(bio))
                                     + "\n{not json\n" + json.dumps({"id": "e", "text": "   "}) + "\n")
     (root / "gen.jsonl").write_text("\n".join(json.dumps({"id": f"g{i}", "text": t}) for i, t in enumerate(gen)) + "\n")
-    (root / "eval.jsonl").write_text("\n".join(json.dumps({"text": _doc(rng, 80)}) for _ in range(6)) + "\n")
-    (root / "piqa.jsonl").write_text("\n".join(json.dumps({"goal": _doc(rng, 8), "sol1": _doc(rng, 5), "sol2": _doc(rng, 6),
+    (root / "eval.jsonl").write_text("\n".join(json.dumps({"text": random_doc(rng, 80)}) for _ in range(6)) + "\n")
+    (root / "piqa.jsonl").write_text("\n".join(json.dumps({"goal": random_doc(rng, 8), "sol1": random_doc(rng, 5), "sol2": random_doc(rng, 6),
                                                            "label": i % 2}) for i in range(6)) + "\n")
     model = root / "model"
-    vocab = _write_tokenizer(model, bio + gen)
+    vocab = write_tokenizer(model, bio + gen)
     make_tiny_llama(model, layers=2, hidden=64, inter=128, vocab=vocab)
     job = {
         "name": "tiny", "model": str(model),
@@ -75,7 +53,7 @@ def test_whole_job(job_dir, ray_local):
 
     manifest = json.loads((out / "select" / "manifest.json").read_text())
     assert manifest["quotas"] == {"bio": 6, "gen": 2}
-    assert manifest["skipped"]["bio"] == {"malformed_json": 1, "empty": 1}
+    assert manifest["skipped"]["bio"] == {str(job_dir / "bio.jsonl"): {"malformed_json": 1, "empty": 1}}
     assert len(manifest["selected"]) == 8 and len(manifest["fingerprint"]) == 64
 
     model = AutoModelForCausalLM.from_pretrained(out / "compress" / "model")

@@ -22,9 +22,11 @@ class _Strict(BaseModel):
 
 
 class SourceConfig(_Strict):
-    """One named corpus: a local path (or glob) of JSONL documents with a text field."""
+    """One named corpus: a path, glob or URI (s3://, gs://, file://) of JSONL(.gz/.zst), Parquet or text files."""
 
     path: str
+    format: Literal["auto", "jsonl", "parquet", "text", "text_blocks"] = Field(
+        "auto", description="auto: from the extension; text = one document per file, text_blocks = per blank-line block")
     text_field: str = "text"
     max_doc_chars: int = Field(200_000, gt=0, description="documents longer than this are skipped")
 
@@ -39,6 +41,12 @@ class SelectConfig(_Strict):
     seq_len: int = Field(512, gt=1, description="tokens per calibration sequence")
     seed: int = 0
     candidate_pool: int = Field(2000, gt=0, description="ZipCal: random candidate pool per greedy step")
+    shard_docs: int = Field(4096, gt=0, description="documents per shard (the unit of round-1 selection)")
+    dedup: bool = Field(True, description="drop exact duplicate documents (content hash) before selection")
+    multi_source: Literal["mix", "kcenter"] = Field(
+        "mix", description="mix: each source fills its share; kcenter: each source selects n_samples, "
+        "then k-center greedy on sentence embeddings cuts the union to n_samples (ZipCal multi-source)")
+    embedder: str = Field("all-minilm-l6-v2", description="kcenter: a sentence-embedding model folder or alias")
 
     @model_validator(mode="after")
     def _check_mix(self) -> "SelectConfig":
@@ -104,6 +112,7 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, description="local Ray only: CPUs to offer")
     compress_actors: int = Field(1, gt=0)
     eval_actors: int = Field(1, gt=0)
+    select_actors: int = Field(1, gt=0, description="tokenize/score actors of the select stage")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = "auto"
     torch_threads: int | None = Field(None, description="intra-op threads per actor; default cpus_per_actor")

@@ -1,39 +1,44 @@
-"""data.corpus.parse_jsonl_batch: skip reasons, blank lines, default ids."""
+"""data.corpus.parse_records: skip reasons in order, default ids, content hashes."""
 import hashlib
 import json
 
-from raycompress.data.corpus import SKIP_REASONS, parse_jsonl_batch
+from raycompress.data.corpus import SKIP_REASONS, parse_records
+
+
+def _batch(raws, pre=None, path="f.jsonl"):
+    n = len(raws)
+    return {"path": [path] * n, "shard": [0] * n, "row": list(range(n)), "raw": raws, "pre_reason": pre or [""] * n}
 
 
 def test_every_bad_kind_gets_its_reason():
-    lines = [
-        json.dumps({"id": "a", "text": "good doc"}),
-        "{not json",
-        json.dumps(["a", "list"]),
-        json.dumps({"id": "m", "body": "x"}),
-        json.dumps({"id": "n", "text": 42}),
-        json.dumps({"id": "e", "text": "   \n\t"}),
-        json.dumps({"id": "t", "text": "x" * 11}),
-        "",
-        "   ",
-        json.dumps({"id": 7, "text": "x" * 10}),
+    raws = [
+        json.dumps({"id": "a", "text": "good doc"}).encode(),
+        b"{not json",
+        json.dumps(["a", "list"]).encode(),
+        json.dumps({"id": "m", "body": "x"}).encode(),
+        json.dumps({"id": "n", "text": 42}).encode(),
+        json.dumps({"id": "e", "text": "   \n\t"}).encode(),
+        json.dumps({"id": "t", "text": "x" * 11}).encode(),
+        b'{"id": "u", "text": "caf\xe9"}',  # latin-1 byte: not UTF-8
+        json.dumps({"id": 7, "text": "x" * 10}).encode(),
     ]
-    out = parse_jsonl_batch({"text": lines, "path": ["f.jsonl"] * len(lines)}, "biomed", "text", 10)
-    assert out["reason"] == ["", "malformed_json", "not_an_object", "missing_field", "not_text", "empty", "too_long", ""]
-    assert set(out["reason"]) - {""} == set(SKIP_REASONS)
-    assert out["doc_id"] == ["a", "", "", "m", "n", "e", "t", "7"]
-    assert out["text"] == ["good doc", "", "", "", "", "", "", "x" * 10]
-    assert out["source"] == ["biomed"] * 8
-    assert out["path"] == ["f.jsonl"] * 8
+    out = parse_records(_batch(raws), "biomed", "jsonl", "text", 10)
+    assert out["reason"] == ["", "malformed_json", "not_an_object", "missing_field", "not_text", "empty",
+                             "too_long", "not_utf8", ""]
+    assert set(out["reason"]) - {""} == set(SKIP_REASONS) - {"duplicate"}
+    assert out["doc_id"][:2] == ["a", "f.jsonl:1"] and out["doc_id"][-1] == "7"
+    assert out["text"][0] == "good doc" and out["text"][-1] == "x" * 10
+    assert out["hash"][0] == hashlib.sha256(b"good doc").hexdigest()[:16]
+    assert all(h == "" for h, r in zip(out["hash"], out["reason"]) if r)
 
 
-def test_blank_lines_ignored_and_id_defaults_to_hash():
-    out = parse_jsonl_batch({"text": ["", json.dumps({"text": "hello"}), "  "]}, "s", "text", 100)
-    assert len(out["reason"]) == 1
-    assert out["doc_id"] == [hashlib.sha256(b"hello").hexdigest()[:16]]
-    assert out["path"] == [""]
+def test_plain_text_and_reader_reasons():
+    out = parse_records(_batch([b"hello world", b"", "caf\u00e9".encode("latin-1")], pre=["", "missing_field", ""], path="a.txt"),
+                        "s", "text", "text", 100)
+    assert out["reason"] == ["", "missing_field", "not_utf8"]
+    assert out["text"][0] == "hello world" and out["doc_id"][0] == "a.txt:0"
 
 
 def test_custom_text_field():
-    out = parse_jsonl_batch({"text": [json.dumps({"abstract": "abc", "text": 1})]}, "s", "abstract", 100)
+    out = parse_records(_batch([json.dumps({"abstract": "abc", "text": 1}).encode()]), "s", "jsonl", "abstract", 100)
     assert out["text"] == ["abc"] and out["reason"] == [""]

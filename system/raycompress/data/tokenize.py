@@ -1,13 +1,5 @@
-"""Tokenization and packing into fixed-length calibration candidates, plus ZipCal concepts.
-
-`TokenizePack` is a Ray Data callable class (the tokenizer loads once per actor): it tokenizes a
-batch of documents, joins them with EOS in order, and cuts the stream into windows of exactly
-`seq_len` tokens (a trailing partial window is dropped). Each window row carries the ids of the
-documents it spans and its set of ZipCal concepts (see `concept_table`).
-"""
+"""Packing tokenized documents into fixed-length calibration candidates, and ZipCal concepts."""
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 
@@ -33,33 +25,21 @@ def concept_table(tokenizer) -> np.ndarray:
     return np.array([ids[s] if s is not None else -1 for s in strings], dtype=np.int32)
 
 
-class TokenizePack:
-    """Ray Data batch callable: documents -> windows {source, doc_ids, input_ids, concepts}."""
+def pack(token_lists: list[list[int]], doc_ids: list[str], seq_len: int, sep: int) -> list[tuple[np.ndarray, list[str]]]:
+    """Join documents (in order, each followed by `sep`) and cut into windows of exactly `seq_len`.
 
-    def __init__(self, model_dir: str, seq_len: int) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.seq_len = seq_len
-        self.sep = self.tokenizer.eos_token_id
-        self.concepts = concept_table(self.tokenizer)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        keep = [i for i, r in enumerate(batch["reason"]) if r == ""]  # rejected documents are skipped
-        batch = {k: [batch[k][i] for i in keep] for k in ("text", "source", "doc_id")}
-        enc = self.tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"] if keep else []
-        out: dict[str, list] = {"source": [], "doc_ids": [], "input_ids": [], "concepts": []}
-        stream: list[int] = []
-        owners: list[int] = []  # index into batch of the document each token comes from
-        for j, ids in enumerate(enc):
-            stream.extend(ids + [self.sep])
-            owners.extend([j] * (len(ids) + 1))
-        for start in range(0, len(stream) - self.seq_len + 1, self.seq_len):
-            window = np.asarray(stream[start : start + self.seq_len], dtype=np.int32)
-            docs = sorted(set(owners[start : start + self.seq_len]))
-            cs = np.unique(self.concepts[window])
-            out["source"].append(batch["source"][docs[0]])
-            out["doc_ids"].append([str(batch["doc_id"][d]) for d in docs])
-            out["input_ids"].append(window)
-            out["concepts"].append(cs[cs >= 0].astype(np.int32))
-        return out
+    Returns:
+        per window, (input_ids (seq_len,) int32, ids of the documents it spans); a trailing
+        partial window is dropped.
+    """
+    stream: list[int] = []
+    owners: list[int] = []  # index of the document each token comes from
+    for j, ids in enumerate(token_lists):
+        stream.extend(ids)
+        stream.append(sep)
+        owners.extend([j] * (len(ids) + 1))
+    out = []
+    for start in range(0, len(stream) - seq_len + 1, seq_len):
+        docs = sorted(set(owners[start : start + seq_len]))
+        out.append((np.asarray(stream[start : start + seq_len], dtype=np.int32), [doc_ids[d] for d in docs]))
+    return out

@@ -59,7 +59,7 @@ def run_stage(stage: Stage, job: JobConfig, out_dir: Path, model_dir: Path) -> d
     from raycompress.report.report import write_report
 
     if stage is Stage.SELECT:
-        m = run_select(job, model_dir, out_dir / "select", concurrency=job.ray.eval_actors)
+        m = run_select(job, model_dir, out_dir / "select")
         return {"fingerprint": m["fingerprint"], "n": len(m["selected"])}
     if stage is Stage.COMPRESS:
         r = run_compress(job, model_dir, out_dir / "select" / "calibration.parquet", out_dir / "compress",

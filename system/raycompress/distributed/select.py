@@ -1,12 +1,17 @@
-"""Select stage on Ray Data: read corpora, parse and count rejects, tokenize and pack into
-candidate windows in parallel, then pick the calibration set per source with a registered method.
+"""Select stage on Ray Data, streaming: the driver never holds the corpus.
 
-Writes `calibration.parquet` (input_ids, source, doc_id, doc_ids, score) and `manifest.json`
-(inputs with sha256, config, seed, selected ids, skip counts, fingerprint).
+Per source:
+  pass 1 (survey): read -> parse; only small columns (path, row, reason, hash) are kept, to count
+    skipped records by reason and file, find exact duplicates (all but the first by (path, row)),
+    and, for `zipf`, count words.
+  pass 2 (round 1): read -> parse -> keep usable, non-duplicate documents -> `ShardSelector`
+    actors tokenize, pack and select k winners per shard.
+Then the driver merges the winners (round 2), mixes the sources (or, in `kcenter` mode, cuts the
+union with k-center greedy on sentence embeddings) and writes `calibration.parquet` and
+`manifest.json` with a fingerprint of inputs, method, config and seed.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -17,97 +22,164 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycompress.config import JobConfig
-from raycompress.data.corpus import parse_jsonl_batch
-from raycompress.data.tokenize import TokenizePack
+from raycompress.data.corpus import parse_records
+from raycompress.data.readers import CorpusDatasource, expand_paths, infer_format
 from raycompress.models.checkpoint import sha256_file, write_atomic_text
 from raycompress.registry import SELECTORS
+from raycompress.selection.base import SelectContext, Window
 from raycompress.selection.mix import quotas
+from raycompress.selection.shard import ShardSelector, rows_to_windows
 
 log = logging.getLogger(__name__)
 
 
 class SelectionError(ValueError):
-    """A corpus path matches nothing, has no usable documents, or is too small for its quota."""
+    """A source has no usable documents, or fewer candidate windows than asked for."""
 
 
-def _expand(job: JobConfig, name: str) -> list[str]:
-    pattern = str(job.resolve(job.select.sources[name].path))
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise SelectionError(f"select.sources.{name}.path: no file matches {pattern}")
-    return paths
-
-
-def _windows(job: JobConfig, name: str, paths: list[str], model_dir: Path, concurrency: int):
-    """(windows rows, skip counts by reason) for one source, computed with Ray Data."""
+def _docs(job: JobConfig, name: str, paths: list[str]):
     import ray.data
 
     src = job.select.sources[name]
-    docs = ray.data.read_text(paths, include_paths=True).map_batches(
-        parse_jsonl_batch, batch_size=256, batch_format="numpy",
-        fn_kwargs={"source": name, "text_field": src.text_field, "max_chars": src.max_doc_chars},
-    ).materialize()
-    counts = {r["reason"]: int(r["count()"]) for r in docs.groupby("reason").count().take_all()}
-    skipped = {k: v for k, v in counts.items() if k}
-    if not counts.get(""):
-        raise SelectionError(f"select.sources.{name}: no usable documents in {paths} (skipped: {skipped})")
-    windows = docs.map_batches(
-        TokenizePack, batch_size=64, batch_format="numpy", concurrency=concurrency,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "seq_len": job.select.seq_len},
-    ).take_all()
-    return windows, skipped
+    fmt = infer_format(paths[0]) if src.format == "auto" else src.format
+    ds = ray.data.read_datasource(CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs))
+    return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
+                          fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
+                                     "text_field": src.text_field, "max_chars": src.max_doc_chars})
 
 
-def run_select(job: JobConfig, model_dir: Path, out_dir: Path, concurrency: int = 1) -> dict:
+def _first_of_group(batch: dict) -> dict:
+    """map_groups: for one content hash, the (path, row) of every copy but the first."""
+    order = sorted(zip(batch["path"], batch["row"]))
+    return {"path": [p for p, _ in order[1:]], "row": [int(r) for _, r in order[1:]]}
+
+
+def _survey(docs, dedup: bool) -> tuple[dict, set, int]:
+    """(skip counts {file: {reason: n}}, duplicate (path, row) keys, usable documents)."""
+    small = docs.select_columns(["path", "row", "reason", "hash"]).materialize()
+    skipped: dict[str, dict[str, int]] = {}
+    usable = 0
+    for r in small.groupby(["path", "reason"]).count().take_all():
+        if r["reason"]:
+            skipped.setdefault(r["path"], {})[r["reason"]] = int(r["count()"])
+        else:
+            usable += int(r["count()"])
+    drop: set = set()
+    if dedup and usable:
+        good = small.filter(lambda r: r["reason"] == "")
+        for r in good.groupby("hash").map_groups(_first_of_group, batch_format="numpy").take_all():
+            drop.add((str(r["path"]), int(r["row"])))
+        for path, _ in drop:
+            skipped.setdefault(path, {})["duplicate"] = skipped.get(path, {}).get("duplicate", 0) + 1
+    return skipped, drop, usable - len(drop)
+
+
+def _word_freq(docs) -> dict[str, int]:
+    from raycompress.selection.zipf import word_counts
+
+    def count(batch):
+        c = word_counts([t for t, r in zip(batch["text"], batch["reason"]) if r == ""])
+        return {"word": list(c), "n": list(c.values())}
+
+    agg = docs.map_batches(count, batch_format="numpy", batch_size=None).groupby("word").sum("n")
+    return {r["word"]: int(r["sum(n)"]) for r in agg.iter_rows()}
+
+
+def _keep(batch: dict, drop: set) -> dict:
+    mask = np.array([r == "" and (str(p), int(w)) not in drop for r, p, w in zip(batch["reason"], batch["path"], batch["row"])], dtype=bool)
+    return {k: np.asarray(v)[mask] for k, v in batch.items()}
+
+
+def _round1(job: JobConfig, docs, drop: set, model_dir: Path, k: int, ctx: SelectContext) -> list[Window]:
+    from ray.data import ActorPoolStrategy
+
+    from raycompress.distributed.resources import actor_options
+
+    method = SELECTORS.get(job.select.method)
+    opts = actor_options(job.ray) if "model" in method.needs else {"num_cpus": job.ray.cpus_per_actor, "num_gpus": 0}
+    winners = docs.map_batches(_keep, fn_kwargs={"drop": drop}, batch_format="numpy", batch_size=None).map_batches(
+        ShardSelector, batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(size=job.ray.select_actors),
+        fn_constructor_kwargs={"model_dir": str(model_dir), "seq_len": job.select.seq_len, "method": job.select.method,
+                               "k": k, "ctx": ctx}, **opts,
+    )
+    return rows_to_windows(winners.take_all())
+
+
+def _input_record(name: str, path: str) -> dict:
+    if "://" in path and not path.startswith("file://"):
+        return {"source": name, "path": path, "sha256": None}
+    p = Path(path.removeprefix("file://"))
+    return {"source": name, "path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def run_select(job: JobConfig, model_dir: Path, out_dir: Path) -> dict:
     """Run selection and write the calibration set into `out_dir`; returns the manifest.
 
     Raises:
-        SelectionError: a path matches nothing, a source has no usable documents, or a source has
-            fewer candidate windows than its quota (the numbers are in the message).
+        CorpusPathError: a source path matches nothing.
+        SelectionError: a source has no usable documents, or fewer candidate windows than its
+            quota (the numbers are in the message).
     """
     import ray.data
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     sel = job.select
-    want = quotas(sel.n_samples, sel.mix)
-    select_fn = SELECTORS.get(sel.method)
-    rows, inputs, skipped, pool_sizes = [], [], {}, {}
+    base = Path(job.base_dir)
+    method = SELECTORS.get(sel.method)
+    want = quotas(sel.n_samples, sel.mix) if sel.multi_source == "mix" else {s: sel.n_samples for s in sel.sources}
+    chosen: list[Window] = []
+    inputs, skipped, usable = [], {}, {}
     for i, name in enumerate(sorted(sel.sources)):
         if want.get(name, 0) == 0:
             continue
-        paths = _expand(job, name)
-        inputs += [{"source": name, "path": p, "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))} for p in paths]
-        windows, skipped[name] = _windows(job, name, paths, model_dir, concurrency)
-        pool_sizes[name] = len(windows)
-        if len(windows) < want[name]:
-            raise SelectionError(
-                f"select.sources.{name}: {len(windows)} candidate windows of {sel.seq_len} tokens, "
-                f"fewer than the {want[name]} asked for"
-            )
-        chosen, scores = select_fn([w["concepts"] for w in windows], want[name], sel.seed + i, sel.candidate_pool)
-        for j, s in zip(chosen, scores):
-            w = windows[j]
-            rows.append({"input_ids": np.asarray(w["input_ids"], dtype=np.int32).tolist(), "source": name,
-                         "doc_id": str(w["doc_ids"][0]), "doc_ids": [str(d) for d in w["doc_ids"]],
-                         "window": int(j), "score": float(s), "n_concepts": int(len(w["concepts"]))})
-    return _write_outputs(job, out_dir, rows, inputs, skipped, pool_sizes, want)
+        paths = expand_paths(sel.sources[name].path, base)
+        inputs += [_input_record(name, p) for p in paths]
+        docs = _docs(job, name, paths)
+        skipped[name], drop, usable[name] = _survey(docs, sel.dedup)
+        if usable[name] == 0:
+            raise SelectionError(f"select.sources.{name}: no usable documents in {paths} (skipped: {skipped[name]})")
+        ctx = SelectContext(seed=sel.seed + i, candidate_pool=sel.candidate_pool,
+                            word_freq=_word_freq(docs) if "word_freq" in method.needs else None)
+        winners = _round1(job, docs, drop, model_dir, want[name], ctx)
+        if len(winners) < want[name]:
+            raise SelectionError(f"select.sources.{name}: {len(winners)} candidate windows of {sel.seq_len} tokens "
+                                 f"from {usable[name]} usable documents, fewer than the {want[name]} asked for")
+        chosen += method.merge(winners, want[name], ctx)
+    if sel.multi_source == "kcenter":
+        chosen = _kcenter(chosen, sel.n_samples, sel.embedder, model_dir)
+    return _write_outputs(job, out_dir, chosen, inputs, skipped, usable, want)
 
 
-def _write_outputs(job, out_dir, rows, inputs, skipped, pool_sizes, want) -> dict:
+def _kcenter(windows: list[Window], k: int, embedder: str, model_dir: Path) -> list[Window]:
+    from transformers import AutoTokenizer
+
+    from raycompress.selection.kcenter import embed_texts, k_center_greedy, resolve_embedder
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    emb = embed_texts([tok.decode(w.input_ids) for w in windows], resolve_embedder(embedder))
+    return [windows[i] for i in k_center_greedy(emb, k)]
+
+
+def _fingerprint(inputs: list[dict], config: dict) -> str:
+    src = json.dumps({"inputs": [(x["path"], x["sha256"]) for x in inputs], "config": config}, sort_keys=True)
+    return hashlib.sha256(src.encode()).hexdigest()
+
+
+def _write_outputs(job, out_dir, chosen, inputs, skipped, usable, want) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("input_ids", pa.list_(pa.int32())), ("source", pa.string()), ("doc_id", pa.string()),
-        ("doc_ids", pa.list_(pa.string())), ("window", pa.int64()), ("score", pa.float64()),
-        ("n_concepts", pa.int64()),
-    ]))
-    pq.write_table(table, out_dir / "calibration.parquet")
-    config = {"model": job.model, "select": job.select.model_dump(mode="json")}
-    selected = [{"source": r["source"], "window": r["window"], "doc_id": r["doc_id"]} for r in rows]
-    fp_src = json.dumps({"inputs": [x["sha256"] for x in inputs], "config": config}, sort_keys=True)
+    rows = [{"input_ids": w.input_ids.tolist(), "source": w.source, "doc_id": w.doc_ids[0], "doc_ids": w.doc_ids,
+             "uid": w.uid, "score": float(w.score), "n_concepts": int(len(w.concepts))} for w in chosen]
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("source", pa.string()), ("doc_id", pa.string()),
+                        ("doc_ids", pa.list_(pa.string())), ("uid", pa.string()), ("score", pa.float64()),
+                        ("n_concepts", pa.int64())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out_dir / "calibration.parquet")
+    config = {"model": job.model, "select": job.select.model_dump(mode="json", exclude={"sources"}),
+              "sources": {k: v.model_dump(mode="json") for k, v in job.select.sources.items()}}
     manifest = {
-        "fingerprint": hashlib.sha256(fp_src.encode()).hexdigest(),
-        "inputs": inputs, "config": config, "seed": job.select.seed, "quotas": want,
-        "candidate_windows": pool_sizes, "skipped": skipped, "selected": selected,
+        "fingerprint": _fingerprint(inputs, config), "method": job.select.method,
+        "method_source": SELECTORS.get(job.select.method).source, "inputs": inputs, "config": config,
+        "seed": job.select.seed, "quotas": want, "usable_documents": usable, "skipped": skipped,
+        "selected": [{"source": r["source"], "uid": r["uid"], "doc_id": r["doc_id"], "score": r["score"]} for r in rows],
         "calibration_sha256": sha256_file(out_dir / "calibration.parquet"),
     }
     write_atomic_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
@@ -126,5 +198,4 @@ def load_calibration(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `raycompress select` first")
     table = pq.read_table(path)
-    ids = torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long)
-    return ids, table
+    return torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long), table
