@@ -60,10 +60,20 @@ class SelectConfig(_Strict):
         return self
 
 
+class QuantConfig(_Strict):
+    """Weight-only integer quantization (GPTQ, or SparseGPT's joint sparse + quantized pass)."""
+
+    bits: Literal[4, 8] = 4
+    symmetric: bool = True
+    group_size: int | None = Field(128, gt=0, description="columns per scale; null = per output channel")
+    act_order: bool = Field(False, description="GPTQ activation order (static groups)")
+
+
 class CompressConfig(_Strict):
     """Compression (stage 2): one algorithm applied to every decoder-layer linear."""
 
     algorithm: str = "sparsegpt"
+    quant: QuantConfig | None = Field(None, description="gptq: required; sparsegpt: sparse then quantized in one pass")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     n_m: tuple[int, int] | None = Field(None, description="N:M semi-structured pattern, e.g. [2, 4]")
     block_size: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns)")
@@ -76,6 +86,20 @@ class CompressConfig(_Strict):
         if v is not None and not (0 < v[0] < v[1]):
             raise ValueError(f"n_m must be [N, M] with 0 < N < M, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _check_quant(self) -> "CompressConfig":
+        if self.algorithm == "gptq" and self.quant is None:
+            raise ValueError("algorithm 'gptq' needs a 'quant' section (bits, symmetric, group_size)")
+        if self.quant is not None and self.algorithm not in ("gptq", "sparsegpt"):
+            raise ValueError(f"'quant' is supported with gptq or sparsegpt, not '{self.algorithm}'")
+        if self.quant is not None and not self.quant.symmetric:
+            # the solver supports it, but compressed-tensors 0.20 packs the zero point in a shape
+            # that transformers 5.23 does not reload; refuse rather than write a broken checkpoint
+            raise ValueError("quant.symmetric: false cannot be written as a loadable pack-quantized checkpoint yet")
+        if self.quant is not None and self.quant.group_size and self.block_size % self.quant.group_size:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of quant.group_size={self.quant.group_size}")
+        return self
 
     @model_validator(mode="after")
     def _check_block(self) -> "CompressConfig":

@@ -42,7 +42,10 @@ def _docs(job: JobConfig, name: str, paths: list[str]):
 
     src = job.select.sources[name]
     fmt = infer_format(paths[0]) if src.format == "auto" else src.format
-    ds = ray.data.read_datasource(CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs))
+    # One read task per file, never split (a block is a shard: results must not depend on the
+    # cluster size), and reads take no CPU slot so that they can never starve behind the actors.
+    ds = ray.data.read_datasource(CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs),
+                                  override_num_blocks=len(paths), ray_remote_args={"num_cpus": 0})
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
                           fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
                                      "text_field": src.text_field, "max_chars": src.max_doc_chars})

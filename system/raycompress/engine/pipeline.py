@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from raycompress.config import CompressConfig
 from raycompress.models.checkpoint import finalize_checkpoint, shard_name, write_atomic_text
+from raycompress.models.quantized import quantization_config
 from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
 
@@ -115,18 +116,19 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer"):
         path = str(ckpt / shard_name(i, total))
         if i in progress.done and Path(path).is_file():
-            backend.get([backend.call(k, "replay_layer", i, path) for k in ranks])
+            backend.get([backend.call(k, "replay_layer", i, path, cfg.quant) for k in ranks])
             continue
         backend.get([backend.call(k, "begin_layer", i) for k in ranks])
         partials = [backend.call(k, "accumulate", group_kinds) for k in ranks]
         new_w = [backend.call(owners[t], "solve", t, group_of[t], cfg, *partials) for t in targets]
         backend.get([backend.call(k, "apply", targets, *new_w) for k in ranks])
-        backend.get(backend.call(0, "write_layer", path))
+        backend.get(backend.call(0, "write_layer", path, cfg.quant))
         records = [r for part in backend.get([backend.call(k, "pop_infos") for k in ranks]) for r in part]
         backend.get([backend.call(k, "end_layer") for k in ranks])
         progress.mark(i, sorted(records, key=lambda r: r["module"]))
     rest = ckpt / shard_name(model.num_layers, total)
     backend.get(backend.call(0, "write_outside_layers", str(rest)))
     shards = [ckpt / shard_name(i, total) for i in range(total)]
-    finalize_checkpoint(ckpt, model.model_dir, shards)
+    qcfg = quantization_config(cfg.quant, ignore=["lm_head"]) if cfg.quant else None
+    finalize_checkpoint(ckpt, model.model_dir, shards, qcfg)
     return [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]

@@ -3,7 +3,9 @@
 Kinds:
 - "hessian": H = sum over tokens of x x^T, (d_in, d_in) — SparseGPT / GPTQ.
 - "sqnorm": sum over tokens of x_j^2, (d_in,) — Wanda's ||X_j||_2^2.
-The accumulator dtype is float32 by default (as the reference implementations); float64 on request.
+Each micro-batch's product is computed in float32 and added to a float64 accumulator: sums of
+float32 terms are then exact in practice, so the total does not depend on how the calibration set
+is split over workers (1 or K actors give bit-identical statistics).
 Both carry the token count, so partial statistics from data-parallel workers simply add.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ class InputStats:
     tokens: int = 0
 
     @classmethod
-    def empty(cls, kind: str, d_in: int, dtype: torch.dtype = torch.float32) -> "InputStats":
+    def empty(cls, kind: str, d_in: int, dtype: torch.dtype = torch.float64) -> "InputStats":
         if kind == "hessian":
             return cls(kind, torch.zeros(d_in, d_in, dtype=dtype))
         if kind == "sqnorm":
@@ -29,11 +31,11 @@ class InputStats:
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Accumulate activations x (..., d_in)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.value.dtype)  # (tokens, d_in)
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, d_in)
         if self.kind == "hessian":
-            self.value.addmm_(x.T, x)
+            self.value.add_((x.T @ x).to(self.value.dtype))  # (d_in, d_in)
         else:
-            self.value.add_((x * x).sum(0))
+            self.value.add_((x * x).sum(0).to(self.value.dtype))  # (d_in,)
         self.tokens += x.shape[0]
 
     def __add__(self, other: "InputStats") -> "InputStats":

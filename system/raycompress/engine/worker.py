@@ -21,6 +21,7 @@ from torch import nn
 from raycompress.config import CompressConfig
 from raycompress.engine.stats import InputStats, sum_stats
 from raycompress.models.checkpoint import write_shard
+from raycompress.models.quantized import pack_quantized
 from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
 
@@ -44,6 +45,7 @@ class LayerWorker:
         self.layer: nn.Module | None = None
         self.layer_idx = -1
         self.infos: list[dict] = []
+        self._qparams: dict[str, dict[str, torch.Tensor]] = {}
         self.timings: dict[str, float] = {}
         with torch.no_grad():
             embed = self.model.load_module(self.model.spec.embed[0])
@@ -102,44 +104,55 @@ class LayerWorker:
         self._tick("stats", t0)
         return stats
 
-    def solve(self, name: str, group: str, cfg: CompressConfig, *partials: dict[str, InputStats]) -> torch.Tensor:
-        """Compress linear `name` of the current layer from the summed statistics of `group`."""
+    def solve(self, name: str, group: str, cfg: CompressConfig, *partials: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+        """Compress linear `name` of the current layer from the summed statistics of `group`.
+
+        Returns the solver's tensors: "weight" (what the layer runs with) and, for quantized
+        methods, "weight_scale" / "weight_zero_point"."""
         t0 = time.perf_counter()
         algo = ALGORITHMS.get(cfg.algorithm)
         stats = sum_stats([p[group] for p in partials]) if algo.stats else None
         w = self.layer.get_submodule(name).weight.data
-        w_new, info = algo.solve(w, stats, cfg)
+        tensors, info = algo.solve(w, stats, cfg)
+        w_new = tensors["weight"]
         err = _reconstruction_error(w, w_new, stats)
         self.infos.append(
             {"layer": self.layer_idx, "module": name, "sparsity": float((w_new == 0).float().mean()),
              "rel_error": err, "seconds": time.perf_counter() - t0, **info}
         )
         self._tick("solve", t0)
-        return w_new
+        return tensors
 
     @torch.no_grad()
-    def apply(self, names: list[str], *weights: torch.Tensor) -> None:
+    def apply(self, names: list[str], *solved: dict[str, torch.Tensor]) -> None:
         """Install compressed weights and propagate this shard through the compressed layer."""
         t0 = time.perf_counter()
-        for name, w in zip(names, weights):
-            self.layer.get_submodule(name).weight.data = w.to(self.model.dtype)
+        self._qparams = {}
+        for name, tensors in zip(names, solved):
+            self.layer.get_submodule(name).weight.data = tensors["weight"].to(self.model.dtype)
+            if "weight_scale" in tensors:
+                self._qparams[name] = tensors
         self.hidden = self._run_all()
         self._tick("propagate", t0)
 
-    def write_layer(self, path: str) -> str:
-        """Persist the current layer's tensors, with full checkpoint names, to `path` (atomic)."""
+    def write_layer(self, path: str, quant=None) -> str:
+        """Persist the current layer's tensors, with full checkpoint names, to `path` (atomic);
+        quantized linears are packed (compressed-tensors pack-quantized) with `quant`."""
         t0 = time.perf_counter()
         prefix = self.model.layer_prefix(self.layer_idx)
-        tensors = {f"{prefix}.{k}": v for k, v in self.layer.state_dict().items()}
-        write_shard(tensors, Path(path))
+        state = dict(self.layer.state_dict())
+        for name, q in self._qparams.items():
+            del state[f"{name}.weight"]
+            state.update({f"{name}.{k}": v for k, v in pack_quantized(q, quant, self.model.dtype).items()})
+        write_shard({f"{prefix}.{k}": v for k, v in state.items()}, Path(path))
         self._tick("io", t0)
         return path
 
     @torch.no_grad()
-    def replay_layer(self, idx: int, shard: str) -> None:
+    def replay_layer(self, idx: int, shard: str, quant=None) -> None:
         """Resume: propagate this shard through layer `idx` as already written to `shard`."""
         t0 = time.perf_counter()
-        self.layer = self.model.load_layer_from_shard(idx, Path(shard))
+        self.layer = self.model.load_layer_from_shard(idx, Path(shard), quant)
         self.layer_idx = idx
         self.hidden = self._run_all()
         self.layer = None
@@ -154,6 +167,7 @@ class LayerWorker:
 
     def end_layer(self) -> None:
         self.layer = None
+        self._qparams = {}
 
     def pop_infos(self) -> list[dict]:
         infos, self.infos = self.infos, []

@@ -74,8 +74,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path]) -> dict:
+def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path], quantization: dict | None = None) -> dict:
     """Write the index, copy config and tokenizer files, scan for NaN/Inf and hash every file.
+    `quantization` (a compressed-tensors config block) is written into config.json.
 
     Returns:
         the manifest {"files": {name: sha256}, "total_size": bytes}; also written to
@@ -99,6 +100,10 @@ def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path]
     for name in SIDECAR_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
+    if quantization is not None:
+        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg["quantization_config"] = quantization
+        write_atomic_text(out_dir / "config.json", json.dumps(cfg, indent=2))
     files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and not p.name.startswith("manifest")}
     manifest = {"files": files, "total_size": total}
     write_atomic_text(out_dir / "manifest.sha256.json", json.dumps(manifest, indent=2))

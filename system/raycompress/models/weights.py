@@ -105,11 +105,17 @@ class OffloadedModel:
         """Decoder layer `idx` with its weights read from disk, in eval mode."""
         return self.load_module(self.layer_prefix(idx))
 
-    def load_layer_from_shard(self, idx: int, shard: Path) -> nn.Module:
-        """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names)."""
+    def load_layer_from_shard(self, idx: int, shard: Path, quant=None) -> nn.Module:
+        """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names);
+        pack-quantized linears are dequantized with `quant` (a QuantConfig)."""
         prefix = self.layer_prefix(idx) + "."
         with safe_open(str(shard), framework="pt") as f:
-            state = {k[len(prefix):]: f.get_tensor(k).to(self.dtype) for k in f.keys() if k.startswith(prefix)}
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        if quant is not None:
+            from raycompress.models.quantized import unpack_quantized
+
+            state = unpack_quantized(state, quant)
+        state = {k: v.to(self.dtype) for k, v in state.items()}
         module = _clone_meta(self.skeleton.get_submodule(self.layer_prefix(idx)))
         module.load_state_dict(state, assign=True, strict=True)
         return module.eval()
