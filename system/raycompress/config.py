@@ -69,11 +69,20 @@ class QuantConfig(_Strict):
     act_order: bool = Field(False, description="GPTQ activation order (static groups)")
 
 
+class MixCalConfig(_Strict):
+    """MixCal-style statistics: H = H_domain + λ·H_general (each a per-token mean), same for
+    Wanda's norms; rows of the calibration set from `general_sources` feed the general term."""
+
+    general_sources: list[str] = Field(..., min_length=1)
+    lam: float = Field(0.25, ge=0.0, description="λ, the weight of the general statistics")
+
+
 class CompressConfig(_Strict):
     """Compression (stage 2): one algorithm applied to every decoder-layer linear."""
 
     algorithm: str = "sparsegpt"
     quant: QuantConfig | None = Field(None, description="gptq: required; sparsegpt: sparse then quantized in one pass")
+    mixcal: MixCalConfig | None = Field(None, description="separate domain / general statistics, combined with λ")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     n_m: tuple[int, int] | None = Field(None, description="N:M semi-structured pattern, e.g. [2, 4]")
     block_size: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns)")

@@ -11,8 +11,11 @@ def test_hessian_two_batches_equals_concat():
     s = InputStats.empty("hessian", 6, torch.float64)
     s.add_batch(a)
     s.add_batch(b)
-    x = torch.cat([a.reshape(-1, 6), b]).double()
-    torch.testing.assert_close(s.value, x.T @ x)
+    a2 = a.reshape(-1, 6)
+    # float32 products per batch, summed in float64 (what makes K workers agree bit for bit)
+    assert torch.equal(s.value, (a2.T @ a2).double() + (b.T @ b).double())
+    x = torch.cat([a2, b]).double()
+    torch.testing.assert_close(s.value, x.T @ x, rtol=1e-5, atol=1e-5)
     assert s.tokens == 17
     assert s.value.shape == (6, 6)
 
@@ -53,5 +56,16 @@ def test_kind_mismatch_and_unknown_kind():
 def test_accumulator_dtype_casts_input():
     s = InputStats.empty("hessian", 2)
     s.add_batch(torch.ones(3, 2, dtype=torch.float16))
-    assert s.value.dtype == torch.float32
+    assert s.value.dtype == torch.float64  # default accumulator: float64 (exact sums of float32 products)
     assert s.value.tolist() == [[3.0, 3.0], [3.0, 3.0]]
+
+
+def test_mix_stats_weights_per_token_means():
+    from raycompress.engine.stats import mix_stats
+
+    dom = InputStats("sqnorm", torch.tensor([4.0, 8.0], dtype=torch.float64), tokens=4)
+    gen = InputStats("sqnorm", torch.tensor([2.0, 0.0], dtype=torch.float64), tokens=2)
+    out = mix_stats(dom, gen, 0.5)
+    assert out.value.tolist() == [1.0 + 0.5, 2.0 + 0.0] and out.tokens == 1
+    empty = InputStats.empty("sqnorm", 2)
+    assert mix_stats(dom, empty, 0.5).value.tolist() == [1.0, 2.0]

@@ -28,7 +28,7 @@ def test_meta_loader_reproduces_layer0_hidden_states(tiny_llama_dir, dense, cali
         ref = full(input_ids=calib, output_hidden_states=True).hidden_states
     torch.testing.assert_close(worker.hidden, ref[0], atol=1e-6, rtol=0)
     worker.begin_layer(0)
-    weights = [worker.layer.get_submodule(t).weight.data.clone() for t in TARGETS]
+    weights = [{"weight": worker.layer.get_submodule(t).weight.data.clone()} for t in TARGETS]
     worker.apply(list(TARGETS), *weights)
     torch.testing.assert_close(worker.hidden, ref[1], atol=1e-5, rtol=0)
     worker.end_layer()
@@ -44,7 +44,7 @@ def test_worker_solve_records(tiny_llama_dir, calib):
     parts = worker.accumulate({"mlp.gate_proj": "hessian"})
     assert parts["mlp.gate_proj"].tokens == 64
     assert parts["mlp.gate_proj"].value.shape == (64, 64)
-    w_new = worker.solve("mlp.up_proj", "mlp.gate_proj", CompressConfig(sparsity=0.5), parts, parts)
+    w_new = worker.solve("mlp.up_proj", "mlp.gate_proj", CompressConfig(sparsity=0.5), parts, parts)["weight"]
     assert float((w_new == 0).float().mean()) == 0.5
     (info,) = worker.pop_infos()
     assert info["layer"] == 0 and info["module"] == "mlp.up_proj" and 0 < info["rel_error"] < 1

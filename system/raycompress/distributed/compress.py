@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 class CompressionActor:
     """Heavy state (weights, activations) lives here; every call is delegated to the LayerWorker."""
 
-    def __init__(self, model_dir: str, input_ids: torch.Tensor, threads: int) -> None:
+    def __init__(self, model_dir: str, input_ids: torch.Tensor, threads: int, general: torch.Tensor) -> None:
         from raycompress.engine.worker import LayerWorker
 
-        self.worker = LayerWorker(model_dir, input_ids, torch_threads=threads)
+        self.worker = LayerWorker(model_dir, input_ids, torch_threads=threads, general=general)
 
     def call(self, method: str, *args: Any) -> Any:
         _chaos(method, args)
@@ -71,10 +71,10 @@ class RayBackend:
         return ray.get(handles)
 
 
-def _spawn(job: JobConfig, model_dir: Path, shards) -> list:
+def _spawn(job: JobConfig, model_dir: Path, shards, general) -> list:
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
-    return [CompressionActor.options(**opts).remote(str(model_dir), s, torch_threads(job.ray)) for s in shards]
+    return [CompressionActor.options(**opts).remote(str(model_dir), s, torch_threads(job.ray), g) for s, g in zip(shards, general)]
 
 
 def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Path, fingerprint: str, max_restarts: int = 3) -> dict:
@@ -88,13 +88,16 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
     """
     from ray.exceptions import RayActorError
 
-    ids, _ = load_calibration(calib_path)
+    ids, table = load_calibration(calib_path)
     k = min(job.ray.compress_actors, ids.shape[0])
     shards = torch.tensor_split(ids, k)  # contiguous, deterministic data-parallel shards
+    mix = job.compress.mixcal
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
+    general = torch.tensor([mix is not None and s in mix.general_sources for s in sources], dtype=torch.bool)
     model = OffloadedModel(model_dir)
     restarts = 0
     while True:
-        actors = _spawn(job, model_dir, shards)
+        actors = _spawn(job, model_dir, shards, torch.tensor_split(general, k))
         try:
             records = compress_layers(RayBackend(actors), model, job.compress, out_dir, fingerprint)
             timings = ray.get([a.timings.remote() for a in actors])

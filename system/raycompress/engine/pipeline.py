@@ -119,7 +119,7 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
             backend.get([backend.call(k, "replay_layer", i, path, cfg.quant) for k in ranks])
             continue
         backend.get([backend.call(k, "begin_layer", i) for k in ranks])
-        partials = [backend.call(k, "accumulate", group_kinds) for k in ranks]
+        partials = [backend.call(k, "accumulate", group_kinds, cfg.mixcal is not None) for k in ranks]
         new_w = [backend.call(owners[t], "solve", t, group_of[t], cfg, *partials) for t in targets]
         backend.get([backend.call(k, "apply", targets, *new_w) for k in ranks])
         backend.get(backend.call(0, "write_layer", path, cfg.quant))

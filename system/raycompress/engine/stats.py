@@ -50,3 +50,13 @@ def sum_stats(parts: list[InputStats]) -> InputStats:
     for p in parts[1:]:
         total = total + p
     return total
+
+
+def mix_stats(domain: InputStats, general: InputStats, lam: float) -> InputStats:
+    """MixCal combination of per-token means: domain/n_d + λ · general/n_g (tokens reported as 1).
+
+    An empty side contributes nothing."""
+    def mean(s: InputStats) -> torch.Tensor:
+        return s.value / s.tokens if s.tokens else torch.zeros_like(s.value)
+
+    return InputStats(domain.kind, mean(domain) + lam * mean(general), tokens=1)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raycompress.config import CompressConfig
-from raycompress.engine.stats import InputStats, sum_stats
+from raycompress.engine.stats import InputStats, mix_stats, sum_stats
 from raycompress.models.checkpoint import write_shard
 from raycompress.models.quantized import pack_quantized
 from raycompress.models.weights import OffloadedModel
@@ -35,9 +35,13 @@ class LayerWorker:
         model_dir: Hugging Face folder with safetensors weights.
         input_ids: (n, seq) int64 calibration token ids of this worker's shard.
         micro_batch: sequences per forward pass.
+        general: (n,) bool, True for rows whose statistics go to the MixCal general term.
     """
 
-    def __init__(self, model_dir: str, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None) -> None:
+    GENERAL = "@general"  # suffix of the statistics key of the general rows
+
+    def __init__(self, model_dir: str, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None,
+                 general: torch.Tensor | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model = OffloadedModel(model_dir)
@@ -46,6 +50,8 @@ class LayerWorker:
         self.layer_idx = -1
         self.infos: list[dict] = []
         self._qparams: dict[str, dict[str, torch.Tensor]] = {}
+        self.general = general.bool() if general is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        self._rows = slice(0, 0)  # rows of the micro-batch being run
         self.timings: dict[str, float] = {}
         with torch.no_grad():
             embed = self.model.load_module(self.model.spec.embed[0])
@@ -68,8 +74,25 @@ class LayerWorker:
         return out[0] if isinstance(out, tuple) else out
 
     def _run_all(self) -> torch.Tensor:
-        outs = [self._forward(self.hidden[i : i + self.micro_batch]) for i in range(0, len(self.hidden), self.micro_batch)]
+        outs = []
+        for i in range(0, len(self.hidden), self.micro_batch):
+            self._rows = slice(i, i + self.micro_batch)
+            outs.append(self._forward(self.hidden[self._rows]))
         return torch.cat(outs) if outs else self.hidden
+
+    def _hook(self, dom: InputStats, gen: InputStats | None):
+        """Forward pre-hook adding a micro-batch's inputs x (b, seq, d_in) to the right statistics."""
+        def hook(module, args):
+            x = args[0]
+            if gen is None:
+                dom.add_batch(x)
+                return
+            g = self.general[self._rows]  # (b,)
+            if (~g).any():
+                dom.add_batch(x[~g])
+            if g.any():
+                gen.add_batch(x[g])
+        return hook
 
     # -- lifecycle -------------------------------------------------------------------------
     def begin_layer(self, idx: int) -> int:
@@ -80,11 +103,12 @@ class LayerWorker:
         return self.hidden.shape[0]
 
     @torch.no_grad()
-    def accumulate(self, group_kinds: dict[str, str]) -> dict[str, InputStats]:
+    def accumulate(self, group_kinds: dict[str, str], split: bool = False) -> dict[str, InputStats]:
         """Partial statistics of this shard for each input group.
 
         Args:
             group_kinds: first module name of an input group -> stats kind ("hessian"/"sqnorm").
+            split: keep the general rows apart under `<group>@general` (MixCal).
         Returns:
             group name -> InputStats over this shard's tokens.
         """
@@ -94,7 +118,9 @@ class LayerWorker:
         for name, kind in group_kinds.items():
             lin = self.layer.get_submodule(name)
             stats[name] = InputStats.empty(kind, lin.in_features)
-            hooks.append(lin.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add_batch(args[0])))
+            if split:
+                stats[name + self.GENERAL] = InputStats.empty(kind, lin.in_features)
+            hooks.append(lin.register_forward_pre_hook(self._hook(stats[name], stats.get(name + self.GENERAL))))
         try:
             if stats:
                 self._run_all()
@@ -112,6 +138,8 @@ class LayerWorker:
         t0 = time.perf_counter()
         algo = ALGORITHMS.get(cfg.algorithm)
         stats = sum_stats([p[group] for p in partials]) if algo.stats else None
+        if stats is not None and cfg.mixcal is not None:
+            stats = mix_stats(stats, sum_stats([p[group + self.GENERAL] for p in partials]), cfg.mixcal.lam)
         w = self.layer.get_submodule(name).weight.data
         tensors, info = algo.solve(w, stats, cfg)
         w_new = tensors["weight"]

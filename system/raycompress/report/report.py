@@ -26,7 +26,9 @@ def build_report(job: JobConfig, out_dir: Path) -> dict:
         "stages": _load(out_dir / "state.json").get("stages", {}),
         "calibration": {
             "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest() if manifest_path.is_file() else None,
+            "method": _load(manifest_path).get("method"),
             "quotas": _load(manifest_path).get("quotas"),
+            "usable_documents": _load(manifest_path).get("usable_documents"),
             "skipped": _load(manifest_path).get("skipped"),
         },
         "compression": {
@@ -68,8 +70,22 @@ def render_markdown(report: dict) -> str:
     if c["algorithm"]:
         lines += ["", f"Compression: {c['algorithm']}, {c['modules']} modules, mean sparsity {c['mean_sparsity']:.4f}"
                   + (f", mean relative reconstruction error {c['mean_rel_error']:.4f}" if c["mean_rel_error"] is not None else "")]
-    lines += [f"Calibration manifest sha256: {report['calibration']['manifest_sha256']}", ""]
+    lines += _calibration_lines(report["calibration"])
     return "\n".join(lines)
+
+
+def _calibration_lines(cal: dict) -> list[str]:
+    """Per source: sequences chosen, usable documents, and skipped records by reason (all files)."""
+    lines = ["", f"Calibration set ({cal.get('method')}), manifest sha256 {cal['manifest_sha256']}:", "",
+             "| source | sequences | usable docs | skipped (reason: count) |", "|---|---|---|---|"]
+    for src, n in (cal.get("quotas") or {}).items():
+        reasons: dict[str, int] = {}
+        for per_file in (cal.get("skipped") or {}).get(src, {}).values():
+            for reason, count in per_file.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        skipped = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())) or "none"
+        lines.append(f"| {src} | {n} | {(cal.get('usable_documents') or {}).get(src, '?')} | {skipped} |")
+    return lines + [""]
 
 
 def write_report(job: JobConfig, out_dir: Path) -> list[str]:
