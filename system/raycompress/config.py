@@ -77,13 +77,21 @@ class MixCalConfig(_Strict):
     lam: float = Field(0.25, ge=0.0, description="λ, the weight of the general statistics")
 
 
+class OWLConfig(_Strict):
+    """OWL layer-wise sparsity: layers with more activation outliers are pruned less."""
+
+    lam: float = Field(0.08, gt=0.0, lt=0.5, description="λ: sparsities spread over target ± λ")
+    m: float = Field(5.0, gt=0.0, description="a weight is an outlier if its Wanda score > m × the layer mean")
+
+
 class CompressConfig(_Strict):
     """Compression (stage 2): one algorithm applied to every decoder-layer linear."""
 
     algorithm: str = "sparsegpt"
     quant: QuantConfig | None = Field(None, description="gptq: required; sparsegpt: sparse then quantized in one pass")
     mixcal: MixCalConfig | None = Field(None, description="separate domain / general statistics, combined with λ")
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    sparsity: float | list[float] = Field(0.5, description="fraction pruned; a list gives one value per decoder layer")
+    owl: OWLConfig | None = Field(None, description="outlier-weighted layer-wise sparsity around `sparsity`")
     n_m: tuple[int, int] | None = Field(None, description="N:M semi-structured pattern, e.g. [2, 4]")
     block_size: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns)")
     damping: float = Field(0.01, ge=0.0, description="fraction of mean(diag(H)) added to the Hessian")
@@ -95,6 +103,24 @@ class CompressConfig(_Strict):
         if v is not None and not (0 < v[0] < v[1]):
             raise ValueError(f"n_m must be [N, M] with 0 < N < M, got {list(v)}")
         return v
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity_range(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(not 0.0 <= x < 1.0 for x in values):
+            raise ValueError(f"sparsity must be in [0, 1) (or a non-empty list of such), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_sparsity(self) -> "CompressConfig":
+        if self.owl is not None and isinstance(self.sparsity, list):
+            raise ValueError("owl computes per-layer sparsity itself: give one target sparsity, not a list")
+        return self
+
+    def for_layer(self, sparsity: float) -> "CompressConfig":
+        """This recipe with one layer's sparsity."""
+        return self.model_copy(update={"sparsity": sparsity, "owl": None})
 
     @model_validator(mode="after")
     def _check_quant(self) -> "CompressConfig":

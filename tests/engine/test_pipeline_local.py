@@ -168,3 +168,17 @@ def test_mixcal_general_rows_change_the_result_by_lambda(tiny_llama_dir, calib, 
     compress_layers(LocalBackend([w1]), OffloadedModel(tiny_llama_dir), cfg1, tmp_path / "mix1", "fp")
     c = load_file(tmp_path / "mix1" / "model" / shard_name(0, 3))
     assert not torch.equal(c["model.layers.0.mlp.down_proj.weight"], a["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_owl_and_per_layer_lists(tiny_llama_dir, calib, tmp_path):
+    cfg = CompressConfig(algorithm="wanda", sparsity=0.5, owl={"lam": 0.1, "m": 3.0})
+    records = _run(tiny_llama_dir, calib, tmp_path / "owl", cfg)
+    per_layer = {r["layer"]: r["sparsity"] for r in records if r["module"] == "mlp.up_proj"}
+    saved = json.loads((tmp_path / "owl" / "progress.json").read_text())["extra"]["owl"]
+    assert sum(saved) / 2 == pytest.approx(0.5) and saved[0] != saved[1]
+    # reached sparsity = requested, up to Wanda's per-row floor(s * d_in) rounding
+    assert per_layer[0] == pytest.approx(saved[0], abs=0.02) and per_layer[1] == pytest.approx(saved[1], abs=0.02)
+    records = _run(tiny_llama_dir, calib, tmp_path / "list", CompressConfig(algorithm="magnitude", sparsity=[0.25, 0.75]))
+    assert {r["layer"]: r["sparsity"] for r in records if r["module"] == "mlp.down_proj"} == {0: 0.25, 1: 0.75}
+    with pytest.raises(ValueError, match="lists 3 values for 2 decoder layers"):
+        _run(tiny_llama_dir, calib, tmp_path / "bad", CompressConfig(algorithm="magnitude", sparsity=[0.1, 0.2, 0.3]))

@@ -85,6 +85,7 @@ class Progress:
         self.fingerprint = fingerprint
         self.done: list[int] = []
         self.records: dict[str, list[dict]] = {}
+        self.extra: dict = {}
         if path.is_file():
             state = json.loads(path.read_text())
             if state.get("fingerprint") != fingerprint:
@@ -94,13 +95,46 @@ class Progress:
                 )
             self.done = list(state.get("done", []))
             self.records = dict(state.get("records", {}))
+            self.extra = dict(state.get("extra", {}))
 
     def mark(self, idx: int, records: list[dict]) -> None:
         if idx not in self.done:
             self.done.append(idx)
         self.records[str(idx)] = records
-        state = {"fingerprint": self.fingerprint, "done": self.done, "records": self.records}
+        state = {"fingerprint": self.fingerprint, "done": self.done, "records": self.records, "extra": self.extra}
         write_atomic_text(self.path, json.dumps(state))
+
+
+def owl_prepass(backend: Backend, model: OffloadedModel, cfg: CompressConfig, targets, group_of) -> list[float]:
+    """OWL: one dense pass over all layers for their outlier ratios -> per-layer sparsities."""
+    from raycompress.algorithms.owl import owl_sparsities
+
+    ranks = range(backend.size)
+    kinds = {group_of[t]: "sqnorm" for t in targets}
+    ratios = []
+    for i in tqdm(range(model.num_layers), desc="owl pre-pass", unit="layer"):
+        backend.get([backend.call(k, "begin_layer", i) for k in ranks])
+        partials = [backend.call(k, "accumulate", kinds) for k in ranks]
+        out, total = backend.get(backend.call(0, "outlier_counts", targets, group_of, cfg.owl.m, *partials))
+        ratios.append(out / total)
+        backend.get([backend.call(k, "propagate_dense") for k in ranks])
+        backend.get([backend.call(k, "end_layer") for k in ranks])
+    backend.get([backend.call(k, "reset") for k in ranks])
+    return owl_sparsities(ratios, float(cfg.sparsity), cfg.owl.lam)
+
+
+def layer_sparsities(backend: Backend, model: OffloadedModel, cfg: CompressConfig, progress, targets, group_of) -> list[float]:
+    """Sparsity per decoder layer: the recipe's value, its list, or OWL's (computed once, kept in progress)."""
+    n = model.num_layers
+    if isinstance(cfg.sparsity, list):
+        if len(cfg.sparsity) != n:
+            raise ValueError(f"compress.sparsity lists {len(cfg.sparsity)} values for {n} decoder layers")
+        return list(cfg.sparsity)
+    if cfg.owl is None:
+        return [float(cfg.sparsity)] * n
+    if "owl" not in progress.extra:
+        progress.extra["owl"] = owl_prepass(backend, model, cfg, targets, group_of)
+    return progress.extra["owl"]
 
 
 def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: Path, fingerprint: str) -> list[dict]:
@@ -113,6 +147,7 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     total = model.num_layers + 1
     progress = Progress(out_dir / "progress.json", fingerprint)
     ranks = range(backend.size)
+    sparsity = layer_sparsities(backend, model, cfg, progress, targets, group_of)
     for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer"):
         path = str(ckpt / shard_name(i, total))
         if i in progress.done and Path(path).is_file():
@@ -120,7 +155,8 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
             continue
         backend.get([backend.call(k, "begin_layer", i) for k in ranks])
         partials = [backend.call(k, "accumulate", group_kinds, cfg.mixcal is not None) for k in ranks]
-        new_w = [backend.call(owners[t], "solve", t, group_of[t], cfg, *partials) for t in targets]
+        layer_cfg = cfg.for_layer(sparsity[i])
+        new_w = [backend.call(owners[t], "solve", t, group_of[t], layer_cfg, *partials) for t in targets]
         backend.get([backend.call(k, "apply", targets, *new_w) for k in ranks])
         backend.get(backend.call(0, "write_layer", path, cfg.quant))
         records = [r for part in backend.get([backend.call(k, "pop_infos") for k in ranks]) for r in part]

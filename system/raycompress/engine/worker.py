@@ -55,7 +55,8 @@ class LayerWorker:
         self.timings: dict[str, float] = {}
         with torch.no_grad():
             embed = self.model.load_module(self.model.spec.embed[0])
-            self.hidden = embed(input_ids.long())  # (n, seq, hidden)
+            self._embedded = embed(input_ids.long())  # (n, seq, hidden)
+        self.hidden = self._embedded.clone()
         del embed
         self.rotary = self.model.rotary()
         seq = input_ids.shape[1]
@@ -162,6 +163,28 @@ class LayerWorker:
                 self._qparams[name] = tensors
         self.hidden = self._run_all()
         self._tick("propagate", t0)
+
+    @torch.no_grad()
+    def outlier_counts(self, targets: list[str], group_of: dict[str, str], m: float, *partials) -> tuple[int, int]:
+        """OWL: (outlier weights, weights) over `targets` of the current layer, from Wanda scores."""
+        from raycompress.algorithms.owl import outlier_count
+        from raycompress.algorithms.wanda import wanda_score
+
+        out, total = 0, 0
+        for t in targets:
+            norms = sum_stats([p[group_of[t]] for p in partials]).value
+            o, n = outlier_count(wanda_score(self.layer.get_submodule(t).weight.data, norms), m)
+            out, total = out + o, total + n
+        return out, total
+
+    @torch.no_grad()
+    def propagate_dense(self) -> None:
+        """Run this shard through the current layer unchanged (OWL's dense pre-pass)."""
+        self.hidden = self._run_all()
+
+    def reset(self) -> None:
+        """Back to the embeddings of the calibration shard (after a pre-pass)."""
+        self.hidden = self._embedded.clone()
 
     def write_layer(self, path: str, quant=None) -> str:
         """Persist the current layer's tensors, with full checkpoint names, to `path` (atomic);
