@@ -53,32 +53,29 @@ class LayerWorker:
         self.general = general.bool() if general is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)
         self._rows = slice(0, 0)  # rows of the micro-batch being run
         self.timings: dict[str, float] = {}
-        with torch.no_grad():
-            embed = self.model.load_module(self.model.spec.embed[0])
-            self._embedded = embed(input_ids.long())  # (n, seq, hidden)
+        self._kwargs: list[dict] = []  # per micro-batch: what the model passes every decoder layer
+        hidden = []
+        for i in range(0, input_ids.shape[0], micro_batch):
+            h, kw = self.model.layer_inputs(input_ids[i : i + micro_batch])
+            hidden.append(h)
+            self._kwargs.append(kw)
+        self._embedded = torch.cat(hidden) if hidden else torch.zeros(0)  # (n, seq, hidden)
         self.hidden = self._embedded.clone()
-        del embed
-        self.rotary = self.model.rotary()
-        seq = input_ids.shape[1]
-        self.position_ids = torch.arange(seq).unsqueeze(0)  # (1, seq)
 
     # -- helpers ---------------------------------------------------------------------------
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
-    def _forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Run the current layer on h (b, seq, hidden); causal attention via sdpa with mask=None."""
-        kwargs = {"position_ids": self.position_ids, "attention_mask": None}
-        if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(h, self.position_ids)
+    def _forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Run the current layer on h (b, seq, hidden) with the captured layer kwargs."""
         out = self.layer(h, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def _run_all(self) -> torch.Tensor:
         outs = []
-        for i in range(0, len(self.hidden), self.micro_batch):
+        for j, i in enumerate(range(0, len(self.hidden), self.micro_batch)):
             self._rows = slice(i, i + self.micro_batch)
-            outs.append(self._forward(self.hidden[self._rows]))
+            outs.append(self._forward(self.hidden[self._rows], self._kwargs[j]))
         return torch.cat(outs) if outs else self.hidden
 
     def _hook(self, dom: InputStats, gen: InputStats | None):

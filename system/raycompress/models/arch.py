@@ -52,6 +52,21 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MistralForCausalLM": _LLAMA_LIKE,
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     "Qwen3ForCausalLM": _LLAMA_LIKE,
+    "OPTForCausalLM": ArchSpec(
+        layers="model.decoder.layers",
+        embed=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        final=("model.decoder.final_layer_norm", "lm_head"),
+        rotary=None,
+        input_groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+        mlp_up=("fc1",),
+        mlp_down="fc2",
+        intermediate_key="ffn_dim",
+    ),
 }
 
 

@@ -47,6 +47,7 @@ class OffloadedModel:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.num_layers = len(_get_submodule(self.skeleton, self.spec.layers))
+        self._inputs_ready = False
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.model_dir / "model.safetensors.index.json"
@@ -134,12 +135,50 @@ class OffloadedModel:
                     out[k] = f.get_tensor(k)
         return out
 
+    @torch.no_grad()
+    def layer_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """What the model feeds decoder layer 0 for `input_ids` (b, seq): (hidden (b, seq, d), kwargs).
+
+        The skeleton runs with only the modules before the layers materialised (the table's
+        `embed` modules and the rotary embedding); a hook on layer 0 records its inputs and stops
+        the forward. Any architecture's own input preparation (positions, masks, scaling) is
+        thereby reproduced without being restated here.
+        """
+        if not self._inputs_ready:
+            for path in self.spec.embed:
+                self.skeleton.set_submodule(path, self.load_module(path))
+            if self.spec.rotary is not None:
+                self.skeleton.set_submodule(self.spec.rotary, self.rotary())
+            self._inputs_ready = True
+        captured: dict = {}
+
+        def hook(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+            raise _Captured
+
+        handle = _get_submodule(self.skeleton, self.layer_prefix(0)).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.skeleton(input_ids=input_ids.long(), use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured["hidden"], captured["kwargs"]
+
     def rotary(self) -> nn.Module | None:
         """The rotary-embedding module, rebuilt on CPU (its buffers are computed, not stored)."""
         if self.spec.rotary is None:
             return None
         meta = _get_submodule(self.skeleton, self.spec.rotary)
         return type(meta)(config=self.config)
+
+
+class _Captured(Exception):
+    """Raised by the layer-0 hook once the layer inputs are recorded."""
+
+
+_DROP_KWARGS = {"past_key_value", "past_key_values", "use_cache", "output_attentions", "cache_position"}
 
 
 def _clone_meta(meta: nn.Module) -> nn.Module:
