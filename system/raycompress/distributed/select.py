@@ -43,9 +43,11 @@ def _docs(job: JobConfig, name: str, paths: list[str]):
     src = job.select.sources[name]
     fmt = infer_format(paths[0]) if src.format == "auto" else src.format
     # One read task per file, never split (a block is a shard: results must not depend on the
-    # cluster size), and reads take no CPU slot so that they can never starve behind the actors.
+    # cluster size). Reads take no CPU slot, so they never starve behind the actors, and at most
+    # `select_actors` run at once, so they do not flood the node with worker processes.
     ds = ray.data.read_datasource(CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs),
-                                  override_num_blocks=len(paths), ray_remote_args={"num_cpus": 0})
+                                  override_num_blocks=len(paths), ray_remote_args={"num_cpus": 0},
+                                  concurrency=job.ray.select_actors)
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
                           fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
                                      "text_field": src.text_field, "max_chars": src.max_doc_chars})
