@@ -8,7 +8,7 @@ Sec. 4 "Lazy Batch-Updates"). Callers decide what rounding means.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -41,5 +41,3 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, block_size: int, rounder: Rounde
         W[:, b1:] -= E1 @ u[b0:b1, b1:]  # lazy update of every later column
     return W
 
-
-Rounding = Callable[[torch.Tensor], torch.Tensor]
