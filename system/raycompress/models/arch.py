@@ -7,7 +7,7 @@ intermediate dimension structured pruning shrinks. No code tests a model's name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -25,7 +25,6 @@ class ArchSpec:
     mlp_up: tuple[str, ...] = ()  # linears whose *output* rows are FFN neurons
     mlp_down: str | None = None  # linear whose *input* columns are FFN neurons
     intermediate_key: str = "intermediate_size"
-    extra: dict = field(default_factory=dict)
 
     @property
     def linears(self) -> tuple[str, ...]:
