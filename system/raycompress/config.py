@@ -84,6 +84,27 @@ class OWLConfig(_Strict):
     m: float = Field(5.0, gt=0.0, description="a weight is an outlier if its Wanda score > m × the layer mean")
 
 
+class CusPrunConfig(_Strict):
+    """Cus-Prun structured FFN-neuron pruning: each named dimension (language, domain, task, ...)
+    is scored on the calibration rows of its own sources; a neuron is kept if it is relevant to any
+    dimension. `sparsity` is the fraction of FFN neurons removed per decoder layer."""
+
+    dimensions: dict[str, list[str]] = Field(
+        ..., min_length=1, description="dimension name -> calibration sources (select.sources keys) scored for it")
+    multiple_of: int = Field(8, gt=0, description="kept neurons per layer are rounded up to a multiple of this")
+    per_layer_counts: bool = Field(
+        False, description="allow a per-layer sparsity list; narrower layers are zero-padded to the widest, "
+        "since a stock transformers config has one intermediate_size")
+
+    @field_validator("dimensions")
+    @classmethod
+    def _check_dims(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = sorted(k for k, srcs in v.items() if not srcs)
+        if empty:
+            raise ValueError(f"dimensions {empty} name no sources")
+        return v
+
+
 class CompressConfig(_Strict):
     """Compression (stage 2): one algorithm applied to every decoder-layer linear."""
 
@@ -92,6 +113,7 @@ class CompressConfig(_Strict):
     mixcal: MixCalConfig | None = Field(None, description="separate domain / general statistics, combined with λ")
     sparsity: float | list[float] = Field(0.5, description="fraction pruned; a list gives one value per decoder layer")
     owl: OWLConfig | None = Field(None, description="outlier-weighted layer-wise sparsity around `sparsity`")
+    cus_prun: CusPrunConfig | None = Field(None, description="cus_prun: the dimensions and their sources")
     n_m: tuple[int, int] | None = Field(None, description="N:M semi-structured pattern, e.g. [2, 4]")
     block_size: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns)")
     damping: float = Field(0.01, ge=0.0, description="fraction of mean(diag(H)) added to the Hessian")
@@ -134,6 +156,18 @@ class CompressConfig(_Strict):
             raise ValueError("quant.symmetric: false cannot be written as a loadable pack-quantized checkpoint yet")
         if self.quant is not None and self.quant.group_size and self.block_size % self.quant.group_size:
             raise ValueError(f"block_size={self.block_size} must be a multiple of quant.group_size={self.quant.group_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_cus_prun(self) -> "CompressConfig":
+        structured = self.algorithm == "cus_prun"
+        if structured != (self.cus_prun is not None):
+            raise ValueError("algorithm 'cus_prun' needs a 'cus_prun' section, and only it takes one")
+        if structured and (self.quant or self.mixcal or self.owl or self.n_m):
+            raise ValueError("cus_prun removes whole neurons: quant, mixcal, owl and n_m do not apply")
+        if structured and isinstance(self.sparsity, list) and not self.cus_prun.per_layer_counts:
+            raise ValueError("cus_prun keeps one neuron count per layer: a sparsity list needs "
+                             "cus_prun.per_layer_counts: true")
         return self
 
     @model_validator(mode="after")
@@ -187,6 +221,17 @@ class JobConfig(_Strict):
     evaluate: EvaluateConfig
     ray: RayConfig = RayConfig()
     base_dir: str = Field(".", description="relative data paths resolve against this (set by the loader)")
+
+    @model_validator(mode="after")
+    def _check_compress_sources(self) -> "JobConfig":
+        c = self.compress
+        named = list(c.mixcal.general_sources) if c.mixcal else []
+        named += [s for srcs in (c.cus_prun.dimensions.values() if c.cus_prun else []) for s in srcs]
+        unknown = sorted(set(named) - set(self.select.sources))
+        if unknown:
+            raise ValueError(f"compress names calibration sources {unknown} that select.sources does not "
+                             f"define; sources are {sorted(self.select.sources)}")
+        return self
 
     def resolve(self, path: str) -> Path:
         """A data path from the job file, made absolute against the job's base directory."""
