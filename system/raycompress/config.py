@@ -7,10 +7,11 @@ unknown fields, so a typo is an error that names the field and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -178,24 +179,86 @@ class CompressConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """One evaluation task instance; `name` picks a registered task kind."""
+    """One evaluation task, as written in a task YAML file (`jobs/tasks/*.yaml`).
+
+    Templates (`prompt`, `choices`, `target`, `description`) are Jinja, rendered with one data item's
+    fields, the syntax lm-evaluation-harness task files use (`{{question.strip()}}`, `{{choices[0]}}`).
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.:-]+$")
+    kind: Literal["perplexity", "multiple_choice"]
+    path: str = Field(..., description="the data file, relative to the repository / job base_dir")
+    format: str = Field("jsonl", description="reader: jsonl, text (whole file), wikitext (articles of a raw dump)")
+    domain: str = Field("general", description="domain tag (general, biomed, ...): results are averaged per tag")
+    group: str | None = Field(None, description="tasks sharing a group are averaged (size-weighted) together")
+    description: str = Field("", description="multiple choice: text before the few-shot examples")
+    prompt: str = Field("{{text}}", description="perplexity: the document text; multiple choice: the question")
+    choices: list[str] | None = Field(None, description="multiple choice: one template per answer")
+    target: str | None = Field(None, description="multiple choice: renders to the answer's index or text")
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    num_fewshot: int = Field(0, ge=0)
+    fewshot_path: str | None = Field(None, description="file of few-shot examples (first num_fewshot are used)")
+    metrics: list[str] = Field(default_factory=list, description="default: acc, acc_norm / word_perplexity, ...")
+    primary: str | None = Field(None, description="the headline metric; default the first of `metrics`")
+    detokenize: str | None = Field(None, description="perplexity: a registered text filter, e.g. wikitext")
+    limit: int | None = Field(None, gt=0, description="score the first N items / documents")
+    max_tokens: int | None = Field(None, gt=0, description="perplexity: score at most this many tokens")
+    max_length: int | None = Field(None, gt=1, description="perplexity window (tokens); default the model's maximum")
+    stride: int | None = Field(None, gt=0, description="perplexity: new tokens per window after the first; default max_length")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "TaskConfig":
+        if self.kind == "multiple_choice" and (not self.choices or self.target is None):
+            missing = "choices" if not self.choices else "target"
+            raise ValueError(f"a multiple_choice task needs '{missing}' (e.g. choices: ['{{{{sol1}}}}', '{{{{sol2}}}}'], target: '{{{{label}}}}')")
+        if self.num_fewshot and not self.fewshot_path:
+            raise ValueError("num_fewshot > 0 needs 'fewshot_path' (the file the examples come from)")
+        if self.stride and self.max_length and self.stride > self.max_length:
+            raise ValueError(f"stride={self.stride} must be <= max_length={self.max_length}")
+        if self.primary and self.metrics and self.primary not in self.metrics:
+            raise ValueError(f"primary '{self.primary}' is not one of metrics {self.metrics}")
+        return self
+
+
+class TaskOverride(_Strict):
+    """A job's reference to a task file by name, with fields to override (limit, max_tokens, ...)."""
 
     name: str
-    kind: Literal["perplexity", "multiple_choice"]
-    path: str
-    format: str = Field(..., description="reader: text, jsonl_text, piqa, pubmedqa")
-    domain: str = "general"
-    seq_len: int = Field(512, gt=1, description="perplexity window (tokens)")
-    max_tokens: int | None = Field(None, gt=0, description="perplexity: score at most this many tokens")
-    limit: int | None = Field(None, gt=0, description="multiple choice: score the first N items")
+    path: str | None = None
+    domain: str | None = None
+    group: str | None = None
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    max_length: int | None = Field(None, gt=1)
+    stride: int | None = Field(None, gt=0)
+
+
+def _task_entry_kind(v: object) -> str:
+    if isinstance(v, (str, TaskOverride, TaskConfig)):
+        return {str: "name", TaskOverride: "ref", TaskConfig: "inline"}[type(v)]
+    return "inline" if isinstance(v, dict) and "kind" in v else "ref"
+
+
+TaskEntry = Annotated[Union[Annotated[str, Tag("name")], Annotated[TaskOverride, Tag("ref")],
+                            Annotated[TaskConfig, Tag("inline")]], Discriminator(_task_entry_kind)]
 
 
 class EvaluateConfig(_Strict):
-    """Evaluation (stage 3)."""
+    """Evaluation (stage 3): which tasks, and how the scoring pool runs."""
 
-    tasks: list[TaskConfig]
+    tasks: list[TaskEntry] = Field(
+        default_factory=list, description="a task or group name (looked up in task_dirs), a path to a task YAML, "
+        "{name: ..., limit: ...} overriding a task file's fields, or a whole inline task")
+    task_dirs: list[str] = Field(["jobs/tasks"], description="folders searched (recursively) for task YAML files")
     batch_tokens: int = Field(4096, gt=0, description="tokens per forward batch")
+    unit_tokens: int = Field(16384, gt=0, description="tokens per work unit sent to an actor")
     include_dense: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device_map: Literal["auto"] | None = Field(None, description="auto: spread a model too large for one "
+                                               "device over GPUs and CPU with accelerate (one actor per model)")
+    max_actor_restarts: int = Field(3, ge=0, description="replacements of dead eval actors before giving up")
 
 
 class RayConfig(_Strict):
