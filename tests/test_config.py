@@ -89,3 +89,14 @@ def test_missing_and_non_mapping_files(tmp_path):
     q.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(q)
+
+
+def test_compress_sources_must_be_calibration_sources(tmp_path):
+    dims = {"language": ["general"], "domain": ["biomed"], "task": ["legal_qa"]}
+    p = _variant(tmp_path, lambda r: r.update(compress={"algorithm": "cus_prun", "sparsity": 0.25,
+                                                        "cus_prun": {"dimensions": dims}}))
+    with pytest.raises(ConfigError, match=r"\['legal_qa'\] that select.sources does not define"):
+        load_config(p)
+    p = _variant(tmp_path, lambda r: r["compress"].update(mixcal={"general_sources": ["web"]}))
+    with pytest.raises(ConfigError, match=r"\['web'\]"):
+        load_config(p)

@@ -57,3 +57,24 @@ def test_rerun_with_other_fingerprint_refuses(tiny_llama_dir, calib, tmp_path, r
     run_compress(_job(tiny_llama_dir, 1), tiny_llama_dir, calib, tmp_path, "fp-a")
     with pytest.raises(FingerprintMismatch, match="another job"):
         run_compress(_job(tiny_llama_dir, 1), tiny_llama_dir, calib, tmp_path, "fp-b")
+
+
+def test_cus_prun_dimensions_reach_the_actors(tiny_llama_dir, tmp_path, ray_local):
+    """Per-dimension row subsets are cut with the data shards: 1 and 2 actors write the same bytes."""
+    path = tmp_path / "calibration.parquet"
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    sources = ["general", "biomed"] * 3 + ["qa", "qa"]
+    pq.write_table(pa.table({"input_ids": pa.array(ids.tolist(), pa.list_(pa.int32())), "source": sources}), path)
+    dims = {"language": ["general"], "domain": ["biomed"], "task": ["qa"]}
+    outs = []
+    for k in (1, 2):
+        job = JobConfig.model_validate({
+            "model": str(tiny_llama_dir), "evaluate": {"tasks": []},
+            "select": {"sources": {s: {"path": "unused"} for s in ("general", "biomed", "qa")}},
+            "compress": {"algorithm": "cus_prun", "sparsity": 0.5, "cus_prun": {"dimensions": dims}},
+            "ray": {"compress_actors": k, "cpus_per_actor": 0.5, "torch_threads": 1}})
+        result = run_compress(job, tiny_llama_dir, path, tmp_path / f"k{k}", "fp")
+        outs.append(_shards(tmp_path / f"k{k}"))
+    assert outs[0] == outs[1]
+    assert [m["neurons_kept"] for m in result["modules"]] == [64, 64]
+    assert json.loads((tmp_path / "k2" / "model" / "config.json").read_text())["intermediate_size"] == 64

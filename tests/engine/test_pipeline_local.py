@@ -7,6 +7,7 @@ import torch
 
 from raycompress.config import CompressConfig
 from raycompress.engine.pipeline import FingerprintMismatch, LocalBackend, assign_owners, compress_layers
+from raycompress.engine.subsets import row_subsets
 from raycompress.engine.worker import LayerWorker
 from raycompress.models.checkpoint import shard_name
 from raycompress.models.weights import OffloadedModel
@@ -148,9 +149,9 @@ def test_fingerprint_mismatch(sgpt_run, tiny_llama_dir, calib, tmp_path):
 
 def test_mixcal_general_rows_change_the_result_by_lambda(tiny_llama_dir, calib, tmp_path):
     """With λ = 0 the general rows are ignored: same weights as calibrating on domain rows only."""
-    general = torch.tensor([False, False, True, True])
     cfg = CompressConfig(algorithm="sparsegpt", sparsity=0.5, mixcal={"general_sources": ["g"], "lam": 0.0})
-    w = LayerWorker(str(tiny_llama_dir), calib, general=general)
+    subsets = row_subsets(cfg, ["d", "d", "g", "g"])
+    w = LayerWorker(str(tiny_llama_dir), calib, subsets=subsets)
     compress_layers(LocalBackend([w]), OffloadedModel(tiny_llama_dir), cfg, tmp_path / "mix", "fp")
     # reference: domain rows only, but the propagated inputs of every later layer must match too,
     # so compare layer 0 (its inputs do not depend on earlier compression)
@@ -164,7 +165,7 @@ def test_mixcal_general_rows_change_the_result_by_lambda(tiny_llama_dir, calib, 
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     cfg1 = CompressConfig(algorithm="sparsegpt", sparsity=0.5, mixcal={"general_sources": ["g"], "lam": 1.0})
-    w1 = LayerWorker(str(tiny_llama_dir), calib, general=general)
+    w1 = LayerWorker(str(tiny_llama_dir), calib, subsets=subsets)
     compress_layers(LocalBackend([w1]), OffloadedModel(tiny_llama_dir), cfg1, tmp_path / "mix1", "fp")
     c = load_file(tmp_path / "mix1" / "model" / shard_name(0, 3))
     assert not torch.equal(c["model.layers.0.mlp.down_proj.weight"], a["model.layers.0.mlp.down_proj.weight"])

@@ -18,6 +18,7 @@ from raycompress.config import JobConfig
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.distributed.select import load_calibration
 from raycompress.engine.pipeline import compress_layers
+from raycompress.engine.subsets import row_subsets, split_subsets
 from raycompress.models.checkpoint import write_atomic_text
 from raycompress.models.weights import OffloadedModel
 
@@ -28,10 +29,10 @@ log = logging.getLogger(__name__)
 class CompressionActor:
     """Heavy state (weights, activations) lives here; every call is delegated to the LayerWorker."""
 
-    def __init__(self, model_dir: str, input_ids: torch.Tensor, threads: int, general: torch.Tensor) -> None:
+    def __init__(self, model_dir: str, input_ids: torch.Tensor, threads: int, subsets: dict[str, torch.Tensor]) -> None:
         from raycompress.engine.worker import LayerWorker
 
-        self.worker = LayerWorker(model_dir, input_ids, torch_threads=threads, general=general)
+        self.worker = LayerWorker(model_dir, input_ids, torch_threads=threads, subsets=subsets)
 
     def call(self, method: str, *args: Any) -> Any:
         _chaos(method, args)
@@ -71,10 +72,10 @@ class RayBackend:
         return ray.get(handles)
 
 
-def _spawn(job: JobConfig, model_dir: Path, shards, general) -> list:
+def _spawn(job: JobConfig, model_dir: Path, shards, subsets) -> list:
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
-    return [CompressionActor.options(**opts).remote(str(model_dir), s, torch_threads(job.ray), g) for s, g in zip(shards, general)]
+    return [CompressionActor.options(**opts).remote(str(model_dir), s, torch_threads(job.ray), g) for s, g in zip(shards, subsets)]
 
 
 def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Path, fingerprint: str, max_restarts: int = 3) -> dict:
@@ -91,13 +92,12 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
     ids, table = load_calibration(calib_path)
     k = min(job.ray.compress_actors, ids.shape[0])
     shards = torch.tensor_split(ids, k)  # contiguous, deterministic data-parallel shards
-    mix = job.compress.mixcal
     sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
-    general = torch.tensor([mix is not None and s in mix.general_sources for s in sources], dtype=torch.bool)
+    subsets = split_subsets(row_subsets(job.compress, sources), k)
     model = OffloadedModel(model_dir)
     restarts = 0
     while True:
-        actors = _spawn(job, model_dir, shards, torch.tensor_split(general, k))
+        actors = _spawn(job, model_dir, shards, subsets)
         try:
             records = compress_layers(RayBackend(actors), model, job.compress, out_dir, fingerprint)
             timings = ray.get([a.timings.remote() for a in actors])

@@ -137,27 +137,63 @@ def layer_sparsities(backend: Backend, model: OffloadedModel, cfg: CompressConfi
     return progress.extra["owl"]
 
 
+def _stat_plan(model: OffloadedModel, cfg: CompressConfig, algo, targets, group_of) -> tuple[dict[str, str], bool]:
+    """(input group -> statistics kind, split by row subset?) for one layer's accumulate call."""
+    if algo.layer_solve is not None:  # structured: the down projection's input, per dimension
+        return {model.spec.mlp_down: algo.stats}, True
+    kinds = {group_of[t]: algo.stats for t in targets} if algo.stats else {}
+    return kinds, cfg.mixcal is not None
+
+
+def _ffn_width(model: OffloadedModel, cfg: CompressConfig, sparsity: list[float]) -> int | None:
+    """Structured methods with per-layer counts: the widest layer's kept neurons (others are padded)."""
+    if cfg.cus_prun is None or not cfg.cus_prun.per_layer_counts:
+        return None
+    from raycompress.algorithms.cus_prun import kept_count
+
+    d_ff = int(getattr(model.config, model.spec.intermediate_key))
+    return max(kept_count(d_ff, s, cfg.cus_prun.multiple_of) for s in sparsity)
+
+
+def _config_updates(model: OffloadedModel, cfg: CompressConfig, records: list[dict]) -> dict:
+    """config.json changes: the quantization block, or the shrunk FFN width (and true per-layer counts)."""
+    if cfg.quant is not None:
+        return {"quantization_config": quantization_config(cfg.quant, ignore=["lm_head"])}
+    widths = [r["width"] for r in records if "width" in r]
+    if not widths:
+        return {}
+    updates: dict = {model.spec.intermediate_key: max(widths)}
+    if cfg.cus_prun is not None and cfg.cus_prun.per_layer_counts:
+        updates["raycompress_ffn_neurons_kept"] = [r["neurons_kept"] for r in records if "width" in r]
+    return updates
+
+
 def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: Path, fingerprint: str) -> list[dict]:
     """Compress every decoder layer of `model` into `out_dir/model`; returns per-module records."""
     targets, group_of, costs, algo = _plan(model, cfg)
     owners = assign_owners(costs, backend.size)
-    group_kinds = {group_of[t]: algo.stats for t in targets} if algo.stats else {}
+    group_kinds, split = _stat_plan(model, cfg, algo, targets, group_of)
     ckpt = out_dir / "model"
     ckpt.mkdir(parents=True, exist_ok=True)
     total = model.num_layers + 1
     progress = Progress(out_dir / "progress.json", fingerprint)
     ranks = range(backend.size)
     sparsity = layer_sparsities(backend, model, cfg, progress, targets, group_of)
+    width = _ffn_width(model, cfg, sparsity)
     for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer"):
         path = str(ckpt / shard_name(i, total))
         if i in progress.done and Path(path).is_file():
             backend.get([backend.call(k, "replay_layer", i, path, cfg.quant) for k in ranks])
             continue
         backend.get([backend.call(k, "begin_layer", i) for k in ranks])
-        partials = [backend.call(k, "accumulate", group_kinds, cfg.mixcal is not None) for k in ranks]
+        partials = [backend.call(k, "accumulate", group_kinds, split) for k in ranks]
         layer_cfg = cfg.for_layer(sparsity[i])
-        new_w = [backend.call(owners[t], "solve", t, group_of[t], layer_cfg, *partials) for t in targets]
-        backend.get([backend.call(k, "apply", targets, *new_w) for k in ranks])
+        if algo.layer_solve is not None:  # one structured solve per layer, owners take turns
+            solved = backend.call(i % backend.size, "solve_layer", layer_cfg, width, *partials)
+            backend.get([backend.call(k, "apply_solved", solved) for k in ranks])
+        else:
+            new_w = [backend.call(owners[t], "solve", t, group_of[t], layer_cfg, *partials) for t in targets]
+            backend.get([backend.call(k, "apply", targets, *new_w) for k in ranks])
         backend.get(backend.call(0, "write_layer", path, cfg.quant))
         records = [r for part in backend.get([backend.call(k, "pop_infos") for k in ranks]) for r in part]
         backend.get([backend.call(k, "end_layer") for k in ranks])
@@ -165,6 +201,6 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     rest = ckpt / shard_name(model.num_layers, total)
     backend.get(backend.call(0, "write_outside_layers", str(rest)))
     shards = [ckpt / shard_name(i, total) for i in range(total)]
-    qcfg = quantization_config(cfg.quant, ignore=["lm_head"]) if cfg.quant else None
-    finalize_checkpoint(ckpt, model.model_dir, shards, qcfg)
-    return [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]
+    records = [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]
+    finalize_checkpoint(ckpt, model.model_dir, shards, _config_updates(model, cfg, records))
+    return records

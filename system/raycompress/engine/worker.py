@@ -4,6 +4,7 @@ Lifecycle per decoder layer (each a method, called in this order by the pipeline
     begin_layer(i)      load layer i's weights from safetensors (memory-mapped)
     accumulate(kinds)   run the dense layer on this shard with hooks -> partial InputStats
     solve(name, ...)    (owner only) sum partials, compress one linear, keep the result
+    solve_layer(...)    (owner only, structured methods) shrink the FFN of the whole layer
     apply(names, Ws)    install compressed weights, run the layer -> next layer's inputs
     write_layer(...)    (writer only) persist the layer's tensors
     end_layer()         free the layer
@@ -35,13 +36,12 @@ class LayerWorker:
         model_dir: Hugging Face folder with safetensors weights.
         input_ids: (n, seq) int64 calibration token ids of this worker's shard.
         micro_batch: sequences per forward pass.
-        general: (n,) bool, True for rows whose statistics go to the MixCal general term.
+        subsets: named (n,) bool row masks whose statistics are kept apart (`engine.subsets`):
+            MixCal's "domain"/"general", or Cus-Prun's dimensions; keys `<group>@<subset>`.
     """
 
-    GENERAL = "@general"  # suffix of the statistics key of the general rows
-
     def __init__(self, model_dir: str, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None,
-                 general: torch.Tensor | None = None) -> None:
+                 subsets: dict[str, torch.Tensor] | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model = OffloadedModel(model_dir)
@@ -50,7 +50,7 @@ class LayerWorker:
         self.layer_idx = -1
         self.infos: list[dict] = []
         self._qparams: dict[str, dict[str, torch.Tensor]] = {}
-        self.general = general.bool() if general is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        self.subsets = {k: v.bool() for k, v in (subsets or {}).items()}
         self._rows = slice(0, 0)  # rows of the micro-batch being run
         self.timings: dict[str, float] = {}
         self._kwargs: list[dict] = []  # per micro-batch: what the model passes every decoder layer
@@ -78,18 +78,18 @@ class LayerWorker:
             outs.append(self._forward(self.hidden[self._rows], self._kwargs[j]))
         return torch.cat(outs) if outs else self.hidden
 
-    def _hook(self, dom: InputStats, gen: InputStats | None):
-        """Forward pre-hook adding a micro-batch's inputs x (b, seq, d_in) to the right statistics."""
+    def _hook(self, targets: dict[str | None, InputStats]):
+        """Forward pre-hook adding a micro-batch's inputs x (b, seq, d_in) to the statistics of
+        every subset its rows belong to (key None: all rows)."""
         def hook(module, args):
             x = args[0]
-            if gen is None:
-                dom.add_batch(x)
-                return
-            g = self.general[self._rows]  # (b,)
-            if (~g).any():
-                dom.add_batch(x[~g])
-            if g.any():
-                gen.add_batch(x[g])
+            for subset, st in targets.items():
+                if subset is None:
+                    st.add_batch(x)
+                    continue
+                m = self.subsets[subset][self._rows]  # (b,)
+                if m.any():
+                    st.add_batch(x[m])
         return hook
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -106,19 +106,20 @@ class LayerWorker:
 
         Args:
             group_kinds: first module name of an input group -> stats kind ("hessian"/"sqnorm").
-            split: keep the general rows apart under `<group>@general` (MixCal).
+            split: statistics per row subset, under `<group>@<subset>`, instead of over all rows.
         Returns:
-            group name -> InputStats over this shard's tokens.
+            group (or group@subset) name -> InputStats over this shard's tokens.
         """
         t0 = time.perf_counter()
         stats: dict[str, InputStats] = {}
         hooks = []
         for name, kind in group_kinds.items():
             lin = self.layer.get_submodule(name)
-            stats[name] = InputStats.empty(kind, lin.in_features)
-            if split:
-                stats[name + self.GENERAL] = InputStats.empty(kind, lin.in_features)
-            hooks.append(lin.register_forward_pre_hook(self._hook(stats[name], stats.get(name + self.GENERAL))))
+            keys = {f"{name}@{s}": s for s in self.subsets} if split else {name: None}
+            targets = {}
+            for key, subset in keys.items():
+                stats[key] = targets[subset] = InputStats.empty(kind, lin.in_features)
+            hooks.append(lin.register_forward_pre_hook(self._hook(targets)))
         try:
             if stats:
                 self._run_all()
@@ -135,9 +136,12 @@ class LayerWorker:
         methods, "weight_scale" / "weight_zero_point"."""
         t0 = time.perf_counter()
         algo = ALGORITHMS.get(cfg.algorithm)
-        stats = sum_stats([p[group] for p in partials]) if algo.stats else None
-        if stats is not None and cfg.mixcal is not None:
-            stats = mix_stats(stats, sum_stats([p[group + self.GENERAL] for p in partials]), cfg.mixcal.lam)
+        stats = None
+        if algo.stats and cfg.mixcal is not None:
+            stats = mix_stats(sum_stats([p[f"{group}@domain"] for p in partials]),
+                              sum_stats([p[f"{group}@general"] for p in partials]), cfg.mixcal.lam)
+        elif algo.stats:
+            stats = sum_stats([p[group] for p in partials])
         w = self.layer.get_submodule(name).weight.data
         tensors, info = algo.solve(w, stats, cfg)
         w_new = tensors["weight"]
@@ -149,17 +153,45 @@ class LayerWorker:
         self._tick("solve", t0)
         return tensors
 
+    def solve_layer(self, cfg: CompressConfig, width: int | None, *partials: dict[str, InputStats]) -> dict[str, dict]:
+        """Structured methods (Cus-Prun): shrink the current layer's FFN from the per-subset
+        statistics of the down projection's input; `width` pads narrower layers (per-layer counts).
+
+        Returns:
+            module name -> {"weight", optional "bias"} for the up/gate and down projections.
+        """
+        t0 = time.perf_counter()
+        spec = self.model.spec
+        down = spec.mlp_down
+        stats = {s: sum_stats([p[f"{down}@{s}"] for p in partials]) for s in self.subsets}
+        up = {name: _tensors(self.layer.get_submodule(name)) for name in spec.mlp_up}
+        solved, info = ALGORITHMS.get(cfg.algorithm).layer_solve(
+            up, down, _tensors(self.layer.get_submodule(down)), stats, cfg, width)
+        self.infos.append({"layer": self.layer_idx, "module": spec.mlp_down.rsplit(".", 1)[0],
+                           "seconds": time.perf_counter() - t0, **info})
+        self._tick("solve", t0)
+        return solved
+
     @torch.no_grad()
     def apply(self, names: list[str], *solved: dict[str, torch.Tensor]) -> None:
-        """Install compressed weights and propagate this shard through the compressed layer."""
+        """Install compressed weights (and biases; shapes may shrink) and propagate this shard
+        through the compressed layer."""
         t0 = time.perf_counter()
         self._qparams = {}
         for name, tensors in zip(names, solved):
-            self.layer.get_submodule(name).weight.data = tensors["weight"].to(self.model.dtype)
+            lin = self.layer.get_submodule(name)
+            lin.weight = nn.Parameter(tensors["weight"].to(self.model.dtype), requires_grad=False)
+            if "bias" in tensors:
+                lin.bias = nn.Parameter(tensors["bias"].to(self.model.dtype), requires_grad=False)
+            lin.out_features, lin.in_features = lin.weight.shape
             if "weight_scale" in tensors:
                 self._qparams[name] = tensors
         self.hidden = self._run_all()
         self._tick("propagate", t0)
+
+    def apply_solved(self, solved: dict[str, dict[str, torch.Tensor]]) -> None:
+        """`apply` for a {module name: tensors} mapping (what `solve_layer` returns)."""
+        self.apply(list(solved), *solved.values())
 
     @torch.no_grad()
     def outlier_counts(self, targets: list[str], group_of: dict[str, str], m: float, *partials) -> tuple[int, int]:
@@ -220,6 +252,14 @@ class LayerWorker:
     def pop_infos(self) -> list[dict]:
         infos, self.infos = self.infos, []
         return infos
+
+
+def _tensors(lin: nn.Module) -> dict[str, torch.Tensor]:
+    """{"weight": (d_out, d_in)} of a linear, with "bias": (d_out,) when it has one."""
+    out = {"weight": lin.weight.data}
+    if getattr(lin, "bias", None) is not None:
+        out["bias"] = lin.bias.data
+    return out
 
 
 def _reconstruction_error(w: torch.Tensor, w_new: torch.Tensor, stats: InputStats | None) -> float | None:

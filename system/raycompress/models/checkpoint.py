@@ -74,9 +74,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path], quantization: dict | None = None) -> dict:
+def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path], config_updates: dict | None = None) -> dict:
     """Write the index, copy config and tokenizer files, scan for NaN/Inf and hash every file.
-    `quantization` (a compressed-tensors config block) is written into config.json.
+    `config_updates` (e.g. a compressed-tensors "quantization_config" block, or a shrunk
+    "intermediate_size") are written into config.json.
 
     Returns:
         the manifest {"files": {name: sha256}, "total_size": bytes}; also written to
@@ -100,9 +101,9 @@ def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path]
     for name in SIDECAR_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
-    if quantization is not None:
+    if config_updates:
         cfg = json.loads((out_dir / "config.json").read_text())
-        cfg["quantization_config"] = quantization
+        cfg.update(config_updates)
         write_atomic_text(out_dir / "config.json", json.dumps(cfg, indent=2))
     files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and not p.name.startswith("manifest")}
     manifest = {"files": files, "total_size": total}

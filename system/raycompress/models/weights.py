@@ -118,6 +118,7 @@ class OffloadedModel:
             state = unpack_quantized(state, quant)
         state = {k: v.to(self.dtype) for k, v in state.items()}
         module = _clone_meta(self.skeleton.get_submodule(self.layer_prefix(idx)))
+        _reshape_meta(module, state)  # structured pruning may have shrunk some linears
         module.load_state_dict(state, assign=True, strict=True)
         return module.eval()
 
@@ -179,6 +180,17 @@ class _Captured(Exception):
 
 
 _DROP_KWARGS = {"past_key_value", "past_key_values", "use_cache", "output_attentions", "cache_position"}
+
+
+def _reshape_meta(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give meta parameters of `module` the shapes found in `state` (same names), so that a layer
+    whose FFN was shrunk loads into the original skeleton."""
+    for name, param in list(module.named_parameters()):
+        t = state.get(name)
+        if t is not None and t.shape != param.shape:
+            owner, _, leaf = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            setattr(sub, leaf, nn.Parameter(torch.empty(t.shape, device="meta"), requires_grad=False))
 
 
 def _clone_meta(meta: nn.Module) -> nn.Module:
