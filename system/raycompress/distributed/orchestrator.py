@@ -2,7 +2,8 @@
 
 Each stage reads what the earlier one wrote in the output folder and writes its own sub-folder;
 `state.json` records, per finished stage, its wall seconds and peak memory, so a rerun skips
-finished stages and a single stage can run on its own (`raycompress compress ...`).
+finished stages and a single stage can run on its own (`raycompress compress ...`). The validated
+job config is saved as `job.json` beside it, so a report can be rebuilt from the folder alone.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def run_job(job: JobConfig, out_dir: Path, stages: list[Stage], model_dir: Path)
     from raycompress.distributed.resources import init_ray
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the validated config, so that `raycompress report DIR` needs nothing but the folder
+    write_atomic_text(out_dir / "job.json", json.dumps(job.model_dump(mode="json"), indent=2))
     state = JobState(out_dir)
     init_ray(job.ray)
     for stage in stages:

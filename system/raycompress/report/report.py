@@ -1,95 +1,120 @@
-"""Write `report.json` (every metric per model, stage wall seconds and peak memory, calibration
-manifest hash, config) and `report.md` (a side-by-side table) from a job folder."""
+"""Reports of one job folder: build `report.json` and write it with `report.md` and `report.html`.
+
+`build_report` reads what the stages wrote (evaluate/results.json, compress/compression.json,
+select/manifest.json + calibration.parquet, state.json) and the job config saved in the folder
+(`job.json` / `job.yaml`, else the config recorded in an earlier report.json); the renderers in
+`markdown.py` and `html.py` only format that dict.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from pathlib import Path
 
-from raycompress.config import JobConfig
 from raycompress.models.checkpoint import write_atomic_text
+from raycompress.report.calibration import calibration_summary
+from raycompress.report.results import comparisons, normalize_results
+
+log = logging.getLogger(__name__)
+
+JOB_FILES = ("job.json", "job.yaml", "job.yml")
 
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def build_report(job: JobConfig, out_dir: Path) -> dict:
-    results = _load(out_dir / "evaluate" / "results.json")
-    manifest_path = out_dir / "select" / "manifest.json"
-    compression = _load(out_dir / "compress" / "compression.json")
+def load_run_config(out_dir: Path) -> dict:
+    """The job config of a run folder as a plain dict ({} when none was saved).
+
+    Looks for job.json, job.yaml / job.yml, then the `config` of an existing report.json.
+    """
+    import yaml
+
+    for name in JOB_FILES:
+        path = out_dir / name
+        if path.is_file():
+            return (json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())) or {}
+    return _load(out_dir / "report.json").get("config") or {}
+
+
+def layer_summary(modules: list[dict]) -> list[dict]:
+    """Per decoder layer: mean sparsity over its modules and each module's sparsity and rel_error."""
+    layers: dict[int, dict] = {}
+    for m in modules:
+        lay = layers.setdefault(int(m["layer"]), {"layer": int(m["layer"]), "modules": {}})
+        lay["modules"][m["module"]] = {"sparsity": m.get("sparsity"), "rel_error": m.get("rel_error")}
+    for lay in layers.values():
+        vals = [v["sparsity"] for v in lay["modules"].values() if v["sparsity"] is not None]
+        lay["sparsity"] = sum(vals) / len(vals) if vals else 0.0
+    return [layers[k] for k in sorted(layers)]
+
+
+def compression_summary(compression: dict) -> dict:
+    """Algorithm, recipe, mean sparsity and reconstruction error, and the per-layer table."""
     mods = compression.get("modules", [])
     errs = [m["rel_error"] for m in mods if m.get("rel_error") is not None]
     return {
-        "job": job.name,
-        "models": results,
-        "stages": _load(out_dir / "state.json").get("stages", {}),
-        "calibration": {
-            "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest() if manifest_path.is_file() else None,
-            "method": _load(manifest_path).get("method"),
-            "quotas": _load(manifest_path).get("quotas"),
-            "usable_documents": _load(manifest_path).get("usable_documents"),
-            "skipped": _load(manifest_path).get("skipped"),
-        },
-        "compression": {
-            "algorithm": compression.get("algorithm"),
-            "mean_sparsity": sum(m["sparsity"] for m in mods) / len(mods) if mods else None,
-            "mean_rel_error": sum(errs) / len(errs) if errs else None,
-            "modules": len(mods),
-        },
-        "config": job.model_dump(mode="json"),
+        "algorithm": compression.get("algorithm"),
+        "recipe": compression.get("config"),
+        "mean_sparsity": sum(m["sparsity"] for m in mods) / len(mods) if mods else None,
+        "mean_rel_error": sum(errs) / len(errs) if errs else None,
+        "modules": len(mods),
+        "layers": layer_summary(mods),
     }
 
 
-def _fmt(task: dict) -> str:
-    if "perplexity" in task:
-        return f"{task['perplexity']:.3f}"
-    return f"{task['acc']:.4f} ± {task['acc_stderr']:.4f} / {task['acc_norm']:.4f}"
+def build_report(out_dir: Path, config: dict | None = None) -> dict:
+    """The report dict of a job folder; `config` defaults to the one saved in the folder.
+
+    Raises:
+        ValueError: evaluate/results.json has a task in neither the current nor the old shape.
+    """
+    out_dir = Path(out_dir)
+    config = config if config is not None else load_run_config(out_dir)
+    models = normalize_results(_load(out_dir / "evaluate" / "results.json"))
+    return {
+        "job": config.get("name") or out_dir.name,
+        "run_dir": str(out_dir),
+        "models": models,
+        "comparisons": comparisons(models),
+        "stages": _load(out_dir / "state.json").get("stages", {}),
+        "calibration": calibration_summary(out_dir, config),
+        "compression": compression_summary(_load(out_dir / "compress" / "compression.json")),
+        "config": config,
+    }
 
 
-def render_markdown(report: dict) -> str:
-    models = report["models"]
-    labels = list(models)
-    tasks = [t for t in (models[labels[0]] if labels else {}) if not t.startswith("_")]
-    lines = [f"# raycompress report: {report['job']}", "",
-             "Perplexity: lower is better. Multiple choice: acc ± stderr / acc_norm.", "",
-             "| task | domain | metric | " + " | ".join(labels) + (" | delta |" if len(labels) == 2 else " |"),
-             "|---|---|---|" + "---|" * len(labels) + ("---|" if len(labels) == 2 else "")]
-    for t in tasks:
-        cells = [_fmt(models[l][t]) for l in labels]
-        metric = "perplexity" if "perplexity" in models[labels[0]][t] else "acc / acc_norm"
-        row = f"| {t} | {models[labels[0]][t]['domain']} | {metric} | " + " | ".join(cells) + " |"
-        if len(labels) == 2:
-            key = "perplexity" if metric == "perplexity" else "acc"
-            row += f" {models[labels[1]][t][key] - models[labels[0]][t][key]:+.4f} |"
-        lines.append(row)
-    lines += ["", "| stage | wall s | peak RSS MiB |", "|---|---|---|"]
-    for name, st in report["stages"].items():
-        lines.append(f"| {name} | {st['wall_s']:.1f} | {st['peak_rss_mb']:.0f} |")
-    c = report["compression"]
-    if c["algorithm"]:
-        lines += ["", f"Compression: {c['algorithm']}, {c['modules']} modules, mean sparsity {c['mean_sparsity']:.4f}"
-                  + (f", mean relative reconstruction error {c['mean_rel_error']:.4f}" if c["mean_rel_error"] is not None else "")]
-    lines += _calibration_lines(report["calibration"])
-    return "\n".join(lines)
+def load_report(out_dir: Path) -> dict:
+    """A run's report: rebuilt from its stage outputs when they are there, else its report.json.
+
+    Raises:
+        FileNotFoundError: the folder has neither evaluate/results.json nor report.json.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "evaluate" / "results.json").is_file():
+        return build_report(out_dir)
+    if (out_dir / "report.json").is_file():
+        report = json.loads((out_dir / "report.json").read_text())
+        report["models"] = normalize_results(report.get("models") or {})
+        report["comparisons"] = comparisons(report["models"])
+        return report
+    raise FileNotFoundError(f"{out_dir}: no evaluate/results.json nor report.json; run the evaluate stage first")
 
 
-def _calibration_lines(cal: dict) -> list[str]:
-    """Per source: sequences chosen, usable documents, and skipped records by reason (all files)."""
-    lines = ["", f"Calibration set ({cal.get('method')}), manifest sha256 {cal['manifest_sha256']}:", "",
-             "| source | sequences | usable docs | skipped (reason: count) |", "|---|---|---|---|"]
-    for src, n in (cal.get("quotas") or {}).items():
-        reasons: dict[str, int] = {}
-        for per_file in (cal.get("skipped") or {}).get(src, {}).values():
-            for reason, count in per_file.items():
-                reasons[reason] = reasons.get(reason, 0) + count
-        skipped = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())) or "none"
-        lines.append(f"| {src} | {n} | {(cal.get('usable_documents') or {}).get(src, '?')} | {skipped} |")
-    return lines + [""]
+def write_report(job, out_dir: Path) -> list[str]:
+    """Write report.json, report.md and report.html into `out_dir`; returns their names.
 
+    `job` is the validated JobConfig (the orchestrator), or None to use the config saved in the folder.
+    """
+    from raycompress.report.html import render_html
+    from raycompress.report.markdown import render_markdown
 
-def write_report(job: JobConfig, out_dir: Path) -> list[str]:
-    report = build_report(job, out_dir)
+    out_dir = Path(out_dir)
+    config = job.model_dump(mode="json") if job is not None else None
+    report = build_report(out_dir, config)
     write_atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
     write_atomic_text(out_dir / "report.md", render_markdown(report))
-    return ["report.json", "report.md"]
+    write_atomic_text(out_dir / "report.html", render_html(report))
+    log.info("report written to %s (report.json, report.md, report.html)", out_dir)
+    return ["report.json", "report.md", "report.html"]
