@@ -41,7 +41,7 @@ _WORD_START = ("Ġ", "▁")  # byte-level BPE / SentencePiece marks of a token t
 
 def _is_concept(text: str, raw: str, marked: bool) -> bool:
     """A word (not a piece of one when the vocabulary marks word starts) of 3+ characters, not a function word."""
-    word = text.strip()
+    word = text.strip().lstrip("".join(_WORD_START))
     if marked and not raw.startswith(_WORD_START):
         return False
     return len(word) >= 3 and any(ch.isalpha() for ch in word) and word.lower() not in _STOPWORDS
@@ -62,7 +62,7 @@ def top_concepts(counts: Counter, tokenizer_path: Path | None, k: int = TOP_CONC
     for token_id, count in ranked:
         text = tok.decode([token_id])
         if _is_concept(text, tok.id_to_token(token_id) or "", marked):
-            items.append({"id": int(token_id), "text": text.strip(), "count": int(count)})
+            items.append({"id": int(token_id), "text": text.strip().lstrip("".join(_WORD_START)), "count": int(count)})
         if len(items) == k:
             break
     return {"tokenizer": str(tokenizer_path), "items": items,

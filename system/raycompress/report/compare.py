@@ -146,14 +146,15 @@ RENDERERS = {".md": render_comparison_markdown, ".html": render_comparison_html}
 def report_runs(dirs: list[Path], output: Path | None = None) -> str:
     """`raycompress report DIR [DIR ...]`: returns the Markdown to print.
 
-    One folder: (re)write its report.json / .md / .html and return report.md. Several: the
+    One folder: (re)write its report.json / .md / .html (rebuilt from the stage outputs, or
+    re-rendered from report.json when only that is left) and return report.md. Several: the
     comparison table. With `output` (.md or .html) the same report or comparison is also written there.
 
     Raises:
         ValueError: `output` has a suffix other than .md or .html.
         FileNotFoundError: a folder has neither evaluate/results.json nor report.json.
     """
-    from raycompress.report.report import write_report
+    from raycompress.report.report import write_report_files
 
     if output is not None and output.suffix not in RENDERERS:
         raise ValueError(f"--output {output}: expected a .md or .html file name")
@@ -161,7 +162,7 @@ def report_runs(dirs: list[Path], output: Path | None = None) -> str:
         output.parent.mkdir(parents=True, exist_ok=True)
     dirs = [Path(d) for d in dirs]
     if len(dirs) == 1:
-        write_report(None, dirs[0])
+        write_report_files(dirs[0], load_report(dirs[0]))
         if output is not None:
             text = (dirs[0] / ("report.html" if output.suffix == ".html" else "report.md")).read_text()
             write_atomic_text(output, text)

@@ -102,19 +102,22 @@ def load_report(out_dir: Path) -> dict:
     raise FileNotFoundError(f"{out_dir}: no evaluate/results.json nor report.json; run the evaluate stage first")
 
 
-def write_report(job, out_dir: Path) -> list[str]:
-    """Write report.json, report.md and report.html into `out_dir`; returns their names.
-
-    `job` is the validated JobConfig (the orchestrator), or None to use the config saved in the folder.
-    """
+def write_report_files(out_dir: Path, report: dict) -> list[str]:
+    """Write report.json, report.md and report.html of `report` into `out_dir`; returns their names."""
     from raycompress.report.html import render_html
     from raycompress.report.markdown import render_markdown
 
-    out_dir = Path(out_dir)
-    config = job.model_dump(mode="json") if job is not None else None
-    report = build_report(out_dir, config)
     write_atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
     write_atomic_text(out_dir / "report.md", render_markdown(report))
     write_atomic_text(out_dir / "report.html", render_html(report))
     log.info("report written to %s (report.json, report.md, report.html)", out_dir)
     return ["report.json", "report.md", "report.html"]
+
+
+def write_report(job, out_dir: Path) -> list[str]:
+    """Build and write the report of `out_dir` (the orchestrator's report stage).
+
+    `job` is the validated JobConfig, or None to use the config saved in the folder.
+    """
+    out_dir = Path(out_dir)
+    return write_report_files(out_dir, build_report(out_dir, job.model_dump(mode="json") if job is not None else None))
