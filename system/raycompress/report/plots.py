@@ -43,7 +43,8 @@ def retention_chart(series: dict[str, dict]) -> str | None:
         vals = [per.get(d, {}).get("retention") or 0.0 for d in domains]
         errs = [per.get(d, {}).get("stderr") or 0.0 for d in domains]
         bars = ax.bar(xs, vals, width, yerr=errs, capsize=3, label=label, color=_COLORS[i % len(_COLORS)])
-        ax.bar_label(bars, labels=[f"{v:.3f}" if v else "" for v in vals], padding=2, fontsize=8)
+        ax.bar_label(bars, labels=[f"{v:.3f}" if v else "" for v in vals], label_type="center", color="white",
+                     fontsize=8, fontweight="bold")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("retention (1.0 = no loss)")

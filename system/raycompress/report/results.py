@@ -101,7 +101,8 @@ def retention(ref: dict, other: dict) -> tuple[float | None, float | None]:
 def domain_retention(models: dict, ref: str, label: str) -> dict:
     """{domain: {"retention": mean over its tasks, "stderr", "tasks": {task: retention}}} for `label`.
 
-    The mean's standard error is sqrt(sum se_i^2) / k over the tasks that have one.
+    The mean's standard error is sqrt(sum se_i^2) / k over its k tasks; tasks without a standard
+    error (perplexities over many tokens) count as exact. None when no task has one.
     """
     per: dict[str, dict] = {}
     for name, task in models[label]["tasks"].items():
@@ -113,7 +114,7 @@ def domain_retention(models: dict, ref: str, label: str) -> dict:
     for domain, tasks in sorted(per.items(), key=lambda kv: (kv[0] != "general", kv[0])):
         ses = [se for _, se in tasks.values() if se is not None]
         out[domain] = {"retention": sum(r for r, _ in tasks.values()) / len(tasks),
-                       "stderr": math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None,
+                       "stderr": math.sqrt(sum(s * s for s in ses)) / len(tasks) if ses else None,
                        "tasks": {t: {"retention": r, "stderr": se} for t, (r, se) in tasks.items()}}
     return out
 
