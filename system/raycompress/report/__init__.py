@@ -1,1 +1,1 @@
-"""Reports: report.json and report.md from a finished job folder."""
+"""Reports: report.json / .md / .html of a job folder (report.py), and comparisons of several runs (compare.py)."""
