@@ -34,7 +34,10 @@ def results(loss: float) -> dict:
         acc = (tasks["mmlu_anatomy"]["metrics"]["acc"] + tasks["mmlu_virology"]["metrics"]["acc"]) / 2
         out[label] = {"seconds": 12.5, "tasks": tasks, "groups": {
             "mmlu_biomed": {"domain": "biomed", "members": ["mmlu_anatomy", "mmlu_virology"],
-                            "metrics": {"acc": acc}, "stderr": {"acc": 0.03}}}}
+                            "metrics": {"acc": acc}, "stderr": {"acc": 0.03}},
+            "domain:general": {"domain": "general", "members": ["wikitext2", "piqa"], "stderr": {},
+                               "metrics": {"acc_norm": tasks["piqa"]["metrics"]["acc_norm"],
+                                           "word_perplexity": tasks["wikitext2"]["metrics"]["word_perplexity"]}}}}
     return out
 
 

@@ -26,7 +26,7 @@ def run_dir(tmp_path, tok_dir):
 
 def test_html_has_every_task_model_delta_and_stderr(run_dir):
     html = (run_dir / "report.html").read_text()
-    for name in list(TASKS) + ["mmlu_biomed", "dense", "compressed"]:
+    for name in list(TASKS) + ["mmlu_biomed", "domain:general", "dense", "compressed"]:
         assert f">{name}<" in html, name
     # piqa: dense 0.66 ± 0.03, compressed 0.594 ± 0.03 -> delta -0.066 ± sqrt(2)·0.03, retention 0.9
     assert "0.6600 ± 0.0300" in html and "0.5940 ± 0.0300" in html

@@ -56,3 +56,16 @@ def test_a_run_with_old_results_still_reports(tmp_path):
     assert report["job"] == "demo"
     assert report["comparisons"]["compressed"]["tasks"]["wikitext2"]["retention"] == pytest.approx(0.8)
     assert set(report["comparisons"]["compressed"]["domains"]) == {"general", "biomed"}
+
+
+def test_groups_take_their_members_primary_metric():
+    task = {"domain": "general", "kind": "multiple_choice", "primary": "acc_norm", "higher_is_better": {"acc_norm": True},
+            "metrics": {"acc": 0.5, "acc_norm": 0.6}, "stderr": {}, "n": 10}
+    ppl = {"domain": "general", "kind": "perplexity", "primary": "word_perplexity",
+           "higher_is_better": {"word_perplexity": False}, "metrics": {"word_perplexity": 20.0}, "n": 3}
+    group = {"domain": "general", "members": ["a", "b", "c"], "stderr": {},
+             "metrics": {"acc": 0.5, "acc_norm": 0.6, "word_perplexity": 20.0}}
+    models = normalize_results({"dense": {"tasks": {"a": task, "b": task, "c": ppl}, "groups": {"domain:general": group}}})
+    g = models["dense"]["groups"]["domain:general"]
+    assert g["primary"] == "acc_norm" and g["higher_is_better"] == {"acc_norm": True, "word_perplexity": False}
+    assert models["dense"]["tasks"]["c"]["group"] is None and models["dense"]["tasks"]["c"]["stderr"] == {}

@@ -17,6 +17,7 @@ as independent samples (an upper bound when both are scored on the same items).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 # old-shape metric -> (task kind, is it higher-is-better); the first one found is the primary
 _OLD_PRIMARY = {"perplexity": ("perplexity", False), "acc": ("multiple_choice", True)}
@@ -41,10 +42,24 @@ def _from_old_task(task: dict) -> dict:
             "n": int(task.get("n", task.get("windows", 0)))}
 
 
+def _group_with_primary(group: dict, tasks: dict) -> dict:
+    """A group record with `primary` (its members' most common primary metric that the group has)
+    and `higher_is_better` (taken from the members)."""
+    if group.get("primary"):
+        return group
+    members = [tasks[m] for m in group.get("members") or [] if m in tasks]
+    counts = Counter(t["primary"] for t in members if t.get("primary") in (group.get("metrics") or {}))
+    hib = {m: v for t in members for m, v in (t.get("higher_is_better") or {}).items()}
+    first = next(iter(group.get("metrics") or {}), None)
+    return {**group, "primary": counts.most_common(1)[0][0] if counts else first,
+            "higher_is_better": {**hib, **(group.get("higher_is_better") or {})}}
+
+
 def _normalize_model(block: dict) -> dict:
     if isinstance(block.get("tasks"), dict):
         tasks = {name: {"group": None, "stderr": {}, "higher_is_better": {}, **t} for name, t in block["tasks"].items()}
-        return {"seconds": block.get("seconds"), "tasks": tasks, "groups": dict(block.get("groups") or {})}
+        groups = {name: _group_with_primary(g, tasks) for name, g in (block.get("groups") or {}).items()}
+        return {"seconds": block.get("seconds"), "tasks": tasks, "groups": groups}
     tasks = {name: _from_old_task(t) for name, t in block.items() if not name.startswith("_")}
     return {"seconds": block.get("_seconds"), "tasks": tasks, "groups": {}}
 
@@ -66,7 +81,7 @@ def reference_label(models: dict) -> str | None:
 def primary(entry: dict, metric: str | None = None) -> tuple[str, float | None, float | None, bool]:
     """(metric, value, stderr or None, higher is better) of a task or group entry.
 
-    A group has no `primary` field: its first metric is used.
+    An entry without `primary` (normalize_results gives groups their members') uses its first metric.
     """
     metrics = entry.get("metrics") or {}
     name = metric or entry.get("primary") or next(iter(metrics), "")
