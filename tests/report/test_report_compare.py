@@ -30,7 +30,10 @@ def test_comparison_has_one_column_per_run(two_runs):
     header, rows = comparison_table(runs)
     assert header == ["row", "domain", "metric", "dense", "demo (method=zipcal)", "demo (method=random)"]
     by_name = {r[0]: r for r in rows}
-    assert set(TASKS) | {"group: mmlu_biomed", "group: domain:general", "retention: general", "retention: biomed"} == set(by_name)
+    assert set(TASKS) | {"group: mmlu_biomed", "group: domain:general", "retention: general", "retention: biomed",
+                         "compression: mean sparsity", "compression: mean rel. error",
+                         "wall time: all stages"} == set(by_name)
+    assert by_name["compression: mean sparsity"][4:] == ["0.5000", "0.5000"]
     # piqa acc_norm: dense 0.66, runs lose 5 % and 20 %
     assert by_name["piqa"][3:] == ["0.6600 ± 0.0300", "0.6270 ± 0.0300", "0.5280 ± 0.0300"]
     assert by_name["retention: general"][4] != by_name["retention: general"][5]

@@ -95,7 +95,21 @@ def comparison_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             d = c.get("domains", {}).get(domain, {})
             row.append(fmt_value(d.get("retention"), d.get("stderr")))
         rows.append(row)
-    return header, rows
+    return header, rows + _run_rows(runs, bool(dense_run))
+
+
+# rows describing each run itself: (row name, unit, value from the report dict)
+RUN_ROWS = [
+    ("compression: mean sparsity", "fraction", lambda rep: (rep.get("compression") or {}).get("mean_sparsity")),
+    ("compression: mean rel. error", "‖ΔWX‖²/‖WX‖²", lambda rep: (rep.get("compression") or {}).get("mean_rel_error")),
+    ("wall time: all stages", "s", lambda rep: sum(st.get("wall_s", 0) for st in (rep.get("stages") or {}).values())
+     or None),
+]
+
+
+def _run_rows(runs: list[dict], with_dense: bool) -> list[list[str]]:
+    return [[name, "", unit] + (["–"] if with_dense else []) + [fmt_value(get(r["report"])) for r in runs]
+            for name, unit, get in RUN_ROWS]
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
