@@ -69,6 +69,16 @@ def test_a_folder_with_only_report_json_can_be_compared(two_runs, tmp_path):
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert "no evaluate/results.json nor report.json" in capsys.readouterr().err
+    assert "not a run folder" in capsys.readouterr().err
     assert main(["report", str(tmp_path), str(tmp_path), "--output", str(tmp_path / "x.pdf")]) == 2
     assert "expected a .md or .html" in capsys.readouterr().err
+
+
+def test_a_run_not_yet_evaluated_reports_compression_and_calibration(tmp_path, capsys):
+    run = write_run(tmp_path / "run", tokenizer_dir(tmp_path / "tok"))
+    (run / "evaluate" / "results.json").unlink()
+    assert main(["report", str(run)]) == 0
+    assert "No evaluation results in this run" in capsys.readouterr().out
+    html = (run / "report.html").read_text()
+    assert "No evaluation results in this run" in html and "Per-layer sparsity" not in html  # alt text only
+    assert 'alt="per-layer sparsity and reconstruction error"' in html

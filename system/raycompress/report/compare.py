@@ -52,7 +52,7 @@ def run_labels(configs: list[dict], dirs: list[Path]) -> list[str]:
     differing.sort(key=lambda k: (LABEL_KEYS.index(k) if k in LABEL_KEYS else len(LABEL_KEYS), k))
     labels = []
     for cfg, f, d in zip(configs, flat, dirs):
-        parts = [f"{k.split('.', 1)[-1]}={_short(f.get(k))}" for k in differing[:MAX_LABEL_KEYS]]
+        parts = [f"{k.split('.', 1)[-1]}={_short(f[k])}" for k in differing[:MAX_LABEL_KEYS] if f.get(k) is not None]
         labels.append(str(cfg.get("name") or d.name) + (f" ({', '.join(parts)})" if parts else ""))
     if len(set(labels)) < len(labels):
         labels = [f"{lab} [{d.name}]" for lab, d in zip(labels, dirs)]

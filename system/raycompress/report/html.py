@@ -10,7 +10,7 @@ import json
 from html import escape
 
 from raycompress.report import plots
-from raycompress.report.markdown import RETENTION_NOTE, na, result_rows
+from raycompress.report.markdown import NO_RESULTS, RETENTION_NOTE, na, result_rows
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; background: #f6f7f9;
@@ -70,6 +70,8 @@ def _cards(report: dict) -> str:
 
 
 def _results_section(report: dict) -> str:
+    if not report["models"]:
+        return f"<h2>Tasks</h2><p class=note>{NO_RESULTS}</p>"
     html = "<h2>Tasks</h2><p class=note>Primary metric ± standard error; ↑ higher is better, ↓ lower is better.</p>"
     html += table(*result_rows(report, "tasks"))
     if any(m["groups"] for m in report["models"].values()):
@@ -81,7 +83,8 @@ def _retention_section(report: dict) -> str:
     comps = report.get("comparisons") or {}
     html = "<h2>General vs domain retention</h2>"
     if not comps:
-        return html + "<p class=note>No dense model in this run: nothing to compare with.</p>"
+        why = NO_RESULTS if not report["models"] else "No dense model in this run: nothing to compare with."
+        return html + f"<p class=note>{why}</p>"
     html += f"<p class=note>{escape(RETENTION_NOTE)}</p><div class=figs>"
     html += image(plots.retention_chart({lab: c["domains"] for lab, c in comps.items()}), "retention per domain")
     for label, c in comps.items():

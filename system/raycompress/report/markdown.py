@@ -8,6 +8,9 @@ RETENTION_NOTE = ("Retention: the compressed metric relative to the dense one, o
                   "deltas and retention treat the two models as independent samples.")
 
 
+NO_RESULTS = "No evaluation results in this run (evaluate/results.json is missing): run the evaluate stage."
+
+
 def na(value) -> str:
     """A table cell: '–' for a missing value, integers without a decimal point."""
     if value is None:
@@ -52,7 +55,7 @@ def result_rows(report: dict, part: str) -> tuple[list[str], list[list[str]]]:
 def _retention_lines(report: dict) -> list[str]:
     comps = report.get("comparisons") or {}
     if not comps:
-        return ["", "No dense model in this run: no deltas or retention."]
+        return [] if not report["models"] else ["", "No dense model in this run: no deltas or retention."]
     domains = list(dict.fromkeys(d for c in comps.values() for d in c["domains"]))
     rows = [[d] + [fmt_value(c["domains"].get(d, {}).get("retention"), c["domains"].get(d, {}).get("stderr"))
                    for c in comps.values()] for d in domains]
@@ -95,7 +98,7 @@ def render_markdown(report: dict) -> str:
     """The whole report.md text."""
     lines = [f"# raycompress report: {report['job']}", "", "↑ higher is better, ↓ lower is better; values are "
              "primary metric ± standard error.", "", "## Tasks", ""]
-    lines += _table(*result_rows(report, "tasks"))
+    lines += _table(*result_rows(report, "tasks")) if report["models"] else [NO_RESULTS]
     if any(m["groups"] for m in report["models"].values()):
         lines += ["", "## Groups", ""] + _table(*result_rows(report, "groups"))
     lines += _retention_lines(report) + _stage_lines(report.get("stages") or {})

@@ -85,21 +85,26 @@ def build_report(out_dir: Path, config: dict | None = None) -> dict:
     }
 
 
+# stage outputs a report can be built from (a run not yet evaluated still shows compression and calibration)
+STAGE_OUTPUTS = ("evaluate/results.json", "compress/compression.json", "select/manifest.json")
+
+
 def load_report(out_dir: Path) -> dict:
     """A run's report: rebuilt from its stage outputs when they are there, else its report.json.
 
     Raises:
-        FileNotFoundError: the folder has neither evaluate/results.json nor report.json.
+        FileNotFoundError: the folder has none of the stage outputs nor report.json.
     """
     out_dir = Path(out_dir)
-    if (out_dir / "evaluate" / "results.json").is_file():
-        return build_report(out_dir)
-    if (out_dir / "report.json").is_file():
+    if (out_dir / "report.json").is_file() and not (out_dir / STAGE_OUTPUTS[0]).is_file():
         report = json.loads((out_dir / "report.json").read_text())
         report["models"] = normalize_results(report.get("models") or {})
         report["comparisons"] = comparisons(report["models"])
         return report
-    raise FileNotFoundError(f"{out_dir}: no evaluate/results.json nor report.json; run the evaluate stage first")
+    if any((out_dir / p).is_file() for p in STAGE_OUTPUTS):
+        return build_report(out_dir)
+    raise FileNotFoundError(f"{out_dir}: none of {', '.join(STAGE_OUTPUTS)} nor report.json: not a run folder "
+                            "(run `raycompress run JOB.yaml --output DIR` first)")
 
 
 def write_report_files(out_dir: Path, report: dict) -> list[str]:
