@@ -1,11 +1,13 @@
-"""evaluation.scoring: lm-eval pair encoding, batched log-likelihoods, window NLL."""
+"""evaluation.scoring: lm-eval pair encoding, rolling windows, batched log-likelihoods on a tiny model."""
+import math
+
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from raycompress.evaluation.scoring import encode_pair, loglikelihoods, window_nll
+from raycompress.evaluation.scoring import encode_pair, loglikelihoods, model_max_length, rolling_windows
 
 TOKENIZER_DIR = Path.home() / ".cache/raycompress/models/smollm2-135m-instruct"
 
@@ -30,11 +32,11 @@ class CharTok:
 
 
 def test_encode_pair_moves_trailing_space_char_tokenizer():
-    ctx, cont = encode_pair(CharTok(), "Answer: ", "yes")
+    ctx, cont = encode_pair(CharTok(), "Answer: ", "yes", prefix=1)
     assert ctx == [ord(c) for c in "Answer:"]
     assert cont == [ord(c) for c in " yes"]
-    ctx, cont = encode_pair(CharTok(), "", "ab")
-    assert ctx == [0] and cont == [ord("a"), ord("b")]
+    ctx, cont = encode_pair(CharTok(), "", "ab", prefix=1)
+    assert ctx == [1] and cont == [ord("a"), ord("b")]
 
 
 @pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason="SmolLM2 tokenizer not cached")
@@ -42,12 +44,12 @@ def test_encode_pair_real_tokenizer():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    ctx, cont = encode_pair(tok, "Question: Is it?\nAnswer: ", "yes")
+    ctx, cont = encode_pair(tok, "Question: Is it?\nAnswer: ", "yes", tok.bos_token_id)
     assert ctx == tok("Question: Is it?\nAnswer:", add_special_tokens=False)["input_ids"]
     assert tok.decode(cont) == " yes"
     assert ctx + cont == tok("Question: Is it?\nAnswer: yes", add_special_tokens=False)["input_ids"]
     # without trailing space the continuation keeps its own leading space
-    ctx2, cont2 = encode_pair(tok, "Question: Is it?\nAnswer:", " yes")
+    ctx2, cont2 = encode_pair(tok, "Question: Is it?\nAnswer:", " yes", tok.bos_token_id)
     assert (ctx2, cont2) == (ctx, cont)
 
 
@@ -115,14 +117,59 @@ def test_loglikelihood_left_truncation(model):
     assert ll != pytest.approx(_hand_ll(model, ctx, cont)[0], abs=1e-4)
 
 
-def test_window_nll_equals_hf_loss(model):
-    g = torch.Generator().manual_seed(2)
-    windows = [torch.randint(0, 64, (10,), generator=g).tolist() for _ in range(3)] + [[5, 6, 7, 8]] + [[9]]
-    nll, count = window_nll(model, windows, batch_tokens=20)
-    assert count == 3 * 9 + 3
-    ref = 0.0
+def test_uniform_model_hand_computed():
+    """All weights zero -> every logit 0 -> log p = -ln(vocab) per token; the argmax is token 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        for w in windows[:4]:
-            t = torch.tensor([w])
-            ref += float(model(input_ids=t, labels=t).loss) * (len(w) - 1)
-    assert nll == pytest.approx(ref, abs=1e-3, rel=1e-5)
+        for p in m.parameters():
+            p.zero_()
+    out = loglikelihoods(m, [([3, 4], [5, 6, 7]), ([9], [0]), ([2], [0, 1])], max_len=32)
+    assert out[0][0] == pytest.approx(-3 * math.log(50), abs=1e-5) and out[0][1] is False
+    assert out[1] == (pytest.approx(-math.log(50), abs=1e-5), True)
+    assert out[2][1] is False
+
+
+def test_long_continuations_and_small_head_chunks(model):
+    reqs = _requests() + [([1], list(range(2, 40)))]
+    a = loglikelihoods(model, reqs, max_len=64, batch_tokens=30, head_chunk=5)
+    b = loglikelihoods(model, reqs, max_len=64, batch_tokens=4096)
+    for (x, gx), (y, gy), r in zip(a, b, reqs):
+        assert x == pytest.approx(y, abs=1e-4) and gx == gy
+        assert x == pytest.approx(_hand_ll(model, *r)[0], abs=1e-4)
+
+
+def test_rolling_windows_cover_every_token_once():
+    toks = list(range(3, 40))
+    for max_len, stride in [(8, None), (8, 3), (50, None), (1, None)]:
+        wins = rolling_windows(toks, 1, max_len, stride)
+        assert [t for _, cont in wins for t in cont] == toks
+        assert wins[0][0] == [1]
+        for ctx, cont in wins:
+            assert len(ctx) + len(cont) <= max_len + 1  # the model sees at most max_len tokens
+            assert ctx == ([1] if ctx == [1] else toks[toks.index(cont[0]) - len(ctx) : toks.index(cont[0])])
+    assert [len(c) for _, c in rolling_windows(toks, 1, 8, None)] == [8, 8, 8, 8, 5]
+    assert rolling_windows([], 1, 8) == []
+    with pytest.raises(ValueError, match="stride"):
+        rolling_windows(toks, 1, 8, 9)
+
+
+def test_rolling_perplexity_equals_hf_loss_on_one_window(model):
+    """A document that fits one window: the summed log-likelihood is HF's loss on [prefix] + doc."""
+    doc = torch.randint(1, 64, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    (ll, _), = loglikelihoods(model, rolling_windows(doc, 1, 64), max_len=64)
+    with torch.no_grad():
+        t = torch.tensor([[1] + doc])
+        ref = float(model(input_ids=t, labels=t).loss) * len(doc)
+    assert -ll == pytest.approx(ref, rel=1e-5)
+
+
+def test_model_max_length_order():
+    from types import SimpleNamespace
+
+    assert model_max_length(SimpleNamespace(max_position_embeddings=128, n_positions=64)) == 64
+    assert model_max_length(SimpleNamespace(), SimpleNamespace(model_max_length=512)) == 512
+    assert model_max_length(SimpleNamespace(), SimpleNamespace(model_max_length=10**30)) == 2048

@@ -1,75 +1,186 @@
-"""Evaluate stage on Ray: a pool of `EvalActor`s, each loading one checkpoint once and scoring
-chunks of requests; the driver only tokenizes and aggregates. Dense and compressed models are
-scored one after the other with the same requests."""
+"""Evaluate stage on Ray: a pool of `EvalWorker` actors, each loading a checkpoint once and
+scoring work units of log-likelihood requests; the driver tokenizes, cuts units, aggregates.
+
+Units are fixed before any actor starts (requests sorted by length, cut at `unit_tokens`), and an
+actor scores a unit the same way wherever it runs, so 1 or K actors, or an actor that died and was
+replaced (its unit re-run on the replacement), give the same numbers. Actors take GPUs when the
+cluster has them, CPU otherwise; `evaluate.device_map: auto` loads a model too large for one
+device across GPUs and CPU memory with accelerate.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
-from ray.util import ActorPool
-from tqdm import tqdm
 
 from raycompress.config import JobConfig
 from raycompress.distributed.resources import actor_options, torch_threads
+from raycompress.evaluation.groups import group_results
+from raycompress.evaluation.scoring import Request, model_input
+from raycompress.evaluation.taskfiles import resolve_tasks
 from raycompress.evaluation.tasks import finalize_task, prepare_task
 
 log = logging.getLogger(__name__)
 
+CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_EVAL_UNIT", "RAYCOMPRESS_CHAOS_MARKER")
 
-@ray.remote
-class EvalActor:
-    """Holds one model; scores work units. All maths is in `evaluation.scoring`."""
 
-    def __init__(self, model_dir: str, threads: int) -> None:
+def _chaos(unit: int) -> None:
+    """Failure injection for tests: the first actor to start unit N (RAYCOMPRESS_CHAOS_KILL_EVAL_UNIT)
+    dies at once, leaving a marker file (RAYCOMPRESS_CHAOS_MARKER) so that it happens once."""
+    target, marker = (os.environ.get(k) for k in CHAOS_ENV)
+    if not (target and marker and unit == int(target)):
+        return
+    try:
+        Path(marker).touch(exist_ok=False)
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+class EvalWorker:
+    """Holds one model; scores units of requests. All maths is in `evaluation.scoring`."""
+
+    def __init__(self, model_dir: str, threads: int, dtype: str, device_map: str | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        kwargs: dict = {"dtype": getattr(torch, dtype)}
+        if device_map:
+            import tempfile
 
-    def score(self, kind: str, requests: list, batch_tokens: int) -> list:
-        from raycompress.evaluation.scoring import score_requests
+            kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="raycompress-offload-"))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+        if not device_map and torch.cuda.is_available():
+            self.model.to("cuda")
 
-        return score_requests(self.model, kind, requests, self.max_len, batch_tokens)
+    def score(self, unit: int, requests: list[Request], max_len: int, batch_tokens: int) -> list[tuple[float, bool]]:
+        from raycompress.evaluation.scoring import loglikelihoods
+
+        _chaos(unit)
+        return loglikelihoods(self.model, requests, max_len, batch_tokens)
 
 
-def _chunks(prepared, windows: int = 8, pairs: int = 64):
-    """Work units (task index, kind, requests): `windows` perplexity windows or `pairs` MC requests."""
-    for t, prep in enumerate(prepared):
-        step = pairs if prep.kind == "ll" else windows
-        for i in range(0, len(prep.requests), step):
-            yield t, prep.kind, prep.requests[i : i + step]
+def make_units(requests: list[Request], max_len: int, unit_tokens: int) -> list[list[int]]:
+    """Request indices cut into units of about `unit_tokens` model-input tokens, longest first.
+
+    Requests with the same model input stay in one unit (they share a forward pass there).
+    """
+    keys = [model_input(r, max_len) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: (-len(keys[i]), keys[i]))
+    units: list[list[int]] = []
+    size = unit_tokens
+    for pos, i in enumerate(order):
+        same = pos > 0 and keys[order[pos - 1]] == keys[i]
+        if size + len(keys[i]) > unit_tokens and not same:
+            units.append([])
+            size = 0
+        units[-1].append(i)
+        size += 0 if same else len(keys[i])
+    return units
+
+
+def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restarts: int) -> tuple[list[list], int]:
+    """Score every unit on a pool of `n_actors` from `spawn()`; a dead actor is replaced and its
+    unit re-run. `call(actor, k, unit)` returns an ObjectRef. Returns (results per unit, restarts).
+
+    Raises:
+        ray.exceptions.RayActorError: actors died more than `max_restarts` times.
+    """
+    from ray.exceptions import RayActorError
+
+    actors = [spawn() for _ in range(min(n_actors, len(units)))]
+    todo, inflight = deque(range(len(units))), {}
+    results: list = [None] * len(units)
+    restarts = 0
+    try:
+        while todo or inflight:
+            busy = {slot for slot, _ in inflight.values()}
+            for slot in range(len(actors)):
+                if slot not in busy and todo:
+                    k = todo.popleft()
+                    inflight[call(actors[slot], k, units[k])] = (slot, k)
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            slot, k = inflight.pop(ref)
+            try:
+                results[k] = ray.get(ref)
+            except RayActorError as exc:
+                if restarts >= max_restarts:
+                    raise
+                restarts += 1
+                log.warning("eval actor %d died on unit %d (%s); replacing it (%d/%d)", slot, k,
+                            type(exc).__name__, restarts, max_restarts)
+                ray.kill(actors[slot])
+                actors[slot] = spawn()
+                todo.appendleft(k)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results, restarts
+
+
+def _context_length(model_dir: Path, tokenizer) -> int:
+    from transformers import AutoConfig
+
+    from raycompress.evaluation.scoring import model_max_length
+
+    return model_max_length(AutoConfig.from_pretrained(model_dir), tokenizer)
+
+
+def score_model(job: JobConfig, model_dir: Path, requests: list[Request], max_len: int) -> tuple[list, int]:
+    """(log-likelihood, greedy) per request for one checkpoint, and the actor restarts it took."""
+    ev = job.evaluate
+    order = make_units(requests, max_len, ev.unit_tokens)
+    env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
+    opts = {**actor_options(job.ray), **({"runtime_env": {"env_vars": env}} if env else {})}
+    actor_cls = ray.remote(EvalWorker).options(**opts)
+    spawn = lambda: actor_cls.remote(str(model_dir), torch_threads(job.ray), ev.dtype, ev.device_map)  # noqa: E731
+    call = lambda a, k, unit: a.score.remote(k, unit, max_len, ev.batch_tokens)  # noqa: E731
+    per_unit, restarts = run_pool(spawn, [[requests[i] for i in u] for u in order], job.ray.eval_actors,
+                                  call, ev.max_actor_restarts)
+    out: list = [None] * len(requests)
+    for idx, res in zip(order, per_unit):
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out, restarts
 
 
 def evaluate_models(job: JobConfig, models: dict[str, Path]) -> dict:
-    """Score every task on every model; returns {model label: {task: metrics, "_seconds": s}}.
+    """Score every task of the job on every model, with the same requests.
 
+    Returns:
+        {label: {"seconds": wall s, "restarts": int, "tasks": {name: record}, "groups": {name: record}}}
+        (records as `finalize_task` / `group_results` write them).
     Raises:
-        FileNotFoundError: a model folder or task file is missing.
+        FileNotFoundError: a model folder has no config.json.
+        TaskError: a task file or the job's task list is wrong (named file and field).
     """
     from transformers import AutoTokenizer
 
-    first = next(iter(models.values()))
-    tokenizer = AutoTokenizer.from_pretrained(first)
-    prepared = [prepare_task(job, t, tokenizer) for t in job.evaluate.tasks]
-    units = list(_chunks(prepared))
-    opts = actor_options(job.ray)
-    out: dict[str, dict] = {}
     for label, path in models.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"model '{label}': {path} has no config.json")
+    tasks = resolve_tasks(job)
+    first = Path(next(iter(models.values())))
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    max_len = _context_length(first, tokenizer)
+    prepared = [prepare_task(t, tokenizer, max_len, job.resolve) for t in tasks]
+    requests = [r for p in prepared for r in p.requests]
+    log.info("evaluate: %d tasks, %d requests, context length %d", len(tasks), len(requests), max_len)
+    out: dict[str, dict] = {}
+    for label, path in models.items():
         t0 = time.perf_counter()
-        actors = [EvalActor.options(**opts).remote(str(path), torch_threads(job.ray)) for _ in range(job.ray.eval_actors)]
-        pool = ActorPool(actors)
-        results: list[list] = [[] for _ in prepared]
-        fn = lambda a, u: a.score.remote(u[1], u[2], job.evaluate.batch_tokens)  # noqa: E731
-        for unit, res in tqdm(zip(units, pool.map(fn, units)), total=len(units), desc=f"evaluate[{label}]"):
-            results[unit[0]].extend(res)
-        for a in actors:
-            ray.kill(a)
-        out[label] = {p.cfg.name: finalize_task(p, r) for p, r in zip(prepared, results)}
-        out[label]["_seconds"] = time.perf_counter() - t0
+        results, restarts = score_model(job, Path(path), requests, max_len)
+        records, outcomes, start = {}, {}, 0
+        for p in prepared:
+            records[p.cfg.name], outcomes[p.cfg.name] = finalize_task(p, results[start : start + len(p.requests)])
+            start += len(p.requests)
+        out[label] = {"seconds": time.perf_counter() - t0, "restarts": restarts, "tasks": records,
+                      "groups": group_results(records, outcomes)}
+        log.info("evaluate[%s]: %.1f s", label, out[label]["seconds"])
     return out

@@ -1,2 +1,5 @@
-"""Evaluation: task readers (registered by format), log-likelihood / perplexity scoring, metrics."""
-from raycompress.evaluation import formats  # noqa: F401  (register the readers)
+"""Evaluation: YAML task files, log-likelihood and perplexity scoring, metrics with standard errors.
+
+Importing the package registers the readers, text filters, metrics and task kinds by name.
+"""
+from raycompress.evaluation import formats, metrics, tasks  # noqa: F401  (fill the registries)

@@ -1,76 +1,106 @@
-"""Task readers, registered by `format` in `registry.TASK_KINDS`.
+"""Task data readers (a task's `format`) and text filters (a task's `detokenize`), by name.
 
-A perplexity reader returns a list of texts; a multiple-choice reader returns `MCItem`s whose
-prompts follow lm-evaluation-harness's task YAMLs (piqa: "Question: {goal}\\nAnswer:", choices
-" {sol}"; pubmedqa: "Abstract: {context}\\nQuestion: {question}\\nAnswer:", choices yes/no/maybe).
+A reader turns one data file into a list of items (dicts whose fields the task's Jinja templates
+name). A text filter maps a document's text to the text the model scores.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
 from pathlib import Path
+from typing import Callable
 
-from raycompress.registry import TASK_KINDS
+from raycompress.registry import Registry
 
-
-@dataclass(frozen=True)
-class MCItem:
-    context: str
-    choices: tuple[str, ...]  # continuations, each with its leading space
-    label: int
+READERS: Registry[Callable[[Path], list[dict]]] = Registry("task data format", "raycompress.evaluation.formats")
+TEXT_FILTERS: Registry[Callable[[str], str]] = Registry("text filter", "raycompress.evaluation.formats")
 
 
-def _jsonl(path: Path) -> list[dict]:
+@READERS.register("jsonl")
+def read_jsonl(path: Path) -> list[dict]:
+    """One item per non-blank JSON line.
+
+    Raises:
+        ValueError: a line is not a JSON object; the message names file and line number.
+    """
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: malformed JSON line: {exc}") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     return rows
 
 
-def _field(row: dict, key: str, path: Path, n: int):
-    if key not in row:
-        raise ValueError(f"{path}: item {n} has no field '{key}'")
-    return row[key]
+@READERS.register("text")
+def read_text(path: Path) -> list[dict]:
+    """The whole file as one item `{"text": ...}`."""
+    return [{"text": path.read_text(encoding="utf-8")}]
 
 
-@TASK_KINDS.register("text")
-def read_text(path: Path) -> list[str]:
-    """The whole file as one text (WikiText-2 raw)."""
-    return [path.read_text(encoding="utf-8")]
+HEADING = re.compile(r"^ = [^=].* = $")  # a top-level WikiText heading line, " = Title = "
 
 
-@TASK_KINDS.register("jsonl_text")
-def read_jsonl_text(path: Path) -> list[str]:
-    """The `text` field of each JSONL line."""
-    return [str(_field(r, "text", path, n)) for n, r in enumerate(_jsonl(path))]
+def _rows(text: str) -> list[str]:
+    """Invert `"\\n\\n".join(rows)` where each row is "" (a blank line) or ends with "\\n" (the
+    Hugging Face `wikitext` rows, as plain-text dumps of it are written)."""
+    rows, i, n = [], 0, len(text)
+    while i <= n:
+        if i == n or text.startswith("\n\n", i):
+            rows.append("")
+            i += 2
+            continue
+        j = text.find("\n", i)
+        j = n - 1 if j < 0 else j
+        rows.append(text[i : j + 1])
+        i = j + 3
+    return rows
 
 
-@TASK_KINDS.register("piqa")
-def read_piqa(path: Path) -> list[MCItem]:
-    items = []
-    for n, r in enumerate(_jsonl(path)):
-        ctx = f"Question: {_field(r, 'goal', path, n)}\nAnswer:"
-        sols = (" " + str(_field(r, "sol1", path, n)), " " + str(_field(r, "sol2", path, n)))
-        items.append(MCItem(ctx, sols, int(_field(r, "label", path, n))))
-    return items
+def wikitext_pages(text: str) -> list[str]:
+    """Split a raw WikiText dump into articles, one per top-level heading, as the `page` field of
+    EleutherAI/wikitext_document_level (which lm-eval's `wikitext` task scores) holds them.
+
+    The dump is the `wikitext-2-raw-v1` rows joined by blank lines; rows are turned back into the
+    raw file's lines (a blank row is the raw " " line) and an article is every line from its
+    " = Title = " heading to the next one, joined with "\\n". Lines before the first heading are
+    dropped. (The exact whitespace of the upstream pages could not be checked offline.)
+    """
+    lines = [r[:-1] if r.endswith("\n") else (r or " ") for r in _rows(text.replace("\r\n", "\n"))]
+    starts = [i for i, line in enumerate(lines) if HEADING.match(line)]
+    return ["\n".join(lines[a:b]) for a, b in zip(starts, starts[1:] + [len(lines)])]
 
 
-PUBMEDQA_LABELS = ("yes", "no", "maybe")
+@READERS.register("wikitext")
+def read_wikitext(path: Path) -> list[dict]:
+    """WikiText raw dump -> one item `{"page": article}` per article (see `wikitext_pages`)."""
+    return [{"page": p} for p in wikitext_pages(path.read_text(encoding="utf-8"))]
 
 
-@TASK_KINDS.register("pubmedqa")
-def read_pubmedqa(path: Path) -> list[MCItem]:
-    items = []
-    for n, r in enumerate(_jsonl(path)):
-        ctx = f"Abstract: {_field(r, 'context', path, n)}\nQuestion: {_field(r, 'question', path, n)}\nAnswer:"
-        label = str(_field(r, "label", path, n)).lower()
-        if label not in PUBMEDQA_LABELS:
-            raise ValueError(f"{path}: item {n} label '{label}' not in {PUBMEDQA_LABELS}")
-        items.append(MCItem(ctx, tuple(" " + c for c in PUBMEDQA_LABELS), PUBMEDQA_LABELS.index(label)))
-    return items
+# WikiText tokenization undone, rule by rule, in the order lm-eval's `wikitext_detokenizer`
+# (lm_eval/tasks/wikitext/preprocess_wikitext.py) applies them: ("s", old, new) is a plain
+# replacement, ("r", pattern, repl) a regular-expression substitution.
+_WIKITEXT_RULES: tuple[tuple[str, str, str], ...] = (
+    ("s", "s '", "s'"), ("r", r"/' [0-9]/", r"/'[0-9]/"),
+    ("s", " @-@ ", "-"), ("s", " @,@ ", ","), ("s", " @.@ ", "."),
+    *(("s", f" {p} ", f"{p} ") for p in ":;.!?,"),
+    ("r", r"\(\s*([^\)]*?)\s*\)", r"(\1)"), ("r", r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+    ("r", r"{\s*([^}]*?)\s*}", r"{\1}"), ("r", r"\"\s*([^\"]*?)\s*\"", r'"\1"'),
+    ("r", r"'\s*([^']*?)\s*'", r"'\1'"),
+    ("s", "= = = =", "===="), ("s", "= = =", "==="), ("s", "= =", "=="),
+    ("s", " \u00b0 ", "\u00b0"), ("s", " \n", "\n"), ("s", "\n ", "\n"), ("s", " N ", " 1 "), ("s", " 's", "'s"),
+)
+
+
+@TEXT_FILTERS.register("wikitext")
+def wikitext_detokenize(text: str) -> str:
+    """WikiText's tokenized spacing ("1 @,@ 000", "word , word") back to running text."""
+    for how, old, new in _WIKITEXT_RULES:
+        text = text.replace(old, new) if how == "s" else re.sub(old, new, text)
+    return text

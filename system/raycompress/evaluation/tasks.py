@@ -1,59 +1,154 @@
-"""Turn a `TaskConfig` into token-level work units, and work-unit results into metrics.
+"""A task's items -> log-likelihood requests, and request results -> the task's metrics.
 
-Perplexity tasks: the documents are joined with blank lines, tokenized once and cut into
-non-overlapping windows of `seq_len` tokens (the GPTQ / SparseGPT evaluation protocol), the first
-`max_tokens` tokens only when a cap is set. Multiple-choice tasks: one (context, continuation)
-request per choice, the first `limit` items when a cap is set.
+Multiple choice (lm-eval's `multiple_choice` output type): context = description + few-shot
+examples (the first `num_fewshot` of `fewshot_path`, each "prompt + delimiter + answer +
+fewshot_delimiter") + prompt; one request per choice with continuation target_delimiter + choice.
+Perplexity (lm-eval's `loglikelihood_rolling`): each document, detokenized when the task says so,
+is cut into `rolling_windows`; words and bytes are counted on the document before detokenization
+(as lm-eval's wikitext task does).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
-from raycompress.config import JobConfig, TaskConfig
-from raycompress.evaluation.metrics import mc_metrics, perplexity_metrics
-from raycompress.evaluation.scoring import encode_pair
+from raycompress.config import TaskConfig
+from raycompress.evaluation.formats import READERS, TEXT_FILTERS
+from raycompress.evaluation.metrics import (DEFAULT_METRICS, METRICS, mc_outcomes, mc_summary,
+                                            perplexity_summary)
+from raycompress.evaluation.scoring import Request, encode_pair, prefix_token, rolling_windows
+from raycompress.evaluation.taskfiles import TaskError
 from raycompress.registry import TASK_KINDS
 
 
 @dataclass
 class PreparedTask:
+    """A task's requests; `spans[i]` = (first request, count) of item i; `items[i]` = (choices,
+    gold) for multiple choice or (words, bytes, tokens) for a perplexity document."""
+
     cfg: TaskConfig
-    kind: str  # "nll" (windows) or "ll" (context/continuation pairs)
-    requests: list = field(default_factory=list)
-    items: list = field(default_factory=list)  # MCItem per item (multiple choice)
+    requests: list[Request] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    items: list[tuple] = field(default_factory=list)
+
+    def add(self, reqs: list[Request], item: tuple) -> None:
+        self.spans.append((len(self.requests), len(reqs)))
+        self.requests.extend(reqs)
+        self.items.append(item)
 
 
-def prepare_task(job: JobConfig, task: TaskConfig, tokenizer) -> PreparedTask:
-    """Read the task's file with its registered reader and tokenize it into requests.
+@lru_cache(maxsize=512)
+def _template(source: str):
+    import jinja2
 
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(source)
+
+
+def render(source: str, row: dict, where: str) -> str:
+    """A Jinja template filled with one item's fields (raises TaskError naming `where`)."""
+    import jinja2
+
+    try:
+        return _template(source).render(**row)
+    except jinja2.TemplateError as exc:
+        raise TaskError(f"{where}: {exc}; the item has fields {sorted(row)}") from exc
+
+
+def _gold(task: TaskConfig, row: dict, choices: list[str], where: str) -> int:
+    """The answer's index: `target` renders to an index, or to the text of one choice."""
+    t = render(task.target or "", row, f"{where}: field 'target'").strip()
+    if t.lstrip("-").isdigit() and 0 <= int(t) < len(choices):
+        return int(t)
+    if t in choices:
+        return choices.index(t)
+    raise TaskError(f"{where}: field 'target': '{t}' is neither an index below {len(choices)} nor one of {choices}")
+
+
+def _fewshot_block(task: TaskConfig, resolve) -> str:
+    if not task.num_fewshot:
+        return ""
+    path = resolve(task.fewshot_path)
+    shots = READERS.get(task.format)(path)[: task.num_fewshot]
+    if len(shots) < task.num_fewshot:
+        raise TaskError(f"task '{task.name}': field 'num_fewshot': {path} has {len(shots)} examples, fewer than {task.num_fewshot}")
+    out = []
+    for n, row in enumerate(shots):
+        where = f"{path} example {n}"
+        choices = [render(c, row, f"{where}: field 'choices'") for c in task.choices or []]
+        q = render(task.prompt, row, f"{where}: field 'prompt'")
+        out.append(q + task.target_delimiter + choices[_gold(task, row, choices, where)] + task.fewshot_delimiter)
+    return "".join(out)
+
+
+@TASK_KINDS.register("multiple_choice")
+def _prepare_mc(task: TaskConfig, rows: list[dict], path: Path, tokenizer, max_length: int, resolve) -> PreparedTask:
+    prep, prefix = PreparedTask(task), prefix_token(tokenizer)
+    shots = _fewshot_block(task, resolve)
+    for n, row in enumerate(rows):
+        where = f"{path} item {n}"
+        choices = [render(c, row, f"{where}: field 'choices'") for c in task.choices or []]
+        context = (render(task.description, row, f"{where}: field 'description'") + shots
+                   + render(task.prompt, row, f"{where}: field 'prompt'"))
+        reqs = [encode_pair(tokenizer, context, task.target_delimiter + c, prefix) for c in choices]
+        prep.add(reqs, (choices, _gold(task, row, choices, where)))
+    return prep
+
+
+@TASK_KINDS.register("perplexity")
+def _prepare_ppl(task: TaskConfig, rows: list[dict], path: Path, tokenizer, max_length: int, resolve) -> PreparedTask:
+    prep, prefix = PreparedTask(task), prefix_token(tokenizer)
+    detok = TEXT_FILTERS.get(task.detokenize) if task.detokenize else (lambda s: s)
+    budget = task.max_tokens
+    for n, row in enumerate(rows):
+        text = render(task.prompt, row, f"{path} item {n}: field 'prompt'")
+        ids = tokenizer(detok(text), add_special_tokens=False)["input_ids"]
+        if budget is not None and len(ids) >= budget:  # the cap cuts this document: count what is kept
+            ids = ids[:budget]
+            text = tokenizer.decode(ids)
+        if ids:
+            windows = rolling_windows(ids, prefix, task.max_length or max_length, task.stride)
+            prep.add(windows, (len(re.split(r"\s+", text)), len(text.encode("utf-8")), len(ids)))
+        if budget is not None:
+            budget -= len(ids)
+            if budget <= 0:
+                break
+    return prep
+
+
+def prepare_task(task: TaskConfig, tokenizer, max_length: int, resolve) -> PreparedTask:
+    """Read the task's data file and turn its items into requests.
+
+    Args:
+        max_length: the model's context length (tokens): the default perplexity window.
+        resolve: maps a data path from the task to an absolute Path (`JobConfig.resolve`).
     Raises:
-        FileNotFoundError: the task's data file is missing (named with the task).
-        KeyError: the task's `format` has no registered reader.
+        TaskError: the data file is missing, or an item lacks a field a template names.
     """
-    path = job.resolve(task.path)
+    path = resolve(task.path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluate.tasks[{task.name}].path: {path} not found")
-    data = TASK_KINDS.get(task.format)(path)
+        raise TaskError(f"task '{task.name}': field 'path': {path} not found")
+    rows = READERS.get(task.format)(path)
+    rows = rows[: task.limit] if task.limit else rows
+    return TASK_KINDS.get(task.kind)(task, rows, path, tokenizer, max_length, resolve)
+
+
+def finalize_task(prep: PreparedTask, results: list[tuple[float, bool]]) -> tuple[dict, dict[str, list[float]]]:
+    """(the task's result record, per-metric per-item outcomes for group averages) from the
+    per-request (log-likelihood, greedy) results in request order."""
+    task = prep.cfg
+    names = task.metrics or DEFAULT_METRICS[task.kind]
+    per_item = [[ll for ll, _ in results[a : a + k]] for a, k in prep.spans]
     if task.kind == "perplexity":
-        ids = tokenizer("\n\n".join(data), add_special_tokens=False)["input_ids"]
-        if task.max_tokens:
-            ids = ids[: task.max_tokens]
-        windows = [ids[i : i + task.seq_len] for i in range(0, len(ids), task.seq_len)]
-        return PreparedTask(task, "nll", [w for w in windows if len(w) > 1])
-    items = data[: task.limit] if task.limit else data
-    reqs = [encode_pair(tokenizer, it.context, ch) for it in items for ch in it.choices]
-    return PreparedTask(task, "ll", reqs, items)
-
-
-def finalize_task(prep: PreparedTask, results: list) -> dict:
-    """Metrics for one task from the per-request results (in request order)."""
-    if prep.kind == "nll":
-        nll = sum(r[0] for r in results)
-        tokens = sum(r[1] for r in results)
-        return {**perplexity_metrics(nll, tokens), "domain": prep.cfg.domain, "windows": len(prep.requests)}
-    lls, k = [], 0
-    for it in prep.items:
-        lls.append([results[k + j][0] for j in range(len(it.choices))])
-        k += len(it.choices)
-    m = mc_metrics(lls, [it.choices for it in prep.items], [it.label for it in prep.items])
-    return {**m, "domain": prep.cfg.domain}
+        docs = [(sum(lls), *item) for lls, item in zip(per_item, prep.items)]
+        metrics, stderr, outcomes = perplexity_summary(names, docs), {}, {}
+    else:
+        outcomes = mc_outcomes(names, per_item, [c for c, _ in prep.items], [g for _, g in prep.items])
+        metrics, stderr = mc_summary(outcomes)
+    record = {"domain": task.domain, "kind": task.kind, "group": task.group,
+              "primary": task.primary or names[0],
+              "higher_is_better": {m: METRICS.get(m).higher_is_better for m in names},
+              "metrics": metrics, "stderr": stderr, "n": len(prep.items)}
+    return record, outcomes

@@ -1,0 +1,133 @@
+"""evaluation.taskfiles / tasks: task YAML validation naming file and field, lookup by name, group
+and path with overrides, prompts (lm-eval's piqa / pubmedqa / MMLU 5-shot), perplexity caps."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycompress.config import ConfigError, JobConfig, load_config
+from raycompress.evaluation.taskfiles import TaskError, load_task_file, resolve_tasks
+from raycompress.evaluation.tasks import finalize_task, prepare_task
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class CharTok:
+    """Character-level tokenizer: ids are code points; BOS = 1."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def _task(tmp_path, name="t.yaml", **fields):
+    base = {"name": "t", "kind": "multiple_choice", "path": "d.jsonl", "prompt": "Q: {{q}}\nA:",
+            "choices": ["{{a}}", "{{b}}"], "target": "{{y}}"}
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump({**base, **fields}))
+    return p
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"kind": "ranking"}, "kind"),
+    ({"limit": 0}, "limit"),
+    ({"choices": None}, "choices"),
+    ({"metrics": ["word_perplexity"]}, "metrics"),
+    ({"format": "csv"}, "format"),
+    ({"lmit": 3}, "lmit"),
+    ({"num_fewshot": 2}, "fewshot_path"),
+])
+def test_task_file_errors_name_file_and_field(tmp_path, fields, field):
+    p = _task(tmp_path, **fields)
+    with pytest.raises(TaskError) as exc:
+        load_task_file(p)
+    assert str(p) in str(exc.value) and field in str(exc.value)
+
+
+def test_include_merges_and_include_cycle(tmp_path):
+    (tmp_path / "_base.yaml").write_text(yaml.safe_dump({"kind": "multiple_choice", "choices": ["x", "y"],
+                                                         "target": "{{y}}", "metrics": ["acc"]}))
+    (tmp_path / "a.yaml").write_text("include: _base.yaml\nname: a\npath: d.jsonl\nmetrics: [acc_norm]\n")
+    t = load_task_file(tmp_path / "a.yaml")
+    assert t.choices == ["x", "y"] and t.metrics == ["acc_norm"]
+    (tmp_path / "b.yaml").write_text("include: b.yaml\nname: b\n")
+    with pytest.raises(TaskError, match="include"):
+        load_task_file(tmp_path / "b.yaml")
+
+
+def _job(tmp_path, tasks):
+    return JobConfig.model_validate({"model": "m", "select": {"sources": {"x": {"path": "x"}}}, "compress": {},
+                                     "evaluate": {"tasks": tasks, "task_dirs": [str(REPO / "jobs/tasks")]},
+                                     "base_dir": str(REPO)})
+
+
+def test_shipped_tasks_resolve_by_name_group_and_path(tmp_path):
+    tasks = resolve_tasks(_job(tmp_path, ["piqa", {"name": "pubmedqa", "limit": 7}, "mmlu_biomed",
+                                          "jobs/tasks/wikitext2.yaml"]))
+    names = [t.name for t in tasks]
+    assert names[:2] == ["piqa", "pubmedqa"] and tasks[1].limit == 7 and names[-1] == "wikitext2"
+    assert names[2:-1] == ["mmlu_anatomy", "mmlu_clinical_knowledge", "mmlu_college_medicine",
+                           "mmlu_medical_genetics", "mmlu_professional_medicine"]
+    assert all(t.domain == "biomed" and t.num_fewshot == 5 for t in tasks[2:-1])
+    general = resolve_tasks(_job(tmp_path, [{"name": "mmlu_general", "limit": 1}]))
+    assert len(general) == 49 and all(t.limit == 1 and t.domain == "general" for t in general)
+
+
+def test_unknown_task_and_bad_override_name_the_field(tmp_path):
+    with pytest.raises(TaskError, match=r"evaluate.tasks\[0\].*no task or group named 'piqq'"):
+        resolve_tasks(_job(tmp_path, ["piqq"]))
+    with pytest.raises(TaskError, match=r"(?s)evaluate.tasks\[0\] \(piqa\).*stride"):
+        resolve_tasks(_job(tmp_path, [{"name": "piqa", "max_length": 4, "stride": 8}]))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": "m", "select": {"sources": {"x": {"path": "x"}}}, "compress": {},
+                                   "evaluate": {"tasks": [{"name": "piqa", "limt": 3}]}}))
+    with pytest.raises(ConfigError, match=r"(?s)job.yaml.*evaluate.tasks.0.*limt"):
+        load_config(job)
+
+
+def test_shipped_prompts_match_lm_eval(tmp_path):
+    job = _job(tmp_path, ["piqa", "pubmedqa", "mmlu_anatomy"])
+    piqa, pqa, mmlu = (prepare_task(t, CharTok(), 4096, job.resolve) for t in resolve_tasks(job))
+    row = json.loads((REPO / "data/eval/general_piqa_valid.jsonl").read_text().splitlines()[0])
+    ctx, cont = piqa.requests[0]
+    assert CharTok().decode(ctx) == f"Question: {row['goal']}\nAnswer:" and CharTok().decode(cont) == " " + row["sol1"]
+    assert pqa.items[0][0] == ["yes", "no", "maybe"] and CharTok().decode(pqa.requests[2][1]) == " maybe"
+    dev = [json.loads(x) for x in (REPO / "data/eval/mmlu/anatomy_dev.jsonl").read_text().splitlines()]
+    text = CharTok().decode(mmlu.requests[0][0])
+    head = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    first = f"{dev[0]['question'].strip()}\nA. {dev[0]['choices'][0]}\n"
+    assert text.startswith(head + first) and text.count("\nAnswer:") == 6
+    assert f"Answer: {'ABCD'[dev[4]['answer']]}\n\n" in text and text.endswith("\nAnswer:")
+    assert [CharTok().decode(c) for _, c in mmlu.requests[:4]] == [" A", " B", " C", " D"]
+
+
+def test_bad_target_and_missing_field_name_the_item(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"q": "x", "a": "1", "b": "2", "y": "7"}) + "\n")
+    job = _job(tmp_path, [])
+    with pytest.raises(TaskError, match=r"d.jsonl item 0: field 'target'"):
+        prepare_task(load_task_file(_task(tmp_path, path=str(tmp_path / "d.jsonl"))), CharTok(), 64, job.resolve)
+    with pytest.raises(TaskError, match=r"d.jsonl item 0: field 'prompt'.*'zz' is undefined"):
+        prepare_task(load_task_file(_task(tmp_path, path=str(tmp_path / "d.jsonl"), prompt="{{zz}}")),
+                     CharTok(), 64, job.resolve)
+
+
+def test_perplexity_caps_windows_and_counts(tmp_path):
+    docs = [{"text": "ab cd"}, {"text": "efghij"}, {"text": "klm"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    p = tmp_path / "ppl.yaml"
+    p.write_text(yaml.safe_dump({"name": "ppl", "kind": "perplexity", "path": str(tmp_path / "c.jsonl"),
+                                 "max_tokens": 8, "max_length": 4}))
+    prep = prepare_task(load_task_file(p), CharTok(), 64, _job(tmp_path, []).resolve)
+    assert prep.items == [(2, 5, 5), (1, 3, 3)]  # the cap keeps "ab cd" and "efg"
+    assert [(CharTok().decode(c), CharTok().decode(x)) for c, x in prep.requests] == \
+        [("\x01", "ab c"), ("ab c", "d"), ("\x01", "efg")]
+    record, _ = finalize_task(prep, [(-1.0, False), (-2.0, False), (-3.0, True)])
+    assert record["metrics"]["token_perplexity"] == pytest.approx(2.718281828 ** (6 / 8))
+    assert record["metrics"]["word_perplexity"] == pytest.approx(2.718281828 ** 2)
+    assert record["n"] == 2 and record["primary"] == "word_perplexity" and record["stderr"] == {}
+    assert record["higher_is_better"]["word_perplexity"] is False
