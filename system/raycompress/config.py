@@ -226,6 +226,7 @@ class TaskOverride(_Strict):
 
     name: str
     path: str | None = None
+    format: str | None = None
     domain: str | None = None
     group: str | None = None
     num_fewshot: int | None = Field(None, ge=0)

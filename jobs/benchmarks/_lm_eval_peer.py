@@ -1,0 +1,119 @@
+"""Benchmark peer: lm-evaluation-harness on local files, for `eval_parity.py`.
+
+Runs inside `.venv-peer` (infra/install-peer.sh), never inside the main `.venv`, and imports
+nothing from raycompress. Writes lm-eval task YAMLs that point lm-eval's own prompts and metrics
+(piqa, pubmedqa, wikitext) at local JSONL files (`dataset_path: json`), then runs each task with
+`lm_eval.simple_evaluate` on the HF backend, CPU, float32, loading the model per task.
+
+    .venv-peer/bin/python jobs/benchmarks/_lm_eval_peer.py --model DIR --workdir TMP \
+        --piqa FILE --pubmedqa FILE --wikitext-pages FILE --limit piqa=200 --limit pubmedqa=100
+
+Prints ONE JSON line on stdout: {task: {"metrics": {name: value}, "stderr": {...}, "n", "wall_s"}}
+(`wall_s` times `simple_evaluate`, model load included). lm-eval's log goes to stderr.
+"""
+from __future__ import annotations
+
+import os
+
+# Nothing may download from a hub; set before transformers / datasets / lm_eval import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PIQA = """task: piqa_local
+dataset_path: json
+dataset_kwargs: {{data_files: {{validation: "{path}"}}}}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{[sol1, sol2]}}}}"
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
+"""
+# lm-eval's pubmedqa reads CONTEXTS (a list) and QUESTION; the local file holds the joined
+# `context`, `question` and the `label` (yes / no / maybe) — the same prompt otherwise.
+PUBMEDQA = """task: pubmedqa_local
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: "{path}"}}}}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Abstract: {{{{context}}}}\\nQuestion: {{{{question}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["yes", "no", "maybe"]
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+"""
+WIKITEXT = """task: wikitext_local
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: "{path}"}}}}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: !function preprocess_wikitext.wikitext_detokenizer
+process_results: !function preprocess_wikitext.process_results
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+SHIM = "from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401\n"
+
+
+def write_tasks(workdir: Path, files: dict[str, str]) -> dict[str, str]:
+    """Our task name -> lm-eval task name, with the YAMLs written into `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "preprocess_wikitext.py").write_text(SHIM)
+    names = {}
+    for ours, (template, lm_name) in {"piqa": (PIQA, "piqa_local"), "pubmedqa": (PUBMEDQA, "pubmedqa_local"),
+                                      "wikitext2": (WIKITEXT, "wikitext_local")}.items():
+        if files.get(ours):
+            (workdir / f"{lm_name}.yaml").write_text(template.format(path=Path(files[ours]).resolve()))
+            names[ours] = lm_name
+    return names
+
+
+def run_task(model: str, lm_name: str, limit: int | None, batch_size: str, manager) -> dict:
+    import lm_eval
+
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32", tasks=[lm_name],
+                                  limit=limit, batch_size=batch_size, device="cpu", task_manager=manager,
+                                  log_samples=False)
+    wall = time.perf_counter() - t0
+    res = out["results"][lm_name]
+    metrics = {k.split(",")[0]: v for k, v in res.items() if "," in k and "_stderr" not in k}
+    stderr = {k.split("_stderr")[0]: v for k, v in res.items() if "_stderr" in k and isinstance(v, float)}
+    return {"metrics": metrics, "stderr": stderr, "n": out["n-samples"][lm_name]["effective"], "wall_s": wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--piqa")
+    ap.add_argument("--pubmedqa")
+    ap.add_argument("--wikitext-pages", help="JSONL of {'page': article}, the documents to score")
+    ap.add_argument("--limit", action="append", default=[], help="task=N: score the first N items")
+    ap.add_argument("--batch-size", default="8")
+    args = ap.parse_args()
+    from lm_eval.tasks import TaskManager
+
+    names = write_tasks(Path(args.workdir), {"piqa": args.piqa, "pubmedqa": args.pubmedqa, "wikitext2": args.wikitext_pages})
+    limits = {k: int(v) for k, v in (x.split("=") for x in args.limit)}
+    manager = TaskManager(include_path=str(Path(args.workdir).resolve()))
+    out = {ours: run_task(args.model, lm, limits.get(ours), args.batch_size, manager) for ours, lm in names.items()}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Evaluation parity: our Ray eval pool against lm-evaluation-harness on the same local files.
+
+    .venv/bin/python jobs/benchmarks/eval_parity.py [--piqa 200] [--pubmedqa 100] [--wikitext-docs 3]
+
+Needs lm-eval in `.venv-peer` (infra/install-peer.sh). Both sides score SmolLM2-135M-Instruct
+(float32, CPU) on PIQA, PubMedQA and WikiText-2 with the same caps (the first N items or
+articles); the WikiText articles are cut from our raw dump by our reader and handed to lm-eval as
+a JSONL of pages, so both score the same documents. lm-eval runs its own prompts, rolling windows
+and metrics (`_lm_eval_peer.py`); ours runs the shipped task files through `evaluate_models`.
+Each task is timed on its own on each side, model loading included.
+
+Prints ONE JSON line: per task and metric, ours, lm-eval's, the difference (ours - lm-eval) and
+the relative difference, and each side's wall seconds; `aims` says whether accuracies agree
+within 0.002, perplexities within 0.5 %, and our wall time is below lm-eval's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = Path.home() / ".cache/raycompress/models/smollm2-135m-instruct"
+TASK_FILES = {"piqa": "data/eval/general_piqa_valid.jsonl", "pubmedqa": "data/eval/biomed_pubmedqa_test.jsonl"}
+
+
+def write_pages(n: int, out: Path) -> Path:
+    """The first `n` WikiText-2 test articles as lm-eval's wikitext documents ({"page": ...})."""
+    from raycompress.evaluation.formats import read_wikitext
+
+    pages = read_wikitext(ROOT / "data/eval/general_wikitext2_raw_test.txt")[:n]
+    out.write_text("".join(json.dumps(p) + "\n" for p in pages), encoding="utf-8")
+    return out
+
+
+def run_lm_eval(args, pages: Path, workdir: Path) -> dict:
+    cmd = [str(ROOT / args.peer_python), str(ROOT / "jobs/benchmarks/_lm_eval_peer.py"), "--model", str(args.model),
+           "--workdir", str(workdir), "--wikitext-pages", str(pages), "--batch-size", str(args.lm_eval_batch_size),
+           "--limit", f"piqa={args.piqa}", "--limit", f"pubmedqa={args.pubmedqa}"]
+    cmd += [x for task, path in TASK_FILES.items() for x in (f"--{task}", str(ROOT / path))]
+    with open(workdir / "lm_eval.log", "w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"lm-eval peer failed ({proc.returncode}); see {workdir / 'lm_eval.log'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_ours(args, pages: Path) -> tuple[dict, float]:
+    """Per task: (our task record, wall seconds); and Ray's start-up seconds."""
+    import ray
+
+    from raycompress.config import JobConfig
+    from raycompress.distributed.evaluate import evaluate_models
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    init_s = time.perf_counter() - t0
+    entries = {"piqa": {"name": "piqa", "limit": args.piqa}, "pubmedqa": {"name": "pubmedqa", "limit": args.pubmedqa},
+               "wikitext2": {"name": "wikitext2", "path": str(pages), "format": "jsonl"}}
+    out = {}
+    for task, entry in entries.items():
+        job = JobConfig.model_validate({
+            "model": str(args.model), "select": {"sources": {"x": {"path": "unused"}}}, "compress": {},
+            "evaluate": {"tasks": [entry], "batch_tokens": args.batch_tokens},
+            "ray": {"eval_actors": args.actors, "cpus_per_actor": args.cpus / args.actors}, "base_dir": str(ROOT)})
+        t = time.perf_counter()
+        res = evaluate_models(job, {"dense": args.model})["dense"]
+        out[task] = (res["tasks"][task], time.perf_counter() - t)
+    ray.shutdown()
+    return out, init_s
+
+
+def compare(ours: dict, peer: dict) -> dict:
+    """Per task: metrics side by side, and each side's wall seconds."""
+    table = {}
+    for task, (rec, wall) in ours.items():
+        theirs = peer[task]
+        rows = {}
+        for m, v in theirs["metrics"].items():
+            if m in rec["metrics"]:
+                mine = rec["metrics"][m]
+                rows[m] = {"ours": mine, "lm_eval": v, "diff": mine - v, "rel_diff": (mine - v) / v if v else None}
+        table[task] = {"n": rec["n"], "lm_eval_n": theirs["n"], "metrics": rows,
+                       "ours_s": round(wall, 2), "lm_eval_s": round(theirs["wall_s"], 2)}
+    return table
+
+
+def aims(table: dict) -> dict:
+    acc_ok = all(abs(r["diff"]) <= 0.002 for t in table.values() for m, r in t["metrics"].items() if m.startswith("acc"))
+    ppl_ok = all(abs(r["rel_diff"]) <= 0.005 for t in table.values() for m, r in t["metrics"].items()
+                 if "perplexity" in m or m == "bits_per_byte")
+    faster = all(t["ours_s"] < t["lm_eval_s"] for t in table.values())
+    return {"acc_within_0.002": acc_ok, "ppl_within_0.5pct": ppl_ok, "ours_faster_every_task": faster}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--piqa", type=int, default=200, help="PIQA items (first N)")
+    ap.add_argument("--pubmedqa", type=int, default=100, help="PubMedQA items (first N)")
+    ap.add_argument("--wikitext-docs", type=int, default=3, help="WikiText-2 test articles (first N)")
+    ap.add_argument("--actors", type=int, default=2, help="our eval actors")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs for our local Ray")
+    ap.add_argument("--batch-tokens", type=int, default=4096, help="our tokens per forward batch")
+    ap.add_argument("--lm-eval-batch-size", default="8")
+    ap.add_argument("--peer-python", default=".venv-peer/bin/python")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="eval-parity-") as tmp:
+        pages = write_pages(args.wikitext_docs, Path(tmp) / "wikitext_pages.jsonl")
+        peer = run_lm_eval(args, pages, Path(tmp))
+        ours, init_s = run_ours(args, pages)
+    table = compare(ours, peer)
+    print(json.dumps({"model": str(args.model), "caps": {"piqa": args.piqa, "pubmedqa": args.pubmedqa,
+                      "wikitext_docs": args.wikitext_docs}, "ours": {"actors": args.actors, "cpus": args.cpus,
+                      "ray_init_s": round(init_s, 2)}, "lm_eval": {"batch_size": args.lm_eval_batch_size},
+                      "tasks": table, "aims": aims(table)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
