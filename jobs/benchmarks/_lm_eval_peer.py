@@ -27,44 +27,28 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PIQA = """task: piqa_local
+HEADER = """task: {task}
 dataset_path: json
-dataset_kwargs: {{data_files: {{validation: "{path}"}}}}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{{{[sol1, sol2]}}}}"
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
+dataset_kwargs: {{data_files: {{{split}: "{path}"}}}}
+output_type: {output_type}
+{split}_split: {split}
 """
-# lm-eval's pubmedqa reads CONTEXTS (a list) and QUESTION; the local file holds the joined
-# `context`, `question` and the `label` (yes / no / maybe) — the same prompt otherwise.
-PUBMEDQA = """task: pubmedqa_local
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: "{path}"}}}}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Abstract: {{{{context}}}}\\nQuestion: {{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: ["yes", "no", "maybe"]
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-"""
-WIKITEXT = """task: wikitext_local
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: "{path}"}}}}
-output_type: loglikelihood_rolling
-test_split: test
-doc_to_text: ""
-doc_to_target: !function preprocess_wikitext.wikitext_detokenizer
-process_results: !function preprocess_wikitext.process_results
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
+ACC = "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+# (lm-eval task name, split, output type, the rest of lm-eval's own task YAML). lm-eval's pubmedqa
+# reads CONTEXTS (a list) and QUESTION; the local file holds the joined `context`, `question` and
+# the `label` (yes / no / maybe) — the same prompt otherwise.
+TASKS = {
+    "piqa": ("piqa_local", "validation", "multiple_choice",
+             'doc_to_text: "Question: {{goal}}\\nAnswer:"\ndoc_to_target: label\ndoc_to_choice: "{{[sol1, sol2]}}"\n'
+             "metric_list:\n" + ACC + "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"),
+    "pubmedqa": ("pubmedqa_local", "test", "multiple_choice",
+                 'doc_to_text: "Abstract: {{context}}\\nQuestion: {{question}}\\nAnswer:"\ndoc_to_target: label\n'
+                 'doc_to_choice: ["yes", "no", "maybe"]\nmetric_list:\n' + ACC),
+    "wikitext2": ("wikitext_local", "test", "loglikelihood_rolling",
+                  'doc_to_text: ""\ndoc_to_target: !function preprocess_wikitext.wikitext_detokenizer\n'
+                  "process_results: !function preprocess_wikitext.process_results\nmetric_list:\n"
+                  "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"),
+}
 SHIM = "from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401\n"
 
 
@@ -73,10 +57,10 @@ def write_tasks(workdir: Path, files: dict[str, str]) -> dict[str, str]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "preprocess_wikitext.py").write_text(SHIM)
     names = {}
-    for ours, (template, lm_name) in {"piqa": (PIQA, "piqa_local"), "pubmedqa": (PUBMEDQA, "pubmedqa_local"),
-                                      "wikitext2": (WIKITEXT, "wikitext_local")}.items():
+    for ours, (lm_name, split, output_type, body) in TASKS.items():
         if files.get(ours):
-            (workdir / f"{lm_name}.yaml").write_text(template.format(path=Path(files[ours]).resolve()))
+            head = HEADER.format(task=lm_name, split=split, path=Path(files[ours]).resolve(), output_type=output_type)
+            (workdir / f"{lm_name}.yaml").write_text(head + body)
             names[ours] = lm_name
     return names
 
