@@ -52,6 +52,8 @@ def test_report_json_has_layers_retention_and_calibration(run_dir):
     domains = report["comparisons"]["compressed"]["domains"]
     assert set(domains) == {"general", "biomed"}
     assert domains["general"]["retention"] == pytest.approx((1 / 1.1 + 0.9) / 2)
+    assert set(domains["biomed"]["tasks"]) == {"biomed_abstracts", "mmlu_biomed"}  # a task group counts once
+    assert domains["biomed"]["retention"] == pytest.approx((1 / 1.1 + 0.9) / 2)
     cal = report["calibration"]
     assert cal["sources"]["biomed"]["sequences"] == 6 and cal["sources"]["general"]["sequences"] == 2
     assert cal["skipped"] == {"biomed": {"malformed_json": 2}}

@@ -69,3 +69,24 @@ def test_groups_take_their_members_primary_metric():
     g = models["dense"]["groups"]["domain:general"]
     assert g["primary"] == "acc_norm" and g["higher_is_better"] == {"acc_norm": True, "word_perplexity": False}
     assert models["dense"]["tasks"]["c"]["group"] is None and models["dense"]["tasks"]["c"]["stderr"] == {}
+
+
+def test_domain_groups_count_member_groups_and_prefer_accuracy_on_ties():
+    mc = {"domain": "biomed", "kind": "multiple_choice", "primary": "acc", "higher_is_better": {"acc": True},
+          "metrics": {"acc": 0.5}, "stderr": {"acc": 0.1}, "n": 10}
+    ppl = {"domain": "biomed", "kind": "perplexity", "primary": "word_perplexity",
+           "higher_is_better": {"word_perplexity": False}, "metrics": {"word_perplexity": 20.0}, "n": 3}
+    groups = {"g": {"domain": "biomed", "members": ["a"], "metrics": {"acc": 0.5}, "stderr": {}},
+              "domain:biomed": {"domain": "biomed", "members": ["p", "g"], "stderr": {},
+                                "metrics": {"acc": 0.5, "word_perplexity": 20.0}}}
+    models = normalize_results({"dense": {"tasks": {"a": mc, "p": ppl}, "groups": groups}})
+    assert models["dense"]["groups"]["domain:biomed"]["primary"] == "acc"
+
+
+def test_retention_of_a_zero_score_is_zero_with_a_stderr():
+    ref = {"primary": "acc", "metrics": {"acc": 0.25}, "stderr": {"acc": 0.1}}
+    zero = {"primary": "acc", "metrics": {"acc": 0.0}, "stderr": {"acc": 0.0}}
+    assert retention(ref, zero) == (0.0, pytest.approx(0.0))
+    assert retention(zero, ref) == (None, None)  # nothing to be relative to
+    r, se = retention(ref, {**zero, "stderr": {"acc": 0.05}})
+    assert r == 0.0 and se == pytest.approx(0.05 / 0.25)

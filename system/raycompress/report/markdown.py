@@ -4,8 +4,9 @@ from __future__ import annotations
 from raycompress.report.results import fmt_value, primary, reference_label
 
 RETENTION_NOTE = ("Retention: the compressed metric relative to the dense one, oriented so that 1.0 = no loss "
-                  "(compressed / dense for accuracy, dense / compressed for perplexity). Standard errors of "
-                  "deltas and retention treat the two models as independent samples.")
+                  "(compressed / dense for accuracy, dense / compressed for perplexity). A domain's retention "
+                  "is the mean over its ungrouped tasks and task groups (a group such as MMLU counts once). "
+                  "Standard errors of deltas and retention treat the two models as independent samples.")
 
 
 NO_RESULTS = "No evaluation results in this run (evaluate/results.json is missing): run the evaluate stage."

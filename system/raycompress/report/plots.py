@@ -72,7 +72,7 @@ def task_retention_chart(tasks: dict[str, dict]) -> str | None:
     ax.set_xlabel("retention (1.0 = no loss)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[i % len(_COLORS)]) for i in range(len(domains))]
     ax.legend(handles, domains, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title("Retention per task", fontsize=10)
+    ax.set_title("Retention per task or task group", fontsize=10)
     return _png(fig)
 
 

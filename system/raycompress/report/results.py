@@ -42,23 +42,27 @@ def _from_old_task(task: dict) -> dict:
             "n": int(task.get("n", task.get("windows", 0)))}
 
 
-def _group_with_primary(group: dict, tasks: dict) -> dict:
-    """A group record with `primary` (its members' most common primary metric that the group has)
-    and `higher_is_better` (taken from the members)."""
+def _group_with_primary(group: dict, units: dict) -> dict:
+    """A group record with `primary` (the primary metric most common among its members, tasks or
+    groups, that the group reports; ties go to higher-is-better metrics such as accuracy) and
+    `higher_is_better` (taken from the members)."""
     if group.get("primary"):
         return group
-    members = [tasks[m] for m in group.get("members") or [] if m in tasks]
-    counts = Counter(t["primary"] for t in members if t.get("primary") in (group.get("metrics") or {}))
+    members = [units[m] for m in group.get("members") or [] if m in units]
     hib = {m: v for t in members for m, v in (t.get("higher_is_better") or {}).items()}
+    counts = Counter(t["primary"] for t in members if t.get("primary") in (group.get("metrics") or {}))
+    ranked = sorted(counts, key=lambda m: (-counts[m], not hib.get(m, higher_is_better(m))))
     first = next(iter(group.get("metrics") or {}), None)
-    return {**group, "primary": counts.most_common(1)[0][0] if counts else first,
+    return {**group, "primary": ranked[0] if ranked else first,
             "higher_is_better": {**hib, **(group.get("higher_is_better") or {})}}
 
 
 def _normalize_model(block: dict) -> dict:
     if isinstance(block.get("tasks"), dict):
         tasks = {name: {"group": None, "stderr": {}, "higher_is_better": {}, **t} for name, t in block["tasks"].items()}
-        groups = {name: _group_with_primary(g, tasks) for name, g in (block.get("groups") or {}).items()}
+        groups: dict[str, dict] = {}
+        for name, g in (block.get("groups") or {}).items():  # task groups come before the domain groups using them
+            groups[name] = _group_with_primary(g, {**tasks, **groups})
         return {"seconds": block.get("seconds"), "tasks": tasks, "groups": groups}
     tasks = {name: _from_old_task(t) for name, t in block.items() if not name.startswith("_")}
     return {"seconds": block.get("_seconds"), "tasks": tasks, "groups": {}}
@@ -102,35 +106,50 @@ def delta(ref: dict, other: dict) -> tuple[float | None, float | None]:
 
 
 def retention(ref: dict, other: dict) -> tuple[float | None, float | None]:
-    """(retention, stderr or None): 1.0 = no loss, < 1 = worse than the reference (delta method)."""
+    """(retention, stderr or None): 1.0 = no loss, < 1 = worse than the reference.
+
+    r = other / ref (higher is better) or ref / other (lower is better); None when the divisor is
+    0. Stderr by the delta method: for r = x / y, sqrt((s_x / y)^2 + (x s_y / y^2)^2).
+    """
     name, a, sa, hib = primary(ref)
     _, b, sb, _ = primary(other, name)
-    if not a or not b:
+    if a is None or b is None:
         return None, None
-    r = b / a if hib else a / b
-    if sa is None or sb is None:
-        return r, None
-    return r, r * math.sqrt((sa / a) ** 2 + (sb / b) ** 2)
+    (x, sx), (y, sy) = ((b, sb), (a, sa)) if hib else ((a, sa), (b, sb))
+    if y == 0:
+        return None, None
+    if sx is None or sy is None:
+        return x / y, None
+    return x / y, math.sqrt((sx / y) ** 2 + (x * sy / y ** 2) ** 2)
+
+
+def retention_units(model: dict) -> dict[str, dict]:
+    """What a domain's retention averages: ungrouped tasks, and each task group once (so 57 MMLU
+    subjects weigh as one group), as {name: entry}."""
+    named = {t.get("group") for t in model["tasks"].values()} - {None}
+    return {**{n: t for n, t in model["tasks"].items() if not t.get("group")},
+            **{g: e for g, e in model["groups"].items() if g in named}}
 
 
 def domain_retention(models: dict, ref: str, label: str) -> dict:
-    """{domain: {"retention": mean over its tasks, "stderr", "tasks": {task: retention}}} for `label`.
+    """{domain: {"retention": mean over its units, "stderr", "tasks": {unit: retention}}} for `label`;
+    units are `retention_units` (ungrouped tasks and task groups).
 
-    The mean's standard error is sqrt(sum se_i^2) / k over its k tasks; tasks without a standard
-    error (perplexities over many tokens) count as exact. None when no task has one.
+    The mean's standard error is sqrt(sum se_i^2) / k over its k units; units without a standard
+    error (perplexities over many tokens) count as exact. None when no unit has one.
     """
     per: dict[str, dict] = {}
-    for name, task in models[label]["tasks"].items():
-        ref_task = models[ref]["tasks"].get(name)
-        r, se = retention(ref_task, task) if ref_task else (None, None)
+    ref_units = retention_units(models[ref])
+    for name, entry in retention_units(models[label]).items():
+        r, se = retention(ref_units[name], entry) if name in ref_units else (None, None)
         if r is not None:
-            per.setdefault(task.get("domain", "general"), {})[name] = (r, se)
+            per.setdefault(entry.get("domain", "general"), {})[name] = (r, se)
     out = {}
-    for domain, tasks in sorted(per.items(), key=lambda kv: (kv[0] != "general", kv[0])):
-        ses = [se for _, se in tasks.values() if se is not None]
-        out[domain] = {"retention": sum(r for r, _ in tasks.values()) / len(tasks),
-                       "stderr": math.sqrt(sum(s * s for s in ses)) / len(tasks) if ses else None,
-                       "tasks": {t: {"retention": r, "stderr": se} for t, (r, se) in tasks.items()}}
+    for domain, units in sorted(per.items(), key=lambda kv: (kv[0] != "general", kv[0])):
+        ses = [se for _, se in units.values() if se is not None]
+        out[domain] = {"retention": sum(r for r, _ in units.values()) / len(units),
+                       "stderr": math.sqrt(sum(s * s for s in ses)) / len(units) if ses else None,
+                       "tasks": {t: {"retention": r, "stderr": se} for t, (r, se) in units.items()}}
     return out
 
 
