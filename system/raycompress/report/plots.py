@@ -42,7 +42,8 @@ def retention_chart(series: dict[str, dict]) -> str | None:
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(domains))]
         vals = [per.get(d, {}).get("retention") or 0.0 for d in domains]
         errs = [per.get(d, {}).get("stderr") or 0.0 for d in domains]
-        bars = ax.bar(xs, vals, width, yerr=errs, capsize=3, label=label, color=_COLORS[i % len(_COLORS)])
+        low = [min(e, v) for e, v in zip(errs, vals)]
+        bars = ax.bar(xs, vals, width, yerr=[low, errs], capsize=3, label=label, color=_COLORS[i % len(_COLORS)])
         ax.bar_label(bars, labels=[f"{v:.3f}" if v else "" for v in vals], label_type="center", color="white",
                      fontsize=8, fontweight="bold")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
@@ -66,8 +67,9 @@ def task_retention_chart(tasks: dict[str, dict]) -> str | None:
     rows.sort(key=lambda nt: (domains.index(nt[1]["domain"]), nt[0]), reverse=True)
     fig, ax = plt.subplots(figsize=(5.2, 1.2 + 0.3 * len(rows)))
     colors = [_COLORS[domains.index(t["domain"]) % len(_COLORS)] for _, t in rows]
-    ax.barh([n for n, _ in rows], [t["retention"] for _, t in rows], xerr=[t.get("stderr") or 0.0 for _, t in rows],
-            color=colors, capsize=2)
+    errs = [t.get("stderr") or 0.0 for _, t in rows]
+    low = [min(e, t["retention"]) for e, (_, t) in zip(errs, rows)]  # retention is never below 0
+    ax.barh([n for n, _ in rows], [t["retention"] for _, t in rows], xerr=[low, errs], color=colors, capsize=2)
     ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xlabel("retention (1.0 = no loss)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[i % len(_COLORS)]) for i in range(len(domains))]
