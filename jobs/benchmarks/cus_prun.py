@@ -1,0 +1,117 @@
+"""Benchmark of Cus-Prun on SmolLM2: real CPU speed-up of the pruned model; prints ONE JSON line.
+
+    .venv/bin/python jobs/benchmarks/cus_prun.py [--sparsities 0.125,0.25] [--no-eval]
+
+For each sparsity (fraction of FFN neurons removed per decoder layer) the job
+`jobs/smollm2-biomed-cusprun.yaml` runs select -> compress (-> evaluate) into
+runs/bench-cusprun/s<sparsity>; then dense and pruned checkpoints are timed in this process with
+the same threads (default 2):
+- prefill: tokens/s of a forward pass over a (4, 512) batch of token ids;
+- decode: tokens/s of greedy generation of 32 new tokens after a 128-token prompt, batch 1, KV cache;
+medians of 5 rounds, the models timed in turn within each round.
+Reported: parameters, intermediate_size, both throughputs and their pruned/dense ratios, and the
+job's evaluation (dense and pruned) when --no-eval is not given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs" / "smollm2-biomed-cusprun.yaml"
+
+
+def run_job_variant(sparsity: float, out: Path, evaluate: bool, include_dense: bool) -> Path:
+    """select + compress (+ evaluate, report) for one sparsity; returns the pruned checkpoint."""
+    from raycompress.config import JobConfig
+    from raycompress.distributed.orchestrator import Stage, run_job
+    from raycompress.models.fetch import resolve_model, set_offline
+
+    set_offline()
+    raw = yaml.safe_load(JOB.read_text())
+    raw["name"] = f"smollm2-biomed-cusprun{round(sparsity * 1000)}"
+    raw["compress"]["sparsity"] = sparsity
+    raw["evaluate"]["include_dense"] = include_dense
+    job = JobConfig.model_validate({**raw, "base_dir": str(ROOT)})
+    stages = [Stage.SELECT, Stage.COMPRESS] + ([Stage.EVALUATE, Stage.REPORT] if evaluate else [])
+    run_job(job, out, stages, resolve_model(job.model))
+    return out / "compress" / "model"
+
+
+@torch.no_grad()
+def throughputs(models: dict[str, Path], threads: int, rounds: int = 5) -> dict[str, dict]:
+    """Prefill and decode tokens/s of each checkpoint on this CPU. The models are timed in turn
+    within each round (A B A B ...), so that load from other processes hits all of them alike."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    loaded = {k: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for k, p in models.items()}
+    vocab = min(m.config.vocab_size for m in loaded.values())
+    batch = torch.randint(0, vocab, (4, 512), generator=torch.Generator().manual_seed(0))
+    prompt = batch[:1, :128]
+    prefill: dict[str, list[float]] = {k: [] for k in loaded}
+    decode: dict[str, list[float]] = {k: [] for k in loaded}
+    for m in loaded.values():  # warm-up
+        m(input_ids=batch[:1, :64])
+        m.generate(prompt, max_new_tokens=4, do_sample=False)
+    for _ in range(rounds):
+        for k, m in loaded.items():
+            t0 = time.perf_counter()
+            m(input_ids=batch)
+            prefill[k].append(batch.numel() / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            out = m.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            decode[k].append((out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t0))
+    return {k: {"params": sum(p.numel() for p in m.parameters()),
+                "intermediate_size": int(m.config.intermediate_size),
+                "prefill_tokens_per_s": round(statistics.median(prefill[k]), 1),
+                "decode_tokens_per_s": round(statistics.median(decode[k]), 2)} for k, m in loaded.items()}
+
+
+def primary_metrics(run: Path) -> dict:
+    """{model label: {task: primary metric}} from a run's evaluate/results.json."""
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    return {label: {t: r["metrics"][r["primary"]] for t, r in m["tasks"].items()} for label, m in res.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsities", default="0.125,0.25")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-cusprun")
+    args = ap.parse_args()
+    from raycompress.models.fetch import resolve_model
+
+    dense_dir = resolve_model("smollm2-135m-instruct")
+    result: dict = {"model": "smollm2-135m-instruct", "threads": args.threads, "runs": {}}
+    pruned = {}
+    for n, s in enumerate(float(x) for x in args.sparsities.split(",")):
+        run = args.output / f"s{s}"
+        pruned[s] = run_job_variant(s, run, not args.no_eval, include_dense=(n == 0))
+        if not args.no_eval:
+            result["runs"][str(s)] = {"quality": primary_metrics(run)}
+    import ray
+
+    ray.shutdown()  # time the models without Ray's processes competing for the CPUs
+    timed = throughputs({"dense": dense_dir, **{str(k): v for k, v in pruned.items()}}, args.threads)
+    dense = result["dense"] = timed.pop("dense")
+    for s, t in timed.items():
+        run = result["runs"].setdefault(s, {})
+        run.update(t)
+        run["prefill_speedup"] = round(t["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"], 3)
+        run["decode_speedup"] = round(t["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
+        run["param_ratio"] = round(t["params"] / dense["params"], 4)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
