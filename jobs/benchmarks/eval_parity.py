@@ -110,11 +110,16 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=4096, help="our tokens per forward batch")
     ap.add_argument("--lm-eval-batch-size", default="8")
     ap.add_argument("--peer-python", default=".venv-peer/bin/python")
+    ap.add_argument("--lm-eval-results", type=Path, help="reuse the lm-eval side saved by an earlier run "
+                    "(written there when missing); the caps must match")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="eval-parity-") as tmp:
         pages = write_pages(args.wikitext_docs, Path(tmp) / "wikitext_pages.jsonl")
-        peer = run_lm_eval(args, pages, Path(tmp))
+        saved = args.lm_eval_results
+        peer = json.loads(saved.read_text()) if saved and saved.is_file() else run_lm_eval(args, pages, Path(tmp))
+        if saved and not saved.is_file():
+            saved.write_text(json.dumps(peer))
         ours, init_s = run_ours(args, pages)
     table = compare(ours, peer)
     print(json.dumps({"model": str(args.model), "caps": {"piqa": args.piqa, "pubmedqa": args.pubmedqa,

@@ -254,7 +254,8 @@ class EvaluateConfig(_Strict):
         "{name: ..., limit: ...} overriding a task file's fields, or a whole inline task")
     task_dirs: list[str] = Field(["jobs/tasks"], description="folders searched (recursively) for task YAML files")
     batch_tokens: int = Field(4096, gt=0, description="tokens per forward batch")
-    unit_tokens: int = Field(16384, gt=0, description="tokens per work unit sent to an actor")
+    unit_tokens: int = Field(4096, gt=0, description="tokens per work unit sent to an actor (units are "
+                             "fixed before actors start, so results do not depend on the actor count)")
     include_dense: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device_map: Literal["auto"] | None = Field(None, description="auto: spread a model too large for one "

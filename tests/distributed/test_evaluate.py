@@ -86,3 +86,16 @@ def test_device_map_auto_on_cpu_same_numbers(one_actor, task_dir, tiny_lm_dir, r
 
     res = evaluate_models(_job(task_dir, 1, device_map="auto"), {"dense": tiny_lm_dir})
     assert _numbers(res) == _numbers({"dense": one_actor["dense"]})
+
+
+def test_in_process_matches_pool(one_actor, task_dir, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raycompress.evaluation.local import evaluate_in_process
+    from raycompress.evaluation.taskfiles import resolve_tasks
+
+    job = _job(task_dir, 1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    res = evaluate_in_process(model, AutoTokenizer.from_pretrained(tiny_lm_dir), resolve_tasks(job), job.resolve, 256)
+    for name, rec in one_actor["dense"]["tasks"].items():
+        assert res["tasks"][name]["metrics"] == pytest.approx(rec["metrics"], rel=1e-5)

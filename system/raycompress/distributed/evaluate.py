@@ -1,4 +1,4 @@
-"""Evaluate stage on Ray: a pool of `EvalWorker` actors, each loading a checkpoint once and
+"""Evaluate stage on Ray: a pool of `EvalActor` actors, each loading a checkpoint once and
 scoring work units of log-likelihood requests; the driver tokenizes, cuts units, aggregates.
 
 Units are fixed before any actor starts (requests sorted by length, cut at `unit_tokens`), and an
@@ -19,10 +19,9 @@ import ray
 
 from raycompress.config import JobConfig
 from raycompress.distributed.resources import actor_options, torch_threads
-from raycompress.evaluation.groups import group_results
+from raycompress.evaluation.local import finalize_all, prepare_all
 from raycompress.evaluation.scoring import Request, model_input
 from raycompress.evaluation.taskfiles import resolve_tasks
-from raycompress.evaluation.tasks import finalize_task, prepare_task
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def _chaos(unit: int) -> None:
     os._exit(1)
 
 
-class EvalWorker:
+class EvalActor:
     """Holds one model; scores units of requests. All maths is in `evaluation.scoring`."""
 
     def __init__(self, model_dir: str, threads: int, dtype: str, device_map: str | None) -> None:
@@ -138,7 +137,7 @@ def score_model(job: JobConfig, model_dir: Path, requests: list[Request], max_le
     order = make_units(requests, max_len, ev.unit_tokens)
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), **({"runtime_env": {"env_vars": env}} if env else {})}
-    actor_cls = ray.remote(EvalWorker).options(**opts)
+    actor_cls = ray.remote(EvalActor).options(**opts)
     spawn = lambda: actor_cls.remote(str(model_dir), torch_threads(job.ray), ev.dtype, ev.device_map)  # noqa: E731
     call = lambda a, k, unit: a.score.remote(k, unit, max_len, ev.batch_tokens)  # noqa: E731
     per_unit, restarts = run_pool(spawn, [[requests[i] for i in u] for u in order], job.ray.eval_actors,
@@ -169,18 +168,13 @@ def evaluate_models(job: JobConfig, models: dict[str, Path]) -> dict:
     first = Path(next(iter(models.values())))
     tokenizer = AutoTokenizer.from_pretrained(first)
     max_len = _context_length(first, tokenizer)
-    prepared = [prepare_task(t, tokenizer, max_len, job.resolve) for t in tasks]
-    requests = [r for p in prepared for r in p.requests]
+    prepared, requests = prepare_all(tasks, tokenizer, max_len, job.resolve)
     log.info("evaluate: %d tasks, %d requests, context length %d", len(tasks), len(requests), max_len)
     out: dict[str, dict] = {}
     for label, path in models.items():
         t0 = time.perf_counter()
         results, restarts = score_model(job, Path(path), requests, max_len)
-        records, outcomes, start = {}, {}, 0
-        for p in prepared:
-            records[p.cfg.name], outcomes[p.cfg.name] = finalize_task(p, results[start : start + len(p.requests)])
-            start += len(p.requests)
-        out[label] = {"seconds": time.perf_counter() - t0, "restarts": restarts, "tasks": records,
-                      "groups": group_results(records, outcomes)}
+        scored = finalize_all(prepared, results)
+        out[label] = {"seconds": time.perf_counter() - t0, "restarts": restarts, **scored}
         log.info("evaluate[%s]: %.1f s", label, out[label]["seconds"])
     return out
