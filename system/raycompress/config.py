@@ -258,8 +258,9 @@ class EvaluateConfig(_Strict):
                              "fixed before actors start, so results do not depend on the actor count)")
     include_dense: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device_map: Literal["auto"] | None = Field(None, description="auto: spread a model too large for one "
-                                               "device over GPUs and CPU with accelerate (one actor per model)")
+    device_map: Literal["auto"] | None = Field(None, description="auto: each actor loads its model with "
+                                               "accelerate's device map over the GPUs it holds (ray.gpus_per_actor), "
+                                               "offloading to CPU memory / disk what does not fit")
     max_actor_restarts: int = Field(3, ge=0, description="replacements of dead eval actors before giving up")
 
 

@@ -113,6 +113,16 @@ def _scored_logits_fn(model, batch: torch.Tensor, spans: list[tuple[int, int]]):
     return lambda a, b: head(flat[a:b]).float()
 
 
+def _input_device(model) -> torch.device:
+    """Where input ids go: the first module's device of an accelerate device map ("disk" and
+    offloaded modules take CPU inputs), else the device of the model's parameters."""
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        first = next(iter(placement.values()))
+        return torch.device("cpu" if first in ("cpu", "disk") else (f"cuda:{first}" if isinstance(first, int) else first))
+    return next(model.parameters()).device
+
+
 def _batches(keys: list[tuple[int, ...]], batch_tokens: int) -> list[list[int]]:
     """Indices of `keys` (sorted longest first) grouped so that rows x width <= batch_tokens."""
     order = sorted(range(len(keys)), key=lambda i: (-len(keys[i]), keys[i]))
@@ -128,15 +138,15 @@ def _score_positions(logits_fn, n_pos: int, qpos: torch.Tensor, qtgt: torch.Tens
     """log p(target) and greedy? for each (position, target) query over `n_pos` scored positions.
 
     `logits_fn(a, b)` gives the (b - a, vocab) logits of positions a..b-1; they are made `chunk`
-    positions at a time, so memory stays O(chunk x vocab). qpos, qtgt: (Q,) long. Returns (Q,)
-    float64 log-probabilities and (Q,) bool "target is the argmax".
+    positions at a time, so memory stays O(chunk x vocab). qpos, qtgt: (Q,) long, on the CPU.
+    Returns (Q,) float64 log-probabilities and (Q,) bool "target is the argmax", on the CPU.
     """
     logp = torch.empty(len(qpos), dtype=torch.float64)
     greedy = torch.empty(len(qpos), dtype=torch.bool)
     for a in range(0, n_pos, chunk):
-        logits = logits_fn(a, min(n_pos, a + chunk))  # (m, vocab)
+        logits = logits_fn(a, min(n_pos, a + chunk))  # (m, vocab), on the head's device
         sel = ((qpos >= a) & (qpos < a + chunk)).nonzero().squeeze(1)
-        rows, tgt = qpos[sel] - a, qtgt[sel]
+        rows, tgt = (qpos[sel] - a).to(logits.device), qtgt[sel].to(logits.device)
         lse = torch.logsumexp(logits, dim=-1)  # (m,)
         logp[sel] = (logits[rows, tgt] - lse[rows]).double().cpu()
         greedy[sel] = (logits.argmax(-1)[rows] == tgt).cpu()
@@ -158,7 +168,7 @@ def loglikelihoods(model, requests: list[Request], max_len: int, batch_tokens: i
     for i, k in enumerate(keys):
         by_row.setdefault(k, []).append(i)
     rows = list(by_row)
-    device = next(model.parameters()).device
+    device = _input_device(model)
     ll, ok = [0.0] * len(requests), [True] * len(requests)
     for idx in _batches(rows, batch_tokens):
         width = len(rows[idx[0]])
@@ -175,9 +185,8 @@ def loglikelihoods(model, requests: list[Request], max_len: int, batch_tokens: i
                 qtgt.extend(requests[q][1][-n:])
                 qreq.extend([q] * n)
             base += n_row
-        hidden = _scored_logits_fn(model, batch.to(device), spans)
-        logp, greedy = _score_positions(hidden, base, torch.tensor(qpos, device=device),
-                                        torch.tensor(qtgt, device=device), head_chunk)
+        logits_fn = _scored_logits_fn(model, batch.to(device), spans)
+        logp, greedy = _score_positions(logits_fn, base, torch.tensor(qpos), torch.tensor(qtgt), head_chunk)
         for q, lp, g in zip(qreq, logp.tolist(), greedy.tolist()):
             ll[q] += lp
             ok[q] = ok[q] and g
