@@ -49,6 +49,21 @@ TASKS = {
                   "process_results: !function preprocess_wikitext.process_results\nmetric_list:\n"
                   "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"),
 }
+# lm-eval's default MMLU task (lm_eval/tasks/mmlu/default) on the local dev / test files.
+MMLU = """task: mmlu_local
+dataset_path: json
+dataset_kwargs: {data_files: {test: "@TEST@", dev: "@DEV@"}}
+output_type: multiple_choice
+test_split: test
+fewshot_split: dev
+fewshot_config: {sampler: first_n}
+num_fewshot: 5
+description: "The following are multiple choice questions (with answers) about @SUBJECT@.\\n\\n"
+doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+""" + ACC
 SHIM = "from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401\n"
 
 
@@ -62,6 +77,11 @@ def write_tasks(workdir: Path, files: dict[str, str]) -> dict[str, str]:
             head = HEADER.format(task=lm_name, split=split, path=Path(files[ours]).resolve(), output_type=output_type)
             (workdir / f"{lm_name}.yaml").write_text(head + body)
             names[ours] = lm_name
+    if files.get("mmlu_dir") and files.get("mmlu_subject"):
+        d, subject = Path(files["mmlu_dir"]).resolve(), files["mmlu_subject"]
+        text = MMLU.replace("@TEST@", str(d / f"{subject}_test.jsonl")).replace("@DEV@", str(d / f"{subject}_dev.jsonl"))
+        (workdir / "mmlu_local.yaml").write_text(text.replace("@SUBJECT@", subject.replace("_", " ")))
+        names[f"mmlu_{subject}"] = "mmlu_local"
     return names
 
 
@@ -86,12 +106,15 @@ def main() -> int:
     ap.add_argument("--piqa")
     ap.add_argument("--pubmedqa")
     ap.add_argument("--wikitext-pages", help="JSONL of {'page': article}, the documents to score")
+    ap.add_argument("--mmlu-dir", help="folder of <subject>_dev.jsonl / <subject>_test.jsonl")
+    ap.add_argument("--mmlu-subject", help="one MMLU subject, 5-shot (lm-eval's default MMLU prompt)")
     ap.add_argument("--limit", action="append", default=[], help="task=N: score the first N items")
     ap.add_argument("--batch-size", default="8")
     args = ap.parse_args()
     from lm_eval.tasks import TaskManager
 
-    names = write_tasks(Path(args.workdir), {"piqa": args.piqa, "pubmedqa": args.pubmedqa, "wikitext2": args.wikitext_pages})
+    names = write_tasks(Path(args.workdir), {"piqa": args.piqa, "pubmedqa": args.pubmedqa, "wikitext2": args.wikitext_pages,
+                                             "mmlu_dir": args.mmlu_dir, "mmlu_subject": args.mmlu_subject})
     limits = {k: int(v) for k, v in (x.split("=") for x in args.limit)}
     manager = TaskManager(include_path=str(Path(args.workdir).resolve()))
     out = {ours: run_task(args.model, lm, limits.get(ours), args.batch_size, manager) for ours, lm in names.items()}

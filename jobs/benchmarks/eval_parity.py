@@ -1,6 +1,7 @@
 """Evaluation parity: our Ray eval pool against lm-evaluation-harness on the same local files.
 
     .venv/bin/python jobs/benchmarks/eval_parity.py [--piqa 200] [--pubmedqa 100] [--wikitext-docs 3]
+        [--mmlu-subject anatomy --mmlu 20]
 
 Needs lm-eval in `.venv-peer` (infra/install-peer.sh). Both sides score SmolLM2-135M-Instruct
 (float32, CPU) on PIQA, PubMedQA and WikiText-2 with the same caps (the first N items or
@@ -43,6 +44,9 @@ def run_lm_eval(args, pages: Path, workdir: Path) -> dict:
            "--workdir", str(workdir), "--wikitext-pages", str(pages), "--batch-size", str(args.lm_eval_batch_size),
            "--limit", f"piqa={args.piqa}", "--limit", f"pubmedqa={args.pubmedqa}"]
     cmd += [x for task, path in TASK_FILES.items() for x in (f"--{task}", str(ROOT / path))]
+    if args.mmlu_subject:
+        cmd += ["--mmlu-dir", str(ROOT / "data/eval/mmlu"), "--mmlu-subject", args.mmlu_subject,
+                "--limit", f"mmlu_{args.mmlu_subject}={args.mmlu}"]
     with open(workdir / "lm_eval.log", "w") as err:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
     if proc.returncode:
@@ -63,6 +67,8 @@ def run_ours(args, pages: Path) -> tuple[dict, float]:
     init_s = time.perf_counter() - t0
     entries = {"piqa": {"name": "piqa", "limit": args.piqa}, "pubmedqa": {"name": "pubmedqa", "limit": args.pubmedqa},
                "wikitext2": {"name": "wikitext2", "path": str(pages), "format": "jsonl"}}
+    if args.mmlu_subject:
+        entries[f"mmlu_{args.mmlu_subject}"] = {"name": f"mmlu_{args.mmlu_subject}", "limit": args.mmlu}
     out = {}
     for task, entry in entries.items():
         job = JobConfig.model_validate({
@@ -105,9 +111,11 @@ def main() -> int:
     ap.add_argument("--piqa", type=int, default=200, help="PIQA items (first N)")
     ap.add_argument("--pubmedqa", type=int, default=100, help="PubMedQA items (first N)")
     ap.add_argument("--wikitext-docs", type=int, default=3, help="WikiText-2 test articles (first N)")
+    ap.add_argument("--mmlu-subject", help="also one MMLU subject, 5-shot (e.g. anatomy); off by default")
+    ap.add_argument("--mmlu", type=int, default=20, help="MMLU test questions (first N)")
     ap.add_argument("--actors", type=int, default=2, help="our eval actors")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs for our local Ray")
-    ap.add_argument("--batch-tokens", type=int, default=4096, help="our tokens per forward batch")
+    ap.add_argument("--batch-tokens", type=int, default=1024, help="our tokens per forward batch")
     ap.add_argument("--lm-eval-batch-size", default="8")
     ap.add_argument("--peer-python", default=".venv-peer/bin/python")
     ap.add_argument("--lm-eval-results", type=Path, help="reuse the lm-eval side saved by an earlier run "
@@ -122,8 +130,9 @@ def main() -> int:
             saved.write_text(json.dumps(peer))
         ours, init_s = run_ours(args, pages)
     table = compare(ours, peer)
-    print(json.dumps({"model": str(args.model), "caps": {"piqa": args.piqa, "pubmedqa": args.pubmedqa,
-                      "wikitext_docs": args.wikitext_docs}, "ours": {"actors": args.actors, "cpus": args.cpus,
+    caps = {"piqa": args.piqa, "pubmedqa": args.pubmedqa, "wikitext_docs": args.wikitext_docs,
+            **({f"mmlu_{args.mmlu_subject}": args.mmlu} if args.mmlu_subject else {})}
+    print(json.dumps({"model": str(args.model), "caps": caps, "ours": {"actors": args.actors, "cpus": args.cpus,
                       "ray_init_s": round(init_s, 2)}, "lm_eval": {"batch_size": args.lm_eval_batch_size},
                       "tasks": table, "aims": aims(table)}), flush=True)
     return 0
