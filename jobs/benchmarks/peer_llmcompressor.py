@@ -61,22 +61,19 @@ def _watch(proc, cmd, log, t0) -> tuple[str, float, float]:
 
 
 def perplexities(job, model_dir: Path) -> dict:
-    """Perplexity of `model_dir` on the job's perplexity tasks, in this process."""
+    """Token perplexity of `model_dir` on the job's perplexity tasks (lm-eval's rolling windows per
+    document), scored in this process with the same code as the eval pool."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raycompress.evaluation.metrics import perplexity_metrics
-    from raycompress.evaluation.scoring import window_nll
-    from raycompress.evaluation.tasks import prepare_task
+    from raycompress.evaluation.local import evaluate_in_process
+    from raycompress.evaluation.taskfiles import resolve_tasks
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = {}
-    for task in job.evaluate.tasks:
-        if task.kind == "perplexity":
-            prep = prepare_task(job, task, tok)
-            out[task.name] = round(perplexity_metrics(*window_nll(model, prep.requests, job.evaluate.batch_tokens))["perplexity"], 4)
-    return out
+    tasks = [t for t in resolve_tasks(job) if t.kind == "perplexity"]
+    records = evaluate_in_process(model, tok, tasks, job.resolve, job.evaluate.batch_tokens)["tasks"]
+    return {name: round(r["metrics"]["token_perplexity"], 4) for name, r in records.items()}
 
 
 def main() -> int:
