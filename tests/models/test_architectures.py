@@ -45,3 +45,33 @@ def test_worker_matches_model_and_checkpoint_reloads(arch, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
     down = reloaded.get_submodule(f"{ARCHITECTURES[arch].layers}.1.{ARCHITECTURES[arch].mlp_down}").weight
     assert float((down == 0).float().mean()) == 0.5
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_cus_prun_shrinks_the_ffn_of_every_architecture(arch, tmp_path):
+    """Cus-Prun writes a smaller dense checkpoint (OPT: fc1 rows and bias, fc2 columns, ffn_dim)
+    that transformers reloads, and whose outputs equal the pruned layers the workers ran."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config(arch)).save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig(algorithm="cus_prun", sparsity=0.5, cus_prun={"dimensions": {"domain": ["x"]}})
+    w = LayerWorker(str(tmp_path / "src"), ids, subsets={"domain": torch.ones(4, dtype=torch.bool)})
+    compress_layers(LocalBackend([w]), OffloadedModel(tmp_path / "src"), cfg, tmp_path / "out", "fp")
+    spec = ARCHITECTURES[arch]
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())[spec.intermediate_key] == 64
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    for name in spec.mlp_up:
+        up = reloaded.get_submodule(f"{spec.layers}.1.{name}")
+        assert up.weight.shape == (64, 64) and (up.bias is None or up.bias.shape == (64,))
+    assert reloaded.get_submodule(f"{spec.layers}.1.{spec.mlp_down}").weight.shape == (64, 64)
+    with torch.no_grad():
+        hidden = reloaded(ids, output_hidden_states=True).hidden_states
+    # the last entry of hidden_states is after the final norm; compare the layer-0 output instead
+    w0 = LayerWorker(str(tmp_path / "out" / "model"), ids)
+    w0.begin_layer(0)
+    w0.propagate_dense()
+    torch.testing.assert_close(w0.hidden, hidden[1], atol=1e-5, rtol=0)

@@ -88,8 +88,8 @@ class LayerWorker:
                     st.add_batch(x)
                     continue
                 m = self.subsets[subset][self._rows]  # (b,)
-                if m.any():
-                    st.add_batch(x[m])
+                if m.any():  # some layers (OPT) flatten to (b*seq, d_in): view as (b, seq, d_in)
+                    st.add_batch(x.reshape(m.numel(), -1, x.shape[-1])[m])
         return hook
 
     # -- lifecycle -------------------------------------------------------------------------
