@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from raycompress.algorithms.obs import obs_sweep
-from raycompress.algorithms.quant import QuantSpec, fake_quant, qparams
+from raycompress.algorithms.obs import columns_from, obs_sweep
+from raycompress.algorithms.quant import QuantSpec, qparams, quantize_column
 from raycompress.algorithms.sparsegpt import inverse_cholesky
 
 
@@ -31,9 +31,8 @@ class _QuantRounder:
     def round(self, j, col, w1, jj, u1):
         grp = int(self.perm[j]) // self.g
         if self.dynamic and j % self.g == 0:  # parameters from the error-compensated group
-            cols = torch.cat([w1[:, jj:], self._rest], 1)[:, : self.g]
-            self.scale[:, grp], self.zero[:, grp] = qparams(cols, self.spec)
-        return fake_quant(col.unsqueeze(1), self.scale[:, grp], self.zero[:, grp], self.spec).squeeze(1)
+            self.scale[:, grp], self.zero[:, grp] = qparams(columns_from(w1, jj, self._rest, self.g), self.spec)
+        return quantize_column(col, self.scale, self.zero, grp, self.spec)
 
 
 def gptq_quantize(

@@ -22,6 +22,12 @@ class Rounder(Protocol):
         """The rounded column j (global index; jj inside the block) from its current value col (d_out,)."""
 
 
+def columns_from(w1: torch.Tensor, jj: int, rest: torch.Tensor, g: int) -> torch.Tensor:
+    """The next g columns (d_out, <= g) from block column jj on, as the sweep holds them now: the
+    current block w1 (d_out, B) continued by the weights right of it, rest (d_out, d_in - b1)."""
+    return torch.cat([w1[:, jj:], rest], 1)[:, :g]
+
+
 def obs_sweep(w: torch.Tensor, u: torch.Tensor, block_size: int, rounder: Rounder) -> torch.Tensor:
     """Run the sweep on a float32 copy of w (d_out, d_in) with U (d_in, d_in); returns the rounded W."""
     W = w.clone()

@@ -55,6 +55,11 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     return (quantize_int(w, s, z, spec) - z) * s
 
 
+def quantize_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grp: int, spec: QuantSpec) -> torch.Tensor:
+    """`fake_quant` of one column col (d_out,) with group `grp`'s parameters, scale/zero (d_out, n_groups)."""
+    return fake_quant(col.unsqueeze(1), scale[:, grp], zero[:, grp], spec).squeeze(1)
+
+
 def rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest baseline: (dequantized w, scale (d_out, n_groups), zero (d_out, n_groups))."""
     g = spec.group_size or w.shape[1]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from raycompress.algorithms.obs import obs_sweep
-from raycompress.algorithms.quant import QuantSpec, fake_quant, qparams
+from raycompress.algorithms.obs import columns_from, obs_sweep
+from raycompress.algorithms.quant import QuantSpec, qparams, quantize_column
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -84,10 +84,10 @@ class _PruneRounder:
             return q
         grp = j // self.g
         if j % self.g == 0:  # group parameters from the current (error-compensated, masked) weights
-            cols = torch.cat([w1[:, jj:], self._rest], 1)[:, : self.g]
+            cols = columns_from(w1, jj, self._rest, self.g)
             cols = cols.masked_fill(self.mask[:, j : j + cols.shape[1]], 0.0)
             self.scale[:, grp], self.zero[:, grp] = qparams(cols, self.quant)
-        return fake_quant(q.unsqueeze(1), self.scale[:, grp], self.zero[:, grp], self.quant).squeeze(1)
+        return quantize_column(q, self.scale, self.zero, grp, self.quant)
 
 
 def sparsegpt_prune(
