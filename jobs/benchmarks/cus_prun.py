@@ -28,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "smollm2-biomed-cusprun.yaml"
 
 
-def run_job_variant(sparsity: float, out: Path, evaluate: bool, include_dense: bool) -> Path:
-    """select + compress (+ evaluate, report) for one sparsity; returns the pruned checkpoint."""
+def run_job_variant(sparsity: float, out: Path, evaluate: bool, include_dense: bool, select_from: Path | None) -> Path:
+    """select (or a copy of `select_from`'s calibration set) + compress (+ evaluate, report) for one
+    sparsity; returns the pruned checkpoint."""
+    import shutil
+
     from raycompress.config import JobConfig
     from raycompress.distributed.orchestrator import Stage, run_job
     from raycompress.models.fetch import resolve_model, set_offline
@@ -40,7 +43,11 @@ def run_job_variant(sparsity: float, out: Path, evaluate: bool, include_dense: b
     raw["compress"]["sparsity"] = sparsity
     raw["evaluate"]["include_dense"] = include_dense
     job = JobConfig.model_validate({**raw, "base_dir": str(ROOT)})
-    stages = [Stage.SELECT, Stage.COMPRESS] + ([Stage.EVALUATE, Stage.REPORT] if evaluate else [])
+    stages = [Stage.COMPRESS] + ([Stage.EVALUATE, Stage.REPORT] if evaluate else [])
+    if select_from is None:
+        stages.insert(0, Stage.SELECT)
+    elif not (out / "select").is_dir():  # every sparsity prunes with the same calibration set
+        shutil.copytree(select_from / "select", out / "select")
     run_job(job, out, stages, resolve_model(job.model))
     return out / "compress" / "model"
 
@@ -95,7 +102,8 @@ def main() -> int:
     pruned = {}
     for n, s in enumerate(float(x) for x in args.sparsities.split(",")):
         run = args.output / f"s{s}"
-        pruned[s] = run_job_variant(s, run, not args.no_eval, include_dense=(n == 0))
+        first = args.output / f"s{next(iter(pruned))}" if pruned else None
+        pruned[s] = run_job_variant(s, run, not args.no_eval, include_dense=(n == 0), select_from=first)
         if not args.no_eval:
             result["runs"][str(s)] = {"quality": primary_metrics(run)}
     import ray
