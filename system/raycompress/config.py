@@ -118,6 +118,10 @@ class CompressConfig(_Strict):
     n_m: tuple[int, int] | None = Field(None, description="N:M semi-structured pattern, e.g. [2, 4]")
     block_size: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns)")
     damping: float = Field(0.01, ge=0.0, description="fraction of mean(diag(H)) added to the Hessian")
+    hessian_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="accumulator of the calibration statistics; float64 makes them bit-identical "
+        "whatever the number of actors, at twice the memory")
+    micro_batch: int = Field(4, gt=0, description="calibration sequences per forward pass of a decoder layer")
     targets: list[str] | None = Field(None, description="module names inside a decoder layer; default: all linears")
 
     @field_validator("n_m")

@@ -37,7 +37,8 @@ def test_asymmetric_round_trip_within_half_step():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_on_grid_and_better_than_rtn(spec, act_order):
     w, x, h = _problem()
-    q, scale, zero, used = gptq_quantize(w, h, spec, block_size=64, act_order=act_order)
+    r = gptq_quantize(w, h, spec, block_size=64, act_order=act_order)
+    q, scale, zero, used = r.weight, r.scale, r.zero, r.damping
     g = spec.group_size or w.shape[1]
     s, z = scale.repeat_interleave(g, 1), zero.repeat_interleave(g, 1)
     codes = torch.round(q / s + z)
@@ -56,11 +57,12 @@ def test_gptq_rejects_group_not_dividing():
 def test_joint_sparse_quant_keeps_mask_and_grid():
     w, x, h = _problem(1)
     spec = QuantSpec(4, True, 32)
-    q, mask, _, scale, zero = sparsegpt_prune(w, h, 0.5, block_size=64, quant=spec)
+    r = sparsegpt_prune(w, h, 0.5, block_size=64, quant=spec)
+    q, mask, scale, zero = r.weight, r.mask, r.scale, r.zero
     assert torch.all(q[mask] == 0) and abs(float(mask.float().mean()) - 0.5) < 0.01
     s, z = scale.repeat_interleave(32, 1), zero.repeat_interleave(32, 1)
     assert torch.allclose((torch.round(q / s + z) - z) * s, q, atol=1e-5)
-    sparse_only, _, _ = sparsegpt_prune(w, h, 0.5, block_size=64)
+    sparse_only = sparsegpt_prune(w, h, 0.5, block_size=64).weight
     # quantizing on top costs a little, far less than naive RTN of the sparse weights
     naive = sparse_only.clone()
     for c in range(0, 128, 32):

@@ -59,7 +59,8 @@ def test_kept_neurons_follow_the_relevance_of_each_dimension(tiny_llama_dir, cal
     _run(tiny_llama_dir, calib, tmp_path / "b", cfg)
     w = LayerWorker(str(tiny_llama_dir), calib, subsets=row_subsets(cfg, SOURCES))
     w.begin_layer(0)
-    stats = w.accumulate({"mlp.down_proj": "sqnorm"}, True)
+    w.accumulate({"mlp.down_proj": ("sqnorm", ["mlp.down_proj"])}, True)
+    stats = w.stats
     down = w.layer.mlp.down_proj.weight.data
     impacts = {d: neuron_impact(stats[f"mlp.down_proj@{d}"].value / stats[f"mlp.down_proj@{d}"].tokens, down) for d in DIMS}
     keep = select_neurons(relevance(impacts), kept_count(128, 0.25, 8))

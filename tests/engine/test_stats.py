@@ -53,19 +53,35 @@ def test_kind_mismatch_and_unknown_kind():
         InputStats.empty("mean", 2)
 
 
-def test_accumulator_dtype_casts_input():
+def test_accumulator_dtype_casts_input_and_allocates_lazily():
     s = InputStats.empty("hessian", 2)
-    s.add_batch(torch.ones(3, 2, dtype=torch.float16))
-    assert s.value.dtype == torch.float64  # default accumulator: float64 (exact sums of float32 products)
-    assert s.value.tolist() == [[3.0, 3.0], [3.0, 3.0]]
+    assert s.value is None and s.nbytes == 0  # nothing allocated before the first micro-batch
+    s.add_batch(torch.ones(3, 2, dtype=torch.bfloat16))
+    assert s.value.dtype == torch.float32  # default accumulator (compress.hessian_dtype)
+    assert s.value.tolist() == [[3.0, 3.0], [3.0, 3.0]] and s.nbytes == 16
+    d = InputStats.empty("hessian", 2, torch.float64)
+    d.add_batch(torch.ones(3, 2))
+    assert d.value.dtype == torch.float64
+
+
+def test_add_in_place_sums_tokens_and_output_norms():
+    a, b = InputStats.empty("sqnorm", 2), InputStats.empty("sqnorm", 2)
+    a.add_batch(torch.tensor([[1.0, 2.0]]))
+    a.add_output("q", 5.0)
+    b.add_batch(torch.tensor([[3.0, 0.0]]))
+    b.add_output("q", 1.0)
+    buf = a.value
+    a.add_(b)
+    assert a.value is buf and a.value.tolist() == [10.0, 4.0] and a.tokens == 2 and a.out_sq == {"q": 6.0}
 
 
 def test_mix_stats_weights_per_token_means():
     from raycompress.engine.stats import mix_stats
 
-    dom = InputStats("sqnorm", torch.tensor([4.0, 8.0], dtype=torch.float64), tokens=4)
-    gen = InputStats("sqnorm", torch.tensor([2.0, 0.0], dtype=torch.float64), tokens=2)
-    out = mix_stats(dom, gen, 0.5)
+    def st(v, n):
+        return InputStats("sqnorm", 2, torch.float64, value=torch.tensor(v, dtype=torch.float64), tokens=n)
+
+    out = mix_stats(st([4.0, 8.0], 4), st([2.0, 0.0], 2), 0.5)
     assert out.value.tolist() == [1.0 + 0.5, 2.0 + 0.0] and out.tokens == 1
     empty = InputStats.empty("sqnorm", 2)
-    assert mix_stats(dom, empty, 0.5).value.tolist() == [1.0, 2.0]
+    assert mix_stats(st([4.0, 8.0], 4), empty, 0.5).value.tolist() == [1.0, 2.0]

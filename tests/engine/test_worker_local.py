@@ -29,11 +29,11 @@ def test_meta_loader_reproduces_layer0_hidden_states(tiny_llama_dir, dense, cali
     torch.testing.assert_close(worker.hidden, ref[0], atol=1e-6, rtol=0)
     worker.begin_layer(0)
     weights = [{"weight": worker.layer.get_submodule(t).weight.data.clone()} for t in TARGETS]
-    worker.apply(list(TARGETS), *weights)
+    worker.apply(dict(zip(TARGETS, weights)))
     torch.testing.assert_close(worker.hidden, ref[1], atol=1e-5, rtol=0)
     worker.end_layer()
     worker.begin_layer(1)
-    worker.apply([])
+    worker.apply()
     # the last hidden_states entry has the final norm applied; compare before it
     torch.testing.assert_close(full.model.norm(worker.hidden), ref[2], atol=1e-5, rtol=0)
 
@@ -41,11 +41,15 @@ def test_meta_loader_reproduces_layer0_hidden_states(tiny_llama_dir, dense, cali
 def test_worker_solve_records(tiny_llama_dir, calib):
     worker = LayerWorker(str(tiny_llama_dir), calib)
     worker.begin_layer(0)
-    parts = worker.accumulate({"mlp.gate_proj": "hessian"})
-    assert parts["mlp.gate_proj"].tokens == 64
-    assert parts["mlp.gate_proj"].value.shape == (64, 64)
-    w_new = worker.solve("mlp.up_proj", "mlp.gate_proj", CompressConfig(sparsity=0.5), parts, parts)["weight"]
+    assert worker.accumulate({"mlp.gate_proj": ("hessian", ["mlp.up_proj"])}) == {"mlp.gate_proj": 64}
+    assert worker.stats["mlp.gate_proj"].value.shape == (64, 64)
+    assert worker.stats["mlp.gate_proj"].value.dtype == torch.float32  # compress.hessian_dtype default
+    assert set(worker.stats["mlp.gate_proj"].out_sq) == {"mlp.up_proj"}
+    solved = worker.solve_group("mlp.gate_proj", ["mlp.up_proj"], CompressConfig(sparsity=0.5), export=True)
+    w_new = solved["mlp.up_proj"]["weight"]
     assert float((w_new == 0).float().mean()) == 0.5
+    assert worker.layer.mlp.up_proj.weight.data is not None and torch.equal(worker.layer.mlp.up_proj.weight.data, w_new)
+    assert "mlp.gate_proj" not in worker.stats  # the Hessian became the factor and is gone
     (info,) = worker.pop_infos()
     assert info["layer"] == 0 and info["module"] == "mlp.up_proj" and 0 < info["rel_error"] < 1
     assert worker.pop_infos() == []

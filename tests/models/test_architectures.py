@@ -35,7 +35,7 @@ def test_worker_matches_model_and_checkpoint_reloads(arch, tmp_path):
     worker = LayerWorker(str(tmp_path / "src"), ids, micro_batch=2)
     worker.begin_layer(0)
     targets = list(worker.model.spec.linears)
-    worker.apply(targets, *[{"weight": worker.layer.get_submodule(t).weight.data} for t in targets])
+    worker.apply({t: {"weight": worker.layer.get_submodule(t).weight.data} for t in targets})
     with torch.no_grad():
         ref = model(ids, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(worker.hidden, ref, atol=1e-5, rtol=0)

@@ -8,28 +8,41 @@ by decreasing diag(H)) uses *static* groups: group scales come from the original
 natural column order, so the checkpoint needs no group index (llm-compressor's actorder="static").
 Without activation order, group parameters are computed when the sweep reaches each group, from
 the error-compensated weights (as the reference does); per-channel parameters come from the
-original weight.
+original weight. Pure tensor maths on whatever device the tensors are on.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from raycompress.algorithms.obs import columns_from, obs_sweep
+from raycompress.algorithms.obs import OBSFactor, columns_from, obs_factor_, obs_sweep_
 from raycompress.algorithms.quant import QuantSpec, qparams, quantize_column
-from raycompress.algorithms.sparsegpt import inverse_cholesky
+
+
+@dataclass
+class GPTQResult:
+    """weight: (d_out, d_in) dequantized, in the input's dtype; scale / zero: (d_out, n_groups)
+    float32 grid; damping: λ used; loss: OBS error tr(D H_λ D^T) of the sweep."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    damping: float
+    loss: float
 
 
 class _QuantRounder:
     """Rounding = quantize the column on its group's grid (natural-order group of the column)."""
 
     def __init__(self, spec: QuantSpec, perm: torch.Tensor, g: int, scale, zero, dynamic: bool) -> None:
-        self.spec, self.perm, self.g, self.scale, self.zero, self.dynamic = spec, perm, g, scale, zero, dynamic
+        self.spec, self.perm, self.g, self.scale, self.zero, self.dynamic = spec, perm.tolist(), g, scale, zero, dynamic
 
     def begin_block(self, b0, b1, w1, u1, rest):
         self._rest = rest
 
     def round(self, j, col, w1, jj, u1):
-        grp = int(self.perm[j]) // self.g
+        grp = self.perm[j] // self.g
         if self.dynamic and j % self.g == 0:  # parameters from the error-compensated group
             self.scale[:, grp], self.zero[:, grp] = qparams(columns_from(w1, jj, self._rest, self.g), self.spec)
         return quantize_column(col, self.scale, self.zero, grp, self.spec)
@@ -37,41 +50,54 @@ class _QuantRounder:
 
 def gptq_quantize(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     spec: QuantSpec,
     block_size: int = 128,
     damping: float = 0.01,
     act_order: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    *,
+    factor: OBSFactor | None = None,
+) -> GPTQResult:
     """Quantize `w` to `spec` minimising ||WX - ŴX||² given H = X X^T.
 
     Args:
-        w: (d_out, d_in) weight.
-        h: (d_in, d_in) Hessian proxy.
+        w: (d_out, d_in) weight, any float dtype; the sweep runs in float32 on w's device.
+        h: (d_in, d_in) Hessian proxy (not modified); ignored when `factor` is given.
         spec: bits, symmetry, group size (None = per output channel).
         block_size: columns per lazy-update block.
-        damping: λ as a fraction of mean(diag(H)).
-        act_order: process columns by decreasing diag(H) (static groups).
+        damping: λ as a fraction of mean(diag(H)) (ignored with `factor`).
+        act_order: process columns by decreasing diag(H) (static groups); with `factor`, the
+            factor's own `perm` decides.
+        factor: the precomputed `obs_factor_` of H, shared by the linears that read the same input.
     Returns:
-        (dequantized weight (d_out, d_in) float32, scale (d_out, n_groups), zero (d_out, n_groups),
-        damping used).
+        `GPTQResult`; weight in w's dtype.
     Raises:
         ValueError: shapes disagree, or the group size does not divide d_in (and block_size).
+        HessianNotPositiveDefinite: as in `obs.inverse_cholesky_`.
     """
     d_out, d_in = w.shape
     g = spec.group_size or d_in
-    if h.shape != (d_in, d_in) or d_in % g or (spec.group_size and not act_order and block_size % g):
+    d_h = (factor.u if factor is not None else h).shape
+    if d_h != (d_in, d_in) or d_in % g or (spec.group_size and not act_order and factor is None and block_size % g):
         raise ValueError(f"need H ({d_in}, {d_in}) and group size {g} dividing d_in and block_size {block_size}; "
-                         f"got H {tuple(h.shape)}")
-    W = w.float().clone()
-    W[:, torch.diagonal(h) == 0] = 0
-    dynamic = spec.group_size is not None and not act_order
-    scale = torch.zeros(d_out, d_in // g)
-    zero = torch.zeros(d_out, d_in // g)
+                         f"got H {tuple(d_h)}")
+    if factor is None:
+        factor = obs_factor_(h.to(torch.float32, copy=True), damping, act_order)
+    static_order = factor.perm is not None
+    if spec.group_size and not static_order and block_size % g:
+        raise ValueError(f"group size {g} must divide block_size {block_size}")
+    W = w.to(torch.float32, copy=True)  # (d_out, d_in) working copy
+    W[:, factor.dead] = 0
+    dynamic = spec.group_size is not None and not static_order
+    scale = torch.zeros(d_out, d_in // g, device=w.device)
+    zero = torch.zeros(d_out, d_in // g, device=w.device)
     if not dynamic:  # static: per-channel, or groups under activation order, from the original weight
         for c in range(0, d_in, g):
             scale[:, c // g], zero[:, c // g] = qparams(W[:, c : c + g], spec)
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(d_in)
-    U, used = inverse_cholesky(h[perm][:, perm], damping)
-    Q = obs_sweep(W[:, perm], U, block_size, _QuantRounder(spec, perm, g, scale, zero, dynamic))
-    return Q[:, torch.argsort(perm)], scale, zero, used
+    perm = factor.perm if static_order else torch.arange(d_in, device=w.device)
+    if static_order:
+        W = W[:, perm]
+    Q, loss = obs_sweep_(W, factor.u, block_size, _QuantRounder(spec, perm, g, scale, zero, dynamic))
+    if static_order:
+        Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(Q.to(w.dtype), scale, zero, factor.damping, loss)

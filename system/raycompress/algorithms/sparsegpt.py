@@ -4,62 +4,46 @@ quantizing the surviving weights in the same sweep.
 Source: Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
 One-Shot", Algorithm 1 (adaptive mask selection per block of B_s columns by the OBS saliency
 w^2 / [H^-1]_jj^2; Eq. 3 update) and Sec. 3.5 (joint sparsification and quantization). Reference:
-github.com/IST-DASLab/sparsegpt `sparsegpt.py` (`SparseGPT.fasterprune`). Pure tensor maths; the
-Hessian H = X X^T (any positive scale) comes from the caller.
+github.com/IST-DASLab/sparsegpt `sparsegpt.py` (`SparseGPT.fasterprune`). Pure tensor maths on
+whatever device the tensors are on; the Hessian H = X X^T (any positive scale) comes from the caller.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from raycompress.algorithms.obs import columns_from, obs_sweep
+from raycompress.algorithms.obs import HessianNotPositiveDefinite, OBSFactor, columns_from, obs_factor_, obs_sweep_
 from raycompress.algorithms.quant import QuantSpec, qparams, quantize_column
 
-
-class HessianNotPositiveDefinite(RuntimeError):
-    """Cholesky failed even at the largest damping tried."""
+__all__ = ["HessianNotPositiveDefinite", "SparseGPTResult", "sparsegpt_prune"]
 
 
-def inverse_cholesky(
-    h: torch.Tensor, damping: float, max_tries: int = 6, growth: float = 10.0
-) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + λI)^-1 with λ = damping * mean(diag(H)), so U^T U = H^-1.
+@dataclass
+class SparseGPTResult:
+    """weight: (d_out, d_in) pruned (and, with quant, dequantized) weight in the input's dtype;
+    mask: (d_out, d_in) bool, True = pruned; damping: λ used; loss: OBS error tr(D H_λ D^T);
+    scale / zero: (d_out, n_groups) float32 quantization grid, None without quant."""
 
-    Columns whose diagonal is 0 (dead inputs) get diag 1 so that H stays invertible. If the
-    factorisation fails, damping grows by `growth` and it retries, up to `max_tries` times.
-
-    Args:
-        h: (d_in, d_in) symmetric positive semi-definite Hessian proxy X X^T.
-    Returns:
-        (U (d_in, d_in) float32 upper triangular, damping actually used).
-    Raises:
-        HessianNotPositiveDefinite: every try failed.
-    """
-    h = h.float().clone()
-    diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0
-    mean_diag = float(diag.mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    d = damping
-    for _ in range(max_tries):
-        l, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
-            if int(info) == 0:
-                return u, d
-        d = max(d, 1e-6) * growth
-    raise HessianNotPositiveDefinite(f"Cholesky failed up to damping {d / growth:g}")
+    weight: torch.Tensor
+    mask: torch.Tensor
+    damping: float
+    loss: float
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
 
 
 class _PruneRounder:
     """Rounding = zero the masked weights (then quantize the rest, if a QuantSpec is given)."""
 
-    def __init__(self, d_out: int, d_in: int, sparsity: float, n_m, quant: QuantSpec | None) -> None:
+    def __init__(self, w: torch.Tensor, sparsity: float, n_m, quant: QuantSpec | None) -> None:
+        d_out, d_in = w.shape
         self.sparsity, self.n_m, self.quant = sparsity, n_m, quant
-        self.mask = torch.zeros(d_out, d_in, dtype=torch.bool)
-        g = (quant.group_size or d_in) if quant else d_in
-        self.g = g
-        self.scale = torch.zeros(d_out, d_in // g)
-        self.zero = torch.zeros(d_out, d_in // g)
+        self.mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=w.device)
+        self.g = (quant.group_size or d_in) if quant else d_in
+        n_groups = d_in // self.g if quant else 0
+        self.scale = torch.zeros(d_out, n_groups, device=w.device)
+        self.zero = torch.zeros(d_out, n_groups, device=w.device)
 
     def begin_block(self, b0, b1, w1, u1, rest):
         self.b0 = b0
@@ -90,48 +74,58 @@ class _PruneRounder:
         return quantize_column(q, self.scale, self.zero, grp, self.quant)
 
 
+def _check(w: torch.Tensor, d_h: int, n_m, block_size: int, quant: QuantSpec | None) -> None:
+    d_in = w.shape[1]
+    if d_h != d_in:
+        raise ValueError(f"H must be ({d_in}, {d_in}) for W {tuple(w.shape)}, got ({d_h}, {d_h})")
+    if n_m is not None and (d_in % n_m[1] or block_size % n_m[1]):
+        raise ValueError(f"N:M needs d_in={d_in} and block_size={block_size} divisible by M={n_m[1]}")
+    if quant is not None and quant.group_size and (d_in % quant.group_size or block_size % quant.group_size):
+        raise ValueError(f"group size {quant.group_size} must divide d_in={d_in} and block_size={block_size}")
+
+
 def sparsegpt_prune(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     sparsity: float,
     n_m: tuple[int, int] | None = None,
     block_size: int = 128,
     damping: float = 0.01,
     quant: QuantSpec | None = None,
-):
+    *,
+    factor: OBSFactor | None = None,
+) -> SparseGPTResult:
     """Prune `w` to `sparsity` (or N:M) and update the surviving weights to minimise ||WX - ŴX||².
 
     Args:
-        w: (d_out, d_in) weight.
-        h: (d_in, d_in) Hessian proxy X X^T accumulated over the calibration tokens.
+        w: (d_out, d_in) weight, any float dtype; the sweep runs in float32 on w's device.
+        h: (d_in, d_in) Hessian proxy X X^T over the calibration tokens (not modified); ignored
+            when `factor` is given.
         sparsity: fraction pruned; the mask is chosen per block of `block_size` columns over all
             rows (the paper's adaptive mask selection), so each block holds that fraction.
         n_m: (N, M) keeps N of every M consecutive columns in each row (ignores `sparsity`).
         block_size: columns per lazy-update block (B in the paper).
-        damping: λ as a fraction of mean(diag(H)).
+        damping: λ as a fraction of mean(diag(H)) (ignored with `factor`).
         quant: also quantize the surviving weights in the same sweep (Sec. 3.5).
+        factor: the precomputed `obs_factor_` of H (natural column order), shared by the linears
+            that read the same input.
     Returns:
-        (pruned weight (d_out, d_in) in w's dtype (float32 when quantized, dequantized values),
-        mask bool True = pruned, damping used); with `quant`, also scale and zero point
-        (d_out, n_groups) as 4th and 5th items.
+        `SparseGPTResult`; weight in w's dtype.
     Raises:
         ValueError: shapes disagree, or N:M with d_in or block_size not divisible by M, or a
             group size that does not divide d_in and block_size.
-        HessianNotPositiveDefinite: as in `inverse_cholesky`.
+        HessianNotPositiveDefinite: as in `obs.inverse_cholesky_`.
     """
-    d_out, d_in = w.shape
-    if h.shape != (d_in, d_in):
-        raise ValueError(f"H must be ({d_in}, {d_in}) for W {tuple(w.shape)}, got {tuple(h.shape)}")
-    if n_m is not None and (d_in % n_m[1] or block_size % n_m[1]):
-        raise ValueError(f"N:M needs d_in={d_in} and block_size={block_size} divisible by M={n_m[1]}")
-    if quant is not None and quant.group_size and (d_in % quant.group_size or block_size % quant.group_size):
-        raise ValueError(f"group size {quant.group_size} must divide d_in={d_in} and block_size={block_size}")
-    W = w.float().clone()
-    W[:, torch.diagonal(h) == 0] = 0
-    U, used = inverse_cholesky(h, damping)  # (d_in, d_in), U^T U = H^-1
-    rounder = _PruneRounder(d_out, d_in, sparsity, n_m, quant)
-    out = obs_sweep(W, U, block_size, rounder)
-    out[rounder.mask] = 0  # exact zeros where pruned
-    if quant is not None:
-        return out, rounder.mask, used, rounder.scale, rounder.zero
-    return out.to(w.dtype), rounder.mask, used
+    if factor is None:
+        _check(w, h.shape[0] if h.shape[0] == h.shape[1] else -1, n_m, block_size, quant)
+        factor = obs_factor_(h.to(torch.float32, copy=True), damping)
+    _check(w, factor.u.shape[0], n_m, block_size, quant)
+    if factor.perm is not None:
+        raise ValueError("SparseGPT sweeps columns in natural order: give a factor without act_order")
+    W = w.to(torch.float32, copy=True)  # (d_out, d_in) working copy
+    W[:, factor.dead] = 0
+    rounder = _PruneRounder(W, sparsity, n_m, quant)
+    W, loss = obs_sweep_(W, factor.u, block_size, rounder)
+    W[rounder.mask] = 0  # exact zeros where pruned
+    scale, zero = (rounder.scale, rounder.zero) if quant is not None else (None, None)
+    return SparseGPTResult(W.to(w.dtype), rounder.mask, factor.damping, loss, scale, zero)

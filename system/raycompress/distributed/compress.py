@@ -1,7 +1,8 @@
 """Compress stage on Ray: K `CompressionActor`s, each a thin shell around an `engine.LayerWorker`
-holding one shard of the calibration set; the engine's layer pipeline drives them through a
-`RayBackend`. Statistics, compressed weights and layer outputs move as Ray object refs, never
-through the driver.
+holding one shard of the calibration set on the device Ray assigned it (a GPU, or the CPU); the
+engine's layer pipeline drives them through a `RayBackend`. Statistics and compressed weights move
+as Ray object refs from worker to worker (each partial once toward its owner, each solved module
+once to each other worker), never through the driver.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
@@ -17,39 +17,57 @@ import torch
 from raycompress.config import JobConfig
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.distributed.select import load_calibration
-from raycompress.engine.pipeline import compress_layers
-from raycompress.engine.subsets import row_subsets, split_subsets
+from raycompress.engine.budget import layer_floors
+from raycompress.engine.pipeline import Plan, Progress, compress_layers
+from raycompress.engine.subsets import row_subsets
+from raycompress.engine.transfer import shard_rows
+from raycompress.engine.worker import LayerWorker
 from raycompress.models.checkpoint import write_atomic_text
 from raycompress.models.weights import OffloadedModel
 
 log = logging.getLogger(__name__)
-
-
-@ray.remote
-class CompressionActor:
-    """Heavy state (weights, activations) lives here; every call is delegated to the LayerWorker."""
-
-    def __init__(self, model_dir: str, input_ids: torch.Tensor, threads: int, subsets: dict[str, torch.Tensor]) -> None:
-        from raycompress.engine.worker import LayerWorker
-
-        self.worker = LayerWorker(model_dir, input_ids, torch_threads=threads, subsets=subsets)
-
-    def call(self, method: str, *args: Any) -> Any:
-        _chaos(method, args)
-        return getattr(self.worker, method)(*args)
-
-    def timings(self) -> dict:
-        return dict(self.worker.timings)
-
-
 CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_LAYER", "RAYCOMPRESS_CHAOS_MARKER")
 
 
-def _chaos(method: str, args: tuple) -> None:
+def choose_device(gpu_ids: list, visible: str | None, cuda_available: bool) -> str:
+    """The torch device for an actor Ray gave `gpu_ids`: its first GPU's position in
+    CUDA_VISIBLE_DEVICES (`visible`, which Ray sets to the assigned ids), or "cpu" when it holds
+    no GPU or this process sees no CUDA device."""
+    if not gpu_ids or not cuda_available:
+        return "cpu"
+    order = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    first = str(gpu_ids[0])
+    return f"cuda:{order.index(first) if first in order else 0}"
+
+
+class _Shell(LayerWorker):
+    """The actor: picks its device from Ray's assignment, then is a LayerWorker."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        gpu_ids = ray.get_gpu_ids()
+        device = choose_device(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available())
+        if gpu_ids and device == "cpu":
+            log.warning("actor was assigned GPU(s) %s but sees no CUDA device: computing on the CPU", gpu_ids)
+        self.gpu_ids = list(gpu_ids)
+        super().__init__(*args, device=device, **kwargs)
+
+    def begin_layer(self, idx: int) -> int:
+        _chaos(idx)
+        return super().begin_layer(idx)
+
+    def placement(self) -> dict:
+        return {"gpu_ids": self.gpu_ids, "device": str(self.device),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+CompressionActor = ray.remote(_Shell)
+
+
+def _chaos(layer_idx: int) -> None:
     """Failure injection for tests: the first actor to begin layer N (RAYCOMPRESS_CHAOS_KILL_LAYER)
     dies at once, leaving a marker file (RAYCOMPRESS_CHAOS_MARKER) so that it happens once."""
     layer, marker = (os.environ.get(k) for k in CHAOS_ENV)
-    if method == "begin_layer" and layer and marker and int(args[0]) == int(layer):
+    if layer and marker and int(layer_idx) == int(layer):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL)
         except FileExistsError:
@@ -58,24 +76,59 @@ def _chaos(method: str, args: tuple) -> None:
         os._exit(1)
 
 
+class _Remote:
+    """A `WorkerAPI` over an actor handle: `proxy.method(*args)` is `actor.method.remote(*args)`."""
+
+    def __init__(self, actor) -> None:
+        self._actor = actor
+
+    def __getattr__(self, name: str):
+        return getattr(self._actor, name).remote
+
+
 class RayBackend:
     """Backend for `engine.pipeline`: handles are ObjectRefs, passed on unresolved."""
 
     def __init__(self, actors: list) -> None:
         self.actors = actors
-        self.size = len(actors)
+        self.workers = [_Remote(a) for a in actors]
 
-    def call(self, k: int, method: str, *args: Any):
-        return self.actors[k].call.remote(method, *args)
-
-    def get(self, handles: Any) -> Any:
+    def get(self, handles):
         return ray.get(handles)
 
 
 def _spawn(job: JobConfig, model_dir: Path, shards, subsets) -> list:
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
-    return [CompressionActor.options(**opts).remote(str(model_dir), s, torch_threads(job.ray), g) for s, g in zip(shards, subsets)]
+    c = job.compress
+    kw = {"micro_batch": c.micro_batch, "torch_threads": torch_threads(job.ray),
+          "hessian_dtype": getattr(torch, c.hessian_dtype)}
+    return [CompressionActor.options(name=None, **opts).remote(str(model_dir), s, subsets=g, rank=r, **kw)
+            for r, (s, g) in enumerate(zip(shards, subsets))]
+
+
+def _summary(job: JobConfig, model: OffloadedModel, out_dir: Path, fingerprint: str, rows: list[int], seq: int,
+             n_subsets: int, reports: list[dict]) -> dict:
+    """Measured figures per layer and per actor, next to their analytic floors (`engine.budget`)."""
+    progress = Progress(out_dir / "progress.json", fingerprint)
+    floors = layer_floors(model, job.compress, Plan(model, job.compress, len(rows)), rows, seq,
+                          job.compress.micro_batch, n_subsets)
+    idx = sorted(int(i) for i in progress.layers)
+    moved = [sum(r["bytes_in"].get(i, r["bytes_in"].get(str(i), 0)) for r in reports) for i in idx]
+    gb = 1e9
+    return {
+        "seconds_per_layer": [progress.layers[str(i)]["seconds"] for i in idx],
+        "bytes_moved_per_layer": moved,
+        "analytic_bytes_per_layer": [floors["bytes_moved_per_layer"]] * len(idx),
+        "peak_rss_gb_per_actor": [r["peak_rss"] / gb for r in reports],
+        "analytic_rss_gb_per_actor": [(r["baseline_rss"] + m) / gb for r, m in zip(reports, floors["memory_bytes_per_worker"])],
+        "baseline_rss_gb_per_actor": [r["baseline_rss"] / gb for r in reports],
+        "peak_gpu_gb_per_actor": [None if r["peak_gpu"] is None else r["peak_gpu"] / gb for r in reports],
+        "devices": [r["device"] for r in reports],
+        "flops_per_layer": [floors["flops_per_layer"]] * len(idx),
+        "calibration_tokens": sum(rows) * seq,
+        "actor_timings_s": [r["timings"] for r in reports],
+    }
 
 
 def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Path, fingerprint: str, max_restarts: int = 3) -> dict:
@@ -90,17 +143,19 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
     from ray.exceptions import RayActorError
 
     ids, table = load_calibration(calib_path)
-    k = min(job.ray.compress_actors, ids.shape[0])
-    shards = torch.tensor_split(ids, k)  # contiguous, deterministic data-parallel shards
+    k = max(1, min(job.ray.compress_actors, -(-ids.shape[0] // job.compress.micro_batch)))
+    slices = shard_rows(ids.shape[0], k, job.compress.micro_batch)  # whole micro-batches per actor
     sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
-    subsets = split_subsets(row_subsets(job.compress, sources), k)
+    masks = row_subsets(job.compress, sources)
+    shards = [ids[s] for s in slices]
+    subsets = [{name: m[s] for name, m in masks.items()} for s in slices]
     model = OffloadedModel(model_dir)
     restarts = 0
     while True:
         actors = _spawn(job, model_dir, shards, subsets)
         try:
-            records = compress_layers(RayBackend(actors), model, job.compress, out_dir, fingerprint)
-            timings = ray.get([a.timings.remote() for a in actors])
+            records = compress_layers(RayBackend(actors), model, job.compress, out_dir, fingerprint, sorted(masks))
+            reports = ray.get([a.report.remote() for a in actors])
             break
         except RayActorError as exc:
             if restarts >= max_restarts:
@@ -112,6 +167,8 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
             for a in actors:
                 ray.kill(a)
     result = {"algorithm": job.compress.algorithm, "config": job.compress.model_dump(mode="json"),
-              "actors": k, "restarts": restarts, "actor_timings_s": timings, "modules": records}
+              "actors": k, "restarts": restarts,
+              **_summary(job, model, out_dir, fingerprint, [len(s) for s in shards], ids.shape[1], len(masks), reports),
+              "modules": records}
     write_atomic_text(out_dir / "compression.json", json.dumps(result, indent=2))
     return result

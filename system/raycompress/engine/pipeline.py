@@ -1,8 +1,11 @@
 """The sequential layer pipeline: for each decoder layer, statistics data-parallel over workers,
-solves spread over workers by cost, compressed layer propagated, shard persisted, progress saved.
+each input group's statistics reduced (a binary tree, each partial sent once) to the one worker
+that solves that group, compressed weights sent once to every other worker, the compressed layer
+propagated in place, the shard persisted and hashed, progress saved.
 
-The pipeline talks to its workers through a `Backend` (call a method on worker k, get results),
-so the same loop runs in-process (`LocalBackend`) and over Ray actors (`distributed.compress`).
+The pipeline talks to its workers through a `Backend` whose workers have `LayerWorker`'s methods
+(`WorkerAPI`); in-process (`LocalBackend`) a call returns its value, over Ray
+(`distributed.compress`) an object ref that is passed on unresolved.
 Finished layers are recorded in `progress.json` with a fingerprint of model, calibration set and
 recipe; a rerun replays finished layers from their shards instead of recompressing them.
 """
@@ -10,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from tqdm import tqdm
 
@@ -22,12 +26,34 @@ from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
 
 log = logging.getLogger(__name__)
+Handle = Any  # a value (in-process) or a Ray ObjectRef
+
+
+class WorkerAPI(Protocol):
+    """`engine.worker.LayerWorker`'s methods as the pipeline calls them; each returns a Handle."""
+
+    def begin_layer(self, idx: int) -> Handle: ...
+    def accumulate(self, groups: dict, split: bool) -> Handle: ...
+    def export_stats(self, keys: list[str]) -> Handle: ...
+    def reduce_stats(self, partial: Handle) -> Handle: ...
+    def drop_modules(self, names: list[str]) -> Handle: ...
+    def solve_group(self, group: str, names: list[str], cfg: CompressConfig, export: bool) -> Handle: ...
+    def solve_layer(self, cfg: CompressConfig, width: int | None, export: bool) -> Handle: ...
+    def apply(self, *solved: Handle) -> Handle: ...
+    def outlier_counts(self, targets: list[str], group_of: dict[str, str], m: float) -> Handle: ...
+    def propagate_dense(self) -> Handle: ...
+    def reset(self) -> Handle: ...
+    def write_layer(self, path: str, quant: Any) -> Handle: ...
+    def replay_layer(self, idx: int, shard: str, quant: Any) -> Handle: ...
+    def write_outside_layers(self, path: str) -> Handle: ...
+    def end_layer(self) -> Handle: ...
+    def pop_infos(self) -> Handle: ...
+    def report(self) -> Handle: ...
 
 
 class Backend(Protocol):
-    size: int
+    workers: Sequence[WorkerAPI]
 
-    def call(self, k: int, method: str, *args: Any) -> Any: ...
     def get(self, handles: Any) -> Any: ...
 
 
@@ -36,10 +62,6 @@ class LocalBackend:
 
     def __init__(self, workers: list) -> None:
         self.workers = workers
-        self.size = len(workers)
-
-    def call(self, k: int, method: str, *args: Any) -> Any:
-        return getattr(self.workers[k], method)(*args)
 
     def get(self, handles: Any) -> Any:
         return handles
@@ -50,7 +72,7 @@ class FingerprintMismatch(RuntimeError):
 
 
 def assign_owners(costs: dict[str, float], k: int) -> dict[str, int]:
-    """Longest-processing-time-first assignment of modules to k workers (deterministic)."""
+    """Longest-processing-time-first assignment of items to k workers (deterministic)."""
     load = [0.0] * k
     owners: dict[str, int] = {}
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
@@ -60,31 +82,67 @@ def assign_owners(costs: dict[str, float], k: int) -> dict[str, int]:
     return owners
 
 
-def _plan(model: OffloadedModel, cfg: CompressConfig):
-    """Targets, their input group, and their solve cost from the architecture table."""
-    spec = model.spec
-    targets = list(cfg.targets or spec.linears)
-    unknown = [t for t in targets if t not in spec.linears]
-    if unknown:
-        raise ValueError(f"compress.targets: {unknown} are not linears of a decoder layer; known: {list(spec.linears)}")
-    group_of = {name: group[0] for group in spec.input_groups for name in group}
-    layer0 = model.skeleton.get_submodule(model.layer_prefix(0))
-    algo = ALGORITHMS.get(cfg.algorithm)
-    costs = {}
-    for t in targets:
-        lin = layer0.get_submodule(t)
-        costs[t] = algo.cost(lin.out_features, lin.in_features)
-    return targets, group_of, costs, algo
+class Plan:
+    """What one layer's compression does: targets by input group, owners of each group, and the
+    statistics to accumulate. Built from the architecture table, never from names."""
+
+    def __init__(self, model: OffloadedModel, cfg: CompressConfig, k: int) -> None:
+        spec = model.spec
+        self.algo = ALGORITHMS.get(cfg.algorithm)
+        self.targets = list(cfg.targets or spec.linears)
+        unknown = [t for t in self.targets if t not in spec.linears]
+        if unknown:
+            raise ValueError(f"compress.targets: {unknown} are not linears of a decoder layer; known: {list(spec.linears)}")
+        self.group_of = {name: group[0] for group in spec.input_groups for name in group}
+        self.groups: dict[str, list[str]] = {}
+        for t in self.targets:
+            self.groups.setdefault(self.group_of[t], []).append(t)
+        layer0 = model.skeleton.get_submodule(model.layer_prefix(0))
+        self.shapes = {t: tuple(layer0.get_submodule(t).weight.shape) for t in self.targets}  # (d_out, d_in)
+        costs = {g: sum(self.algo.cost(*self.shapes[t]) for t in names) for g, names in self.groups.items()}
+        self.owners = assign_owners(costs, k)
+        self.k = k
+        self.structured = self.algo.layer_solve is not None
+        self.split = self.structured or cfg.mixcal is not None
+        if self.structured:  # the down projection's input, per dimension
+            self.stat_groups = {spec.mlp_down: (self.algo.stats, [spec.mlp_down])}
+        else:
+            self.stat_groups = {g: (self.algo.stats, names) for g, names in self.groups.items()} if self.algo.stats else {}
+
+    def keys(self, group: str, subsets: list[str]) -> list[str]:
+        return [f"{group}@{s}" for s in subsets] if self.split else [group]
+
+    def solve_order(self, rank: int) -> list[str]:
+        """Groups this rank solves, smallest first (their Hessians are freed before the largest solve)."""
+        mine = [g for g in self.groups if self.owners[g] == rank]
+        return sorted(mine, key=lambda g: (self.shapes[self.groups[g][0]][1], g))
+
+
+def reduce_to(backend: Backend, owner: int, keys: list[str]) -> list[Handle]:
+    """Binary-tree reduction of statistics `keys` onto worker `owner`: in round s, worker q (owner-
+    relative, q % 2s == 0) adds the partial of q + s. Each partial is sent once; no worker holds
+    more than one received partial at a time."""
+    k, handles, step = len(backend.workers), [], 1
+    while step < k:
+        for q in range(0, k, 2 * step):
+            if q + step < k:
+                src, dst = (q + step + owner) % k, (q + owner) % k
+                part = backend.workers[src].export_stats(keys)
+                handles.append(backend.workers[dst].reduce_stats(part))
+        step *= 2
+    return handles
 
 
 class Progress:
-    """Durable record of finished layers in `out_dir/progress.json`."""
+    """Durable record of finished layers in `out_dir/progress.json`: per-module records and per-layer
+    facts (seconds, shard SHA-256, bytes moved)."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path = path
         self.fingerprint = fingerprint
         self.done: list[int] = []
         self.records: dict[str, list[dict]] = {}
+        self.layers: dict[str, dict] = {}
         self.extra: dict = {}
         if path.is_file():
             state = json.loads(path.read_text())
@@ -95,35 +153,43 @@ class Progress:
                 )
             self.done = list(state.get("done", []))
             self.records = dict(state.get("records", {}))
+            self.layers = dict(state.get("layers", {}))
             self.extra = dict(state.get("extra", {}))
 
-    def mark(self, idx: int, records: list[dict]) -> None:
+    def mark(self, idx: int, records: list[dict], layer: dict) -> None:
         if idx not in self.done:
             self.done.append(idx)
         self.records[str(idx)] = records
-        state = {"fingerprint": self.fingerprint, "done": self.done, "records": self.records, "extra": self.extra}
+        self.layers[str(idx)] = layer
+        state = {"fingerprint": self.fingerprint, "done": self.done, "records": self.records,
+                 "layers": self.layers, "extra": self.extra}
         write_atomic_text(self.path, json.dumps(state))
 
 
-def owl_prepass(backend: Backend, model: OffloadedModel, cfg: CompressConfig, targets, group_of) -> list[float]:
+def _all(backend: Backend, method: str, *args: Any) -> list:
+    """Call `method` on every worker and wait."""
+    return backend.get([getattr(w, method)(*args) for w in backend.workers])
+
+
+def owl_prepass(backend: Backend, model: OffloadedModel, cfg: CompressConfig, plan: Plan) -> list[float]:
     """OWL: one dense pass over all layers for their outlier ratios -> per-layer sparsities."""
     from raycompress.algorithms.owl import owl_sparsities
 
-    ranks = range(backend.size)
-    kinds = {group_of[t]: "sqnorm" for t in targets}
+    groups = {g: ("sqnorm", names) for g, names in plan.groups.items()}
     ratios = []
     for i in tqdm(range(model.num_layers), desc="owl pre-pass", unit="layer"):
-        backend.get([backend.call(k, "begin_layer", i) for k in ranks])
-        partials = [backend.call(k, "accumulate", kinds) for k in ranks]
-        out, total = backend.get(backend.call(0, "outlier_counts", targets, group_of, cfg.owl.m, *partials))
+        _all(backend, "begin_layer", i)
+        _all(backend, "accumulate", groups, False)
+        backend.get([h for g in groups for h in reduce_to(backend, 0, [g])])
+        out, total = backend.get(backend.workers[0].outlier_counts(plan.targets, plan.group_of, cfg.owl.m))
         ratios.append(out / total)
-        backend.get([backend.call(k, "propagate_dense") for k in ranks])
-        backend.get([backend.call(k, "end_layer") for k in ranks])
-    backend.get([backend.call(k, "reset") for k in ranks])
+        _all(backend, "propagate_dense")
+        _all(backend, "end_layer")
+    _all(backend, "reset")
     return owl_sparsities(ratios, float(cfg.sparsity), cfg.owl.lam)
 
 
-def layer_sparsities(backend: Backend, model: OffloadedModel, cfg: CompressConfig, progress, targets, group_of) -> list[float]:
+def layer_sparsities(backend: Backend, model: OffloadedModel, cfg: CompressConfig, progress, plan: Plan) -> list[float]:
     """Sparsity per decoder layer: the recipe's value, its list, or OWL's (computed once, kept in progress)."""
     n = model.num_layers
     if isinstance(cfg.sparsity, list):
@@ -133,16 +199,8 @@ def layer_sparsities(backend: Backend, model: OffloadedModel, cfg: CompressConfi
     if cfg.owl is None:
         return [float(cfg.sparsity)] * n
     if "owl" not in progress.extra:
-        progress.extra["owl"] = owl_prepass(backend, model, cfg, targets, group_of)
+        progress.extra["owl"] = owl_prepass(backend, model, cfg, plan)
     return progress.extra["owl"]
-
-
-def _stat_plan(model: OffloadedModel, cfg: CompressConfig, algo, targets, group_of) -> tuple[dict[str, str], bool]:
-    """(input group -> statistics kind, split by row subset?) for one layer's accumulate call."""
-    if algo.layer_solve is not None:  # structured: the down projection's input, per dimension
-        return {model.spec.mlp_down: algo.stats}, True
-    kinds = {group_of[t]: algo.stats for t in targets} if algo.stats else {}
-    return kinds, cfg.mixcal is not None
 
 
 def _ffn_width(model: OffloadedModel, cfg: CompressConfig, sparsity: list[float]) -> int | None:
@@ -168,39 +226,66 @@ def _config_updates(model: OffloadedModel, cfg: CompressConfig, records: list[di
     return updates
 
 
-def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: Path, fingerprint: str) -> list[dict]:
-    """Compress every decoder layer of `model` into `out_dir/model`; returns per-module records."""
-    targets, group_of, costs, algo = _plan(model, cfg)
-    owners = assign_owners(costs, backend.size)
-    group_kinds, split = _stat_plan(model, cfg, algo, targets, group_of)
+def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: int, width: int | None,
+                  subsets: list[str]) -> None:
+    """Statistics, reduction to owners, solves and propagation of decoder layer i (not waited on
+    except where a later call needs it)."""
+    ws, k = backend.workers, plan.k
+    _all(backend, "begin_layer", i)
+    backend.get([w.accumulate(plan.stat_groups, plan.split) for w in ws])
+    if plan.structured:
+        owner = i % k  # one structured solve per layer, owners take turns
+        down = next(iter(plan.stat_groups))
+        backend.get(reduce_to(backend, owner, plan.keys(down, subsets)))
+        solved = ws[owner].solve_layer(layer_cfg, width, k > 1)
+        backend.get([w.apply(None if r == owner else solved) for r, w in enumerate(ws)])
+        return
+    pending = []
+    for g in plan.stat_groups:
+        pending += reduce_to(backend, plan.owners[g], plan.keys(g, subsets))
+    for r, w in enumerate(ws):  # weights another worker solves are not needed here until apply
+        pending.append(w.drop_modules([t for g, names in plan.groups.items() if plan.owners[g] != r for t in names]))
+    solved = {g: ws[r].solve_group(g, plan.groups[g], layer_cfg, k > 1) for r in range(k) for g in plan.solve_order(r)}
+    backend.get(pending)
+    backend.get([w.apply(*[h for g, h in solved.items() if plan.owners[g] != r]) for r, w in enumerate(ws)])
+
+
+def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: Path, fingerprint: str,
+                    subsets: list[str] | None = None) -> list[dict]:
+    """Compress every decoder layer of `model` into `out_dir/model`; returns per-module records.
+
+    Args:
+        subsets: names of the row subsets the workers hold (MixCal / Cus-Prun), in a fixed order;
+            default: MixCal's "domain", "general" when the recipe mixes, else none.
+    """
+    k = len(backend.workers)
+    plan = Plan(model, cfg, k)
+    if subsets is None:
+        subsets = (["domain", "general"] if cfg.mixcal is not None
+                   else sorted(cfg.cus_prun.dimensions) if cfg.cus_prun is not None else [])
     ckpt = out_dir / "model"
     ckpt.mkdir(parents=True, exist_ok=True)
     total = model.num_layers + 1
     progress = Progress(out_dir / "progress.json", fingerprint)
-    ranks = range(backend.size)
-    sparsity = layer_sparsities(backend, model, cfg, progress, targets, group_of)
+    sparsity = layer_sparsities(backend, model, cfg, progress, plan)
     width = _ffn_width(model, cfg, sparsity)
     for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer"):
         path = str(ckpt / shard_name(i, total))
         if i in progress.done and Path(path).is_file():
-            backend.get([backend.call(k, "replay_layer", i, path, cfg.quant) for k in ranks])
+            _all(backend, "replay_layer", i, path, cfg.quant)
             continue
-        backend.get([backend.call(k, "begin_layer", i) for k in ranks])
-        partials = [backend.call(k, "accumulate", group_kinds, split) for k in ranks]
-        layer_cfg = cfg.for_layer(sparsity[i])
-        if algo.layer_solve is not None:  # one structured solve per layer, owners take turns
-            solved = backend.call(i % backend.size, "solve_layer", layer_cfg, width, *partials)
-            backend.get([backend.call(k, "apply_solved", solved) for k in ranks])
-        else:
-            new_w = [backend.call(owners[t], "solve", t, group_of[t], layer_cfg, *partials) for t in targets]
-            backend.get([backend.call(k, "apply", targets, *new_w) for k in ranks])
-        backend.get(backend.call(0, "write_layer", path, cfg.quant))
-        records = [r for part in backend.get([backend.call(k, "pop_infos") for k in ranks]) for r in part]
-        backend.get([backend.call(k, "end_layer") for k in ranks])
-        progress.mark(i, sorted(records, key=lambda r: r["module"]))
+        t0 = time.perf_counter()
+        _compress_one(backend, plan, cfg.for_layer(sparsity[i]), i, width, subsets)
+        shard = backend.get(backend.workers[0].write_layer(path, cfg.quant))
+        records = [r for part in _all(backend, "pop_infos") for r in part]
+        _all(backend, "end_layer")
+        layer = {"seconds": time.perf_counter() - t0, "sha256": shard["sha256"], "bytes": shard["bytes"]}
+        progress.mark(i, sorted(records, key=lambda r: r["module"]), layer)
     rest = ckpt / shard_name(model.num_layers, total)
-    backend.get(backend.call(0, "write_outside_layers", str(rest)))
+    outside = backend.get(backend.workers[0].write_outside_layers(str(rest)))
     shards = [ckpt / shard_name(i, total) for i in range(total)]
+    hashes = {shard_name(int(i), total): m["sha256"] for i, m in progress.layers.items()}
+    hashes[rest.name] = outside["sha256"]
     records = [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]
-    finalize_checkpoint(ckpt, model.model_dir, shards, _config_updates(model, cfg, records))
+    finalize_checkpoint(ckpt, model.model_dir, shards, _config_updates(model, cfg, records), hashes)
     return records

@@ -1,9 +1,15 @@
 """Adapters from a compression recipe to the pure algorithms: which statistics each needs and how
-to call it. Registered by name in `registry.ALGORITHMS`; the engine never branches on a name.
+to call it on one input group. Registered by name in `registry.ALGORITHMS`; the engine never
+branches on a name.
 
-`solve(W, stats, cfg)` returns (tensors, info): tensors["weight"] is the weight to run with
-(dequantized for quantized methods); quantized methods add "weight_scale" and
-"weight_zero_point" (d_out, n_groups), which the checkpoint writer packs.
+`solve(weights, stats, cfg)` compresses every linear of one input group, {name: W (d_out, d_in)}
+in the checkpoint's dtype on the worker's device, from the group's summed statistics (consumed:
+the Hessian's buffer becomes the OBS factor, shared by the group's linears). It returns
+{name: (tensors, info)}: tensors["weight"] is the weight to run with, in W's dtype (dequantized
+for quantized methods); quantized methods add "weight_scale" and "weight_zero_point"
+(d_out, n_groups), which the checkpoint writer packs. info["rel_error"] is the relative output
+error ||(W - Ŵ) X||² / ||W X||² where the method knows it (OBS methods: from the sweep's error and
+the outputs' squared norms recorded during the statistics pass).
 
 Structured methods (Cus-Prun) solve a whole FFN at once: `layer_solve(up, down_name, down, stats, cfg, width)`
 takes the up/gate and down projections' tensors and per-subset statistics of the down input, and
@@ -18,23 +24,28 @@ import torch
 from raycompress.algorithms.cus_prun import kept_count, neuron_impact, relevance, select_neurons, shrink_ffn
 from raycompress.algorithms.gptq import gptq_quantize
 from raycompress.algorithms.magnitude import magnitude_prune
+from raycompress.algorithms.obs import obs_factor_
 from raycompress.algorithms.quant import QuantSpec
 from raycompress.algorithms.sparsegpt import sparsegpt_prune
 from raycompress.algorithms.wanda import wanda_prune
 from raycompress.config import CompressConfig
-from raycompress.engine.stats import InputStats
+from raycompress.engine.stats import InputStats, mean_
 from raycompress.registry import ALGORITHMS
+
+Solved = dict[str, tuple[dict[str, torch.Tensor], dict]]
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """stats: which InputStats kind it needs (None = data-free); solve(W, stats, cfg) -> (W', info);
+    """stats: which InputStats kind it needs (None = data-free); solve(weights, stats, cfg) -> Solved;
     layer_solve: set for structured methods, which the pipeline runs once per layer instead."""
 
     stats: str | None
-    solve: Callable[[torch.Tensor, InputStats | None, CompressConfig], tuple[dict[str, torch.Tensor], dict]] | None
+    solve: Callable[[dict[str, torch.Tensor], InputStats | None, CompressConfig], Solved] | None
     cost: Callable[[int, int], float]  # relative solve cost for (d_out, d_in), for load balancing
     layer_solve: Callable | None = None
+    # FLOPs of one input group's solve: (list of (d_out, d_in) of its linears) -> float
+    flops: Callable[[list[tuple[int, int]]], float] = lambda shapes: float(sum(o * i for o, i in shapes))
 
 
 def _nm(cfg: CompressConfig) -> tuple[int, int] | None:
@@ -46,33 +57,49 @@ def _spec(cfg: CompressConfig) -> QuantSpec:
     return QuantSpec(bits=q.bits, symmetric=q.symmetric, group_size=q.group_size)
 
 
-def _hessian(stats: InputStats) -> torch.Tensor:
-    return (stats.value / max(1, stats.tokens)).float()  # mean x x^T; the scale does not change the result
+def _rel(loss: float, name: str, stats: InputStats) -> float | None:
+    den = stats.out_sq.get(name)
+    return loss / den if den else None
 
 
-def _magnitude(w, stats, cfg):
-    w2, _ = magnitude_prune(w, cfg.sparsity, _nm(cfg))
-    return {"weight": w2}, {}
+def _magnitude(weights, stats, cfg):
+    return {n: ({"weight": magnitude_prune(w, cfg.sparsity, _nm(cfg))[0]}, {}) for n, w in weights.items()}
 
 
-def _wanda(w, stats, cfg):
-    w2, _ = wanda_prune(w, stats.value, cfg.sparsity, _nm(cfg))
-    return {"weight": w2}, {}
+def _wanda(weights, stats, cfg):
+    return {n: ({"weight": wanda_prune(w, stats.value, cfg.sparsity, _nm(cfg))[0].to(w.dtype)}, {})
+            for n, w in weights.items()}
 
 
-def _sparsegpt(w, stats, cfg):
-    h = _hessian(stats)
-    if cfg.quant is None:
-        w2, _, used = sparsegpt_prune(w, h, cfg.sparsity, _nm(cfg), cfg.block_size, cfg.damping)
-        return {"weight": w2}, {"damping": used}
-    # SparseGPT paper Sec. 3.5: joint sparsification and quantization in one OBS sweep
-    q, _, used, scale, zero = sparsegpt_prune(w, h, cfg.sparsity, _nm(cfg), cfg.block_size, cfg.damping, _spec(cfg))
-    return {"weight": q, "weight_scale": scale, "weight_zero_point": zero}, {"damping": used}
+def _factor(stats: InputStats, cfg: CompressConfig, act_order: bool = False):
+    """The group's OBS factor in the Hessian's own buffer (mean x x^T: the scale does not change
+    the result, and keeps the damping relative)."""
+    mean_(stats)
+    h, stats.value = stats.value, None
+    return obs_factor_(h if h.dtype == torch.float32 else h.float(), cfg.damping, act_order)
 
 
-def _gptq(w, stats, cfg):
-    q, scale, zero, used = gptq_quantize(w, _hessian(stats), _spec(cfg), cfg.block_size, cfg.damping, cfg.quant.act_order)
-    return {"weight": q, "weight_scale": scale, "weight_zero_point": zero}, {"damping": used}
+def _sparsegpt(weights, stats, cfg):
+    f = _factor(stats, cfg)
+    quant = _spec(cfg) if cfg.quant is not None else None
+    out = {}
+    for name, w in weights.items():
+        r = sparsegpt_prune(w, None, cfg.sparsity, _nm(cfg), cfg.block_size, quant=quant, factor=f)
+        tensors = {"weight": r.weight}
+        if quant is not None:  # SparseGPT paper Sec. 3.5: joint sparsification and quantization
+            tensors.update(weight_scale=r.scale, weight_zero_point=r.zero)
+        out[name] = (tensors, {"damping": r.damping, "rel_error": _rel(r.loss, name, stats)})
+    return out
+
+
+def _gptq(weights, stats, cfg):
+    f = _factor(stats, cfg, cfg.quant.act_order)
+    out = {}
+    for name, w in weights.items():
+        r = gptq_quantize(w, None, _spec(cfg), cfg.block_size, factor=f)
+        out[name] = ({"weight": r.weight, "weight_scale": r.scale, "weight_zero_point": r.zero},
+                     {"damping": r.damping, "rel_error": _rel(r.loss, name, stats)})
+    return out
 
 
 def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats], cfg: CompressConfig,
@@ -80,9 +107,9 @@ def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats]
     """Cus-Prun on one decoder layer's FFN; stats: dimension -> squared norms of the down input."""
     w_down = down["weight"]  # (d_model, d_ff)
     d_ff = w_down.shape[1]
-    impacts = {d: neuron_impact(s.value / max(1, s.tokens), w_down) for d, s in stats.items()}
+    impacts = {d: neuron_impact(s.value.double() / max(1, s.tokens), w_down).cpu() for d, s in stats.items()}
     keep = select_neurons(relevance(impacts), kept_count(d_ff, float(cfg.sparsity), cfg.cus_prun.multiple_of))
-    new_up, new_down = shrink_ffn(up, down, keep, width)
+    new_up, new_down = shrink_ffn(up, down, keep.to(w_down.device), width)
     dropped = torch.ones(d_ff, dtype=torch.bool)
     dropped[keep] = False
     removed = {d: float(v[dropped].sum() / v.sum()) if v.sum() > 0 else 0.0 for d, v in impacts.items()}
@@ -92,8 +119,15 @@ def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats]
     return {**new_up, down_name: new_down}, info
 
 
+def _obs_flops(shapes: list[tuple[int, int]]) -> float:
+    """Factor (reverse Cholesky d³/3 + triangular inverse d³/3, as GEMM ≈ 2·d³/3·... counted as
+    multiply-adds × 2) once per group, plus the sweep's lazy updates 2·d_out·d_in² per linear."""
+    d = shapes[0][1]
+    return 2.0 * d**3 * (1 / 3 + 1 / 3) + sum(2.0 * o * i * i for o, i in shapes)
+
+
 ALGORITHMS.register("magnitude")(Algorithm(None, _magnitude, lambda o, i: o * i))
 ALGORITHMS.register("wanda")(Algorithm("sqnorm", _wanda, lambda o, i: o * i))
-ALGORITHMS.register("sparsegpt")(Algorithm("hessian", _sparsegpt, lambda o, i: i * i * (o + i)))
-ALGORITHMS.register("gptq")(Algorithm("hessian", _gptq, lambda o, i: i * i * (o + i)))
+ALGORITHMS.register("sparsegpt")(Algorithm("hessian", _sparsegpt, lambda o, i: i * i * (o + i), flops=_obs_flops))
+ALGORITHMS.register("gptq")(Algorithm("hessian", _gptq, lambda o, i: i * i * (o + i), flops=_obs_flops))
 ALGORITHMS.register("cus_prun")(Algorithm("sqnorm", None, lambda o, i: o, layer_solve=_cus_prun))

@@ -1,47 +1,91 @@
-"""Calibration statistics per linear input, accumulated batch by batch and summed across workers.
+"""Calibration statistics per linear input, accumulated micro-batch by micro-batch, reduced across
+data-parallel workers to the one worker that solves that input group.
 
 Kinds:
 - "hessian": H = sum over tokens of x x^T, (d_in, d_in) — SparseGPT / GPTQ.
 - "sqnorm": sum over tokens of x_j^2, (d_in,) — Wanda's ||X_j||_2^2.
-Each micro-batch's product is computed in float32 and added to a float64 accumulator: sums of
-float32 terms are then exact in practice, so the total does not depend on how the calibration set
-is split over workers (1 or K actors give bit-identical statistics).
-Both carry the token count, so partial statistics from data-parallel workers simply add.
+Each micro-batch's product is computed in float32 on the worker's device and added to an
+accumulator of `dtype` (float32 by default, `compress.hessian_dtype`), allocated at the first
+micro-batch, not before. Micro-batches are aligned to the calibration set (every shard starts at a
+multiple of the micro-batch), so the terms summed do not depend on the number of workers; with a
+float64 accumulator the sum of those float32 terms is exact in practice, so 1 or K workers give
+bit-identical statistics. With float32 they agree to float32 rounding of the sum.
+`out_sq` carries the squared norm of each linear's output sum ||W x||² over the same tokens (the
+denominator of the relative reconstruction error). Both carry the token count, so partial
+statistics from data-parallel workers simply add.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+KINDS = ("hessian", "sqnorm")
 
 
 @dataclass
 class InputStats:
     kind: str
-    value: torch.Tensor  # (d_in, d_in) for hessian, (d_in,) for sqnorm
+    d_in: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+    value: torch.Tensor | None = None  # (d_in, d_in) for hessian, (d_in,) for sqnorm; None until the first batch
     tokens: int = 0
+    out_sq: dict[str, float] = field(default_factory=dict)  # module -> sum over tokens of ||W x||²
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown statistics kind '{self.kind}' ({', '.join(KINDS)})")
 
     @classmethod
-    def empty(cls, kind: str, d_in: int, dtype: torch.dtype = torch.float64) -> "InputStats":
-        if kind == "hessian":
-            return cls(kind, torch.zeros(d_in, d_in, dtype=dtype))
-        if kind == "sqnorm":
-            return cls(kind, torch.zeros(d_in, dtype=dtype))
-        raise ValueError(f"unknown statistics kind '{kind}' (hessian, sqnorm)")
+    def empty(cls, kind: str, d_in: int, dtype: torch.dtype = torch.float32, device="cpu") -> "InputStats":
+        return cls(kind, d_in, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.value is None else self.value.numel() * self.value.element_size()
+
+    def _buffer(self) -> torch.Tensor:
+        if self.value is None:
+            shape = (self.d_in, self.d_in) if self.kind == "hessian" else (self.d_in,)
+            self.value = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return self.value
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Accumulate activations x (..., d_in)."""
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, d_in)
+        acc = self._buffer()
         if self.kind == "hessian":
-            self.value.add_((x.T @ x).to(self.value.dtype))  # (d_in, d_in)
+            if acc.dtype == torch.float32:
+                acc.addmm_(x.T, x)  # (d_in, d_in), no temporary
+            else:
+                acc.add_((x.T @ x).to(acc.dtype))
         else:
-            self.value.add_((x * x).sum(0).to(self.value.dtype))  # (d_in,)
+            acc.add_((x * x).sum(0).to(acc.dtype))  # (d_in,)
         self.tokens += x.shape[0]
 
-    def __add__(self, other: "InputStats") -> "InputStats":
+    def add_output(self, module: str, sq: float) -> None:
+        self.out_sq[module] = self.out_sq.get(module, 0.0) + sq
+
+    def add_(self, other: "InputStats") -> "InputStats":
+        """In-place sum with a partial of the same kind (moved to this accumulator's device)."""
         if other.kind != self.kind:
             raise ValueError(f"cannot add {self.kind} and {other.kind} statistics")
-        return InputStats(self.kind, self.value + other.value, self.tokens + other.tokens)
+        if other.value is not None:
+            self._buffer().add_(other.value.to(self.value.device, self.value.dtype))
+        self.tokens += other.tokens
+        for k, v in other.out_sq.items():
+            self.add_output(k, v)
+        return self
+
+    def to(self, device) -> "InputStats":
+        value = None if self.value is None else self.value.to(device)
+        return InputStats(self.kind, self.d_in, self.dtype, device, value, self.tokens, dict(self.out_sq))
+
+    def __add__(self, other: "InputStats") -> "InputStats":
+        out = InputStats(self.kind, self.d_in, self.dtype, self.device,
+                         None if self.value is None else self.value.clone(), self.tokens, dict(self.out_sq))
+        return out.add_(other)
 
 
 def sum_stats(parts: list[InputStats]) -> InputStats:
@@ -52,11 +96,26 @@ def sum_stats(parts: list[InputStats]) -> InputStats:
     return total
 
 
+def mean_(s: InputStats) -> InputStats:
+    """In place: the per-token mean (value / tokens, out_sq / tokens); tokens reported as 1."""
+    n = max(1, s.tokens)
+    if s.value is not None:
+        s.value.div_(n)
+    s.out_sq = {k: v / n for k, v in s.out_sq.items()}
+    s.tokens = 1
+    return s
+
+
 def mix_stats(domain: InputStats, general: InputStats, lam: float) -> InputStats:
-    """MixCal combination of per-token means: domain/n_d + λ · general/n_g (tokens reported as 1).
-
-    An empty side contributes nothing."""
-    def mean(s: InputStats) -> torch.Tensor:
-        return s.value / s.tokens if s.tokens else torch.zeros_like(s.value)
-
-    return InputStats(domain.kind, mean(domain) + lam * mean(general), tokens=1)
+    """MixCal combination of per-token means: domain/n_d + λ · general/n_g (tokens reported as 1),
+    computed in the domain statistics' buffer. An empty side contributes nothing."""
+    if domain.value is None and general.value is None:
+        return InputStats(domain.kind, domain.d_in, domain.dtype, domain.device, None, 1)
+    gen = mean_(general)
+    out = mean_(domain)
+    out._buffer()
+    if general.value is not None and general.tokens:
+        out.value.add_(gen.value.to(out.value.device, out.value.dtype), alpha=lam)
+    for k, v in gen.out_sq.items():
+        out.out_sq[k] = out.out_sq.get(k, 0.0) + lam * v
+    return out

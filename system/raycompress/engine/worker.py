@@ -1,26 +1,32 @@
-"""One data-parallel compression worker: a shard of calibration activations and the current layer.
+"""One data-parallel compression worker: a shard of calibration activations and the current layer,
+on the device it was given (a GPU Ray assigned, or the CPU).
 
-Lifecycle per decoder layer (each a method, called in this order by the pipeline):
-    begin_layer(i)      load layer i's weights from safetensors (memory-mapped)
-    accumulate(kinds)   run the dense layer on this shard with hooks -> partial InputStats
-    solve(name, ...)    (owner only) sum partials, compress one linear, keep the result
-    solve_layer(...)    (owner only, structured methods) shrink the FFN of the whole layer
-    apply(names, Ws)    install compressed weights, run the layer -> next layer's inputs
-    write_layer(...)    (writer only) persist the layer's tensors
-    end_layer()         free the layer
+Memory lifecycle per decoder layer (each a method, called in this order by the pipeline):
+    begin_layer(i)          load layer i from safetensors to the device, in the checkpoint's dtype
+    accumulate(kinds)       run the dense layer on this shard with hooks; statistics stay here
+    export_stats(keys)      (non-owners) hand a group's partial statistics on, and free them
+    reduce_stats(keys, p)   (owners) add a partial received from another worker, in place
+    drop_modules(names)     free the weights of linears another worker solves
+    solve_group(g, names)   (owner) compress a group's linears; the Hessian becomes their factor
+    solve_layer(...)        (owner, structured methods) shrink the FFN of the whole layer
+    apply(solved)           install compressed weights, run the layer in place -> next inputs
+    write_layer(path)       (writer) NaN check, persist, SHA-256 from the bytes in memory
+    end_layer()             free the layer
 This class knows nothing about Ray; `distributed.compress` wraps it in an actor.
 """
 from __future__ import annotations
 
 import logging
+import resource
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from raycompress.algorithms.obs import HessianNotPositiveDefinite
 from raycompress.config import CompressConfig
 from raycompress.engine.stats import InputStats, mix_stats, sum_stats
+from raycompress.engine.transfer import cpu_tensors, nbytes, to_device
 from raycompress.models.checkpoint import write_shard
 from raycompress.models.quantized import pack_quantized
 from raycompress.models.weights import OffloadedModel
@@ -29,68 +35,107 @@ from raycompress.registry import ALGORITHMS
 log = logging.getLogger(__name__)
 
 
+class SolveError(RuntimeError):
+    """A solver failed on one module; the message names the layer, module and dampings tried."""
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class LayerWorker:
     """Holds hidden states (n, seq, hidden) for its calibration shard and one decoder layer.
 
     Args:
         model_dir: Hugging Face folder with safetensors weights.
-        input_ids: (n, seq) int64 calibration token ids of this worker's shard.
+        input_ids: (n, seq) int64 calibration token ids of this worker's shard; the shard must start
+            at a multiple of `micro_batch` in the calibration set (see `engine.shards`).
         micro_batch: sequences per forward pass.
         subsets: named (n,) bool row masks whose statistics are kept apart (`engine.subsets`):
             MixCal's "domain"/"general", or Cus-Prun's dimensions; keys `<group>@<subset>`.
+        device: where weights, activations, statistics and solves live (default CPU).
+        hessian_dtype: accumulator dtype of the statistics (float32 or float64).
+        rank: this worker's index among the data-parallel workers.
     """
 
     def __init__(self, model_dir: str, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None,
-                 subsets: dict[str, torch.Tensor] | None = None) -> None:
+                 subsets: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu",
+                 hessian_dtype: torch.dtype = torch.float32, rank: int = 0) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model = OffloadedModel(model_dir)
-        self.micro_batch = micro_batch
+        self.baseline_rss = peak_rss_bytes()
+        self.device = torch.device(device)
+        self.model = OffloadedModel(model_dir, device=self.device)
+        self.micro_batch, self.hessian_dtype, self.rank = micro_batch, hessian_dtype, rank
+        self.input_ids = input_ids
         self.layer: nn.Module | None = None
         self.layer_idx = -1
         self.infos: list[dict] = []
+        self.stats: dict[str, InputStats] = {}
+        self._solved: dict[str, dict[str, torch.Tensor]] = {}
         self._qparams: dict[str, dict[str, torch.Tensor]] = {}
-        self.subsets = {k: v.bool() for k, v in (subsets or {}).items()}
+        self.subsets = {k: v.bool().to(self.device) for k, v in (subsets or {}).items()}
         self._rows = slice(0, 0)  # rows of the micro-batch being run
         self.timings: dict[str, float] = {}
-        self._kwargs: list[dict] = []  # per micro-batch: what the model passes every decoder layer
-        hidden = []
-        for i in range(0, input_ids.shape[0], micro_batch):
-            h, kw = self.model.layer_inputs(input_ids[i : i + micro_batch])
-            hidden.append(h)
-            self._kwargs.append(kw)
-        self._embedded = torch.cat(hidden) if hidden else torch.zeros(0)  # (n, seq, hidden)
-        self.hidden = self._embedded.clone()
+        self.bytes_in: dict[int, int] = {}  # layer -> bytes received from other workers
+        self.hidden, self._kwargs = self._embed()
 
     # -- helpers ---------------------------------------------------------------------------
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+    def _count_in(self, n: int) -> None:
+        self.bytes_in[self.layer_idx] = self.bytes_in.get(self.layer_idx, 0) + n
+
+    def _embed(self) -> tuple[torch.Tensor, list[dict]]:
+        """Layer-0 inputs (n, seq, hidden) of the shard in one buffer, and per micro-batch kwargs;
+        the embedding table is freed afterwards."""
+        hidden, kwargs = None, []
+        n = self.input_ids.shape[0]
+        for i in range(0, n, self.micro_batch):
+            h, kw = self.model.layer_inputs(self.input_ids[i : i + self.micro_batch])
+            if hidden is None:
+                hidden = torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=self.device)
+            hidden[i : i + h.shape[0]] = h
+            kwargs.append(kw)
+        self.model.release_inputs()
+        return (hidden if hidden is not None else torch.zeros(0, device=self.device)), kwargs
 
     def _forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Run the current layer on h (b, seq, hidden) with the captured layer kwargs."""
         out = self.layer(h, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def _run_all(self) -> torch.Tensor:
-        outs = []
+    def _run_all(self, keep: bool) -> None:
+        """Run every micro-batch through the layer; with `keep`, outputs overwrite the inputs in place."""
         for j, i in enumerate(range(0, len(self.hidden), self.micro_batch)):
             self._rows = slice(i, i + self.micro_batch)
-            outs.append(self._forward(self.hidden[self._rows], self._kwargs[j]))
-        return torch.cat(outs) if outs else self.hidden
+            out = self._forward(self.hidden[self._rows], self._kwargs[j])
+            if keep:
+                self.hidden[self._rows] = out.reshape(self.hidden[self._rows].shape)
 
-    def _hook(self, targets: dict[str | None, InputStats]):
-        """Forward pre-hook adding a micro-batch's inputs x (b, seq, d_in) to the statistics of
-        every subset its rows belong to (key None: all rows)."""
-        def hook(module, args):
-            x = args[0]
+    def _hooks(self, name: str, targets: dict[str | None, InputStats], inputs: bool) -> list:
+        """Hooks adding a micro-batch's inputs x (b, seq, d_in) and output norms ||W x||² to the
+        statistics of every subset its rows belong to (key None: all rows)."""
+        def rows(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # OPT flattens to (b*seq, d)
+            return t.reshape(m.numel(), -1, t.shape[-1])[m]
+
+        def pre(module, args):
             for subset, st in targets.items():
-                if subset is None:
-                    st.add_batch(x)
-                    continue
-                m = self.subsets[subset][self._rows]  # (b,)
-                if m.any():  # some layers (OPT) flatten to (b*seq, d_in): view as (b, seq, d_in)
-                    st.add_batch(x.reshape(m.numel(), -1, x.shape[-1])[m])
-        return hook
+                m = None if subset is None else self.subsets[subset][self._rows]
+                if m is None or m.any():
+                    st.add_batch(args[0] if m is None else rows(args[0], m))
+
+        def post(module, args, out):
+            y = out if getattr(module, "bias", None) is None else out - module.bias
+            for subset, st in targets.items():
+                m = None if subset is None else self.subsets[subset][self._rows]
+                if m is None or m.any():
+                    st.add_output(name, float((y if m is None else rows(y, m)).float().pow(2).sum()))
+
+        lin = self.layer.get_submodule(name)
+        return [lin.register_forward_pre_hook(pre)] if inputs else [lin.register_forward_hook(post)]
 
     # -- lifecycle -------------------------------------------------------------------------
     def begin_layer(self, idx: int) -> int:
@@ -101,107 +146,147 @@ class LayerWorker:
         return self.hidden.shape[0]
 
     @torch.no_grad()
-    def accumulate(self, group_kinds: dict[str, str], split: bool = False) -> dict[str, InputStats]:
-        """Partial statistics of this shard for each input group.
+    def accumulate(self, groups: dict[str, tuple[str, list[str]]], split: bool = False) -> dict[str, int]:
+        """Partial statistics of this shard for each input group, kept on this worker.
 
         Args:
-            group_kinds: first module name of an input group -> stats kind ("hessian"/"sqnorm").
+            groups: group name -> (stats kind "hessian"/"sqnorm", linears reading that input).
             split: statistics per row subset, under `<group>@<subset>`, instead of over all rows.
         Returns:
-            group (or group@subset) name -> InputStats over this shard's tokens.
+            statistics key (group or group@subset) -> tokens accumulated.
         """
         t0 = time.perf_counter()
-        stats: dict[str, InputStats] = {}
         hooks = []
-        for name, kind in group_kinds.items():
-            lin = self.layer.get_submodule(name)
-            keys = {f"{name}@{s}": s for s in self.subsets} if split else {name: None}
+        for group, (kind, names) in groups.items():
+            lin = self.layer.get_submodule(group)
+            keys = {f"{group}@{s}": s for s in self.subsets} if split else {group: None}
             targets = {}
             for key, subset in keys.items():
-                stats[key] = targets[subset] = InputStats.empty(kind, lin.in_features)
-            hooks.append(lin.register_forward_pre_hook(self._hook(targets)))
+                self.stats[key] = targets[subset] = InputStats.empty(kind, lin.in_features, self.hessian_dtype, self.device)
+            hooks += self._hooks(group, targets, inputs=True)  # the shared input, once
+            for name in names:  # every target linear's output norm
+                hooks += self._hooks(name, targets, inputs=False)
         try:
-            if stats:
-                self._run_all()
+            if groups:
+                self._run_all(keep=False)
         finally:
             for hk in hooks:
                 hk.remove()
         self._tick("stats", t0)
-        return stats
+        return {k: s.tokens for k, s in self.stats.items()}
 
-    def solve(self, name: str, group: str, cfg: CompressConfig, *partials: dict[str, InputStats]) -> dict[str, torch.Tensor]:
-        """Compress linear `name` of the current layer from the summed statistics of `group`.
-
-        Returns the solver's tensors: "weight" (what the layer runs with) and, for quantized
-        methods, "weight_scale" / "weight_zero_point"."""
+    def export_stats(self, keys: list[str]) -> dict[str, InputStats]:
+        """Hand this worker's partial statistics `keys` on (on the CPU) and free them here."""
         t0 = time.perf_counter()
-        algo = ALGORITHMS.get(cfg.algorithm)
-        stats = None
-        if algo.stats and cfg.mixcal is not None:
-            stats = mix_stats(sum_stats([p[f"{group}@domain"] for p in partials]),
-                              sum_stats([p[f"{group}@general"] for p in partials]), cfg.mixcal.lam)
-        elif algo.stats:
-            stats = sum_stats([p[group] for p in partials])
-        w = self.layer.get_submodule(name).weight.data
-        tensors, info = algo.solve(w, stats, cfg)
-        w_new = tensors["weight"]
-        err = _reconstruction_error(w, w_new, stats)
-        self.infos.append(
-            {"layer": self.layer_idx, "module": name, "sparsity": float((w_new == 0).float().mean()),
-             "rel_error": err, "seconds": time.perf_counter() - t0, **info}
-        )
-        self._tick("solve", t0)
-        return tensors
+        out = {k: self.stats.pop(k).to("cpu") for k in keys}
+        self._tick("reduce", t0)
+        return out
 
-    def solve_layer(self, cfg: CompressConfig, width: int | None, *partials: dict[str, InputStats]) -> dict[str, dict]:
-        """Structured methods (Cus-Prun): shrink the current layer's FFN from the per-subset
-        statistics of the down projection's input; `width` pads narrower layers (per-layer counts).
+    def reduce_stats(self, partial: dict[str, InputStats]) -> None:
+        """Add partial statistics received from another worker into this worker's, in place."""
+        t0 = time.perf_counter()
+        for key, st in partial.items():
+            self._count_in(st.nbytes)
+            self.stats[key].add_(st)
+        self._tick("reduce", t0)
+
+    def drop_modules(self, names: list[str]) -> None:
+        """Free the weights of linears another worker solves (their new weights arrive in `apply`)."""
+        for name in names:
+            lin = self.layer.get_submodule(name)
+            lin.weight = nn.Parameter(torch.empty(lin.weight.shape, dtype=lin.weight.dtype, device="meta"),
+                                      requires_grad=False)
+
+    def _group_stats(self, group: str, cfg: CompressConfig) -> InputStats | None:
+        algo = ALGORITHMS.get(cfg.algorithm)
+        if not algo.stats:
+            return None
+        if cfg.mixcal is not None:
+            return mix_stats(self.stats.pop(f"{group}@domain"), self.stats.pop(f"{group}@general"), cfg.mixcal.lam)
+        return self.stats.pop(group)
+
+    @torch.no_grad()
+    def solve_group(self, group: str, names: list[str], cfg: CompressConfig, export: bool) -> dict | None:
+        """Compress the linears `names` of input group `group` from its fully reduced statistics;
+        the new weights replace the old ones here.
 
         Returns:
-            module name -> {"weight", optional "bias"} for the up/gate and down projections.
+            {name: tensors on the CPU} for the other workers when `export`, else None.
+        Raises:
+            SolveError: the solver failed (names layer, module and the dampings tried).
+        """
+        t0 = time.perf_counter()
+        stats = self._group_stats(group, cfg)
+        weights = {n: self.layer.get_submodule(n).weight.data for n in names}
+        try:
+            solved = ALGORITHMS.get(cfg.algorithm).solve(weights, stats, cfg)
+        except (HessianNotPositiveDefinite, ValueError) as exc:
+            raise SolveError(f"layer {self.layer_idx} module {group} ({', '.join(names)}): {exc} "
+                             f"(compress.damping={cfg.damping})") from exc
+        secs = (time.perf_counter() - t0) / max(1, len(names))
+        for name, (tensors, info) in solved.items():
+            w_new = tensors["weight"]
+            self.infos.append({"layer": self.layer_idx, "module": name, "sparsity": float((w_new == 0).float().mean()),
+                               "rel_error": info.pop("rel_error", None), "seconds": secs, **info})
+            self._solved[name] = tensors
+            self._install(name, tensors)
+        del weights, stats
+        self._tick("solve", t0)
+        return {n: cpu_tensors(t) for n, t in self._solved.items() if n in solved} if export else None
+
+    def solve_layer(self, cfg: CompressConfig, width: int | None, export: bool) -> dict | None:
+        """Structured methods (Cus-Prun): shrink the current layer's FFN from the per-subset
+        statistics of the down projection's input (reduced here); `width` pads narrower layers.
+
+        Returns:
+            module name -> {"weight", optional "bias"} (CPU) for the other workers when `export`.
         """
         t0 = time.perf_counter()
         spec = self.model.spec
         down = spec.mlp_down
-        stats = {s: sum_stats([p[f"{down}@{s}"] for p in partials]) for s in self.subsets}
+        stats = {s: self.stats.pop(f"{down}@{s}") for s in self.subsets}
         up = {name: _tensors(self.layer.get_submodule(name)) for name in spec.mlp_up}
         solved, info = ALGORITHMS.get(cfg.algorithm).layer_solve(
             up, down, _tensors(self.layer.get_submodule(down)), stats, cfg, width)
         self.infos.append({"layer": self.layer_idx, "module": spec.mlp_down.rsplit(".", 1)[0],
                            "seconds": time.perf_counter() - t0, **info})
+        for name, tensors in solved.items():
+            self._install(name, tensors)
         self._tick("solve", t0)
-        return solved
+        return {n: cpu_tensors(t) for n, t in solved.items()} if export else None
+
+    def _install(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        lin = self.layer.get_submodule(name)
+        lin.weight = nn.Parameter(tensors["weight"].to(self.device, self.model.dtype), requires_grad=False)
+        if "bias" in tensors:
+            lin.bias = nn.Parameter(tensors["bias"].to(self.device, self.model.dtype), requires_grad=False)
+        lin.out_features, lin.in_features = lin.weight.shape
+        if "weight_scale" in tensors:
+            self._qparams[name] = {k: v for k, v in tensors.items() if k != "weight"}
 
     @torch.no_grad()
-    def apply(self, names: list[str], *solved: dict[str, torch.Tensor]) -> None:
-        """Install compressed weights (and biases; shapes may shrink) and propagate this shard
-        through the compressed layer."""
+    def apply(self, *solved: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        """Install compressed weights received from their owners (None: solved here) and
+        propagate this shard through the compressed layer, in place."""
         t0 = time.perf_counter()
-        self._qparams = {}
-        for name, tensors in zip(names, solved):
-            lin = self.layer.get_submodule(name)
-            lin.weight = nn.Parameter(tensors["weight"].to(self.model.dtype), requires_grad=False)
-            if "bias" in tensors:
-                lin.bias = nn.Parameter(tensors["bias"].to(self.model.dtype), requires_grad=False)
-            lin.out_features, lin.in_features = lin.weight.shape
-            if "weight_scale" in tensors:
-                self._qparams[name] = tensors
-        self.hidden = self._run_all()
+        for part in solved:
+            for name, tensors in (part or {}).items():
+                self._count_in(sum(nbytes(t) for t in tensors.values()))
+                self._install(name, to_device(tensors, self.device))
+        self._solved = {}
+        self._run_all(keep=True)
         self._tick("propagate", t0)
 
-    def apply_solved(self, solved: dict[str, dict[str, torch.Tensor]]) -> None:
-        """`apply` for a {module name: tensors} mapping (what `solve_layer` returns)."""
-        self.apply(list(solved), *solved.values())
-
     @torch.no_grad()
-    def outlier_counts(self, targets: list[str], group_of: dict[str, str], m: float, *partials) -> tuple[int, int]:
-        """OWL: (outlier weights, weights) over `targets` of the current layer, from Wanda scores."""
+    def outlier_counts(self, targets: list[str], group_of: dict[str, str], m: float) -> tuple[int, int]:
+        """OWL: (outlier weights, weights) over `targets` of the current layer, from the reduced
+        Wanda statistics held here."""
         from raycompress.algorithms.owl import outlier_count
         from raycompress.algorithms.wanda import wanda_score
 
         out, total = 0, 0
         for t in targets:
-            norms = sum_stats([p[group_of[t]] for p in partials]).value
+            norms = self.stats[group_of[t]].value
             o, n = outlier_count(wanda_score(self.layer.get_submodule(t).weight.data, norms), m)
             out, total = out + o, total + n
         return out, total
@@ -209,49 +294,62 @@ class LayerWorker:
     @torch.no_grad()
     def propagate_dense(self) -> None:
         """Run this shard through the current layer unchanged (OWL's dense pre-pass)."""
-        self.hidden = self._run_all()
+        self.stats = {}
+        self._run_all(keep=True)
 
     def reset(self) -> None:
         """Back to the embeddings of the calibration shard (after a pre-pass)."""
-        self.hidden = self._embedded.clone()
+        self.hidden, self._kwargs = self._embed()
 
-    def write_layer(self, path: str, quant=None) -> str:
+    def write_layer(self, path: str, quant=None) -> dict:
         """Persist the current layer's tensors, with full checkpoint names, to `path` (atomic);
-        quantized linears are packed (compressed-tensors pack-quantized) with `quant`."""
+        quantized linears are packed (compressed-tensors pack-quantized) with `quant`.
+
+        Returns:
+            {"path", "sha256", "bytes"} of the shard written.
+        Raises:
+            ValueError: a tensor holds NaN or Inf (named; nothing is written).
+        """
         t0 = time.perf_counter()
         prefix = self.model.layer_prefix(self.layer_idx)
-        state = dict(self.layer.state_dict())
+        state = {k: v.to("cpu") for k, v in self.layer.state_dict().items()}
         for name, q in self._qparams.items():
-            del state[f"{name}.weight"]
+            q = {"weight": state.pop(f"{name}.weight"), **{k: v.to("cpu") for k, v in q.items()}}
             state.update({f"{name}.{k}": v for k, v in pack_quantized(q, quant, self.model.dtype).items()})
-        write_shard({f"{prefix}.{k}": v for k, v in state.items()}, Path(path))
+        out = write_shard({f"{prefix}.{k}": v for k, v in state.items()}, path)
         self._tick("io", t0)
-        return path
+        return out
 
     @torch.no_grad()
     def replay_layer(self, idx: int, shard: str, quant=None) -> None:
         """Resume: propagate this shard through layer `idx` as already written to `shard`."""
         t0 = time.perf_counter()
-        self.layer = self.model.load_layer_from_shard(idx, Path(shard), quant)
+        self.layer = self.model.load_layer_from_shard(idx, shard, quant)
         self.layer_idx = idx
-        self.hidden = self._run_all()
+        self._run_all(keep=True)
         self.layer = None
         self._tick("replay", t0)
 
-    def write_outside_layers(self, path: str) -> str:
+    def write_outside_layers(self, path: str) -> dict:
         """Persist every tensor outside the decoder layers (embeddings, final norm, lm_head) unchanged."""
         t0 = time.perf_counter()
-        write_shard(self.model.read_outside_layers(), Path(path))
+        out = write_shard(self.model.read_outside_layers(), path)
         self._tick("io", t0)
-        return path
+        return out
 
     def end_layer(self) -> None:
         self.layer = None
-        self._qparams = {}
+        self.stats, self._solved, self._qparams = {}, {}, {}
 
     def pop_infos(self) -> list[dict]:
         infos, self.infos = self.infos, []
         return infos
+
+    def report(self) -> dict:
+        """Timings (s), bytes received per layer, peak and start-up RSS (bytes), device."""
+        peak_gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"timings": dict(self.timings), "bytes_in": dict(self.bytes_in), "peak_rss": peak_rss_bytes(),
+                "baseline_rss": self.baseline_rss, "peak_gpu": peak_gpu, "device": str(self.device)}
 
 
 def _tensors(lin: nn.Module) -> dict[str, torch.Tensor]:
@@ -260,14 +358,3 @@ def _tensors(lin: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(lin, "bias", None) is not None:
         out["bias"] = lin.bias.data
     return out
-
-
-def _reconstruction_error(w: torch.Tensor, w_new: torch.Tensor, stats: InputStats | None) -> float | None:
-    """Relative output error ||(W - Ŵ) X||_F² / ||W X||_F² from H = X X^T: tr(D H D^T) / tr(W H W^T)."""
-    if stats is None or stats.kind != "hessian":
-        return None
-    h = stats.value.float()
-    d = (w.float() - w_new.float())
-    num = float((d @ h * d).sum())
-    den = float((w.float() @ h * w.float()).sum())
-    return num / den if den > 0 else None

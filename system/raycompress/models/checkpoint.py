@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 # files copied verbatim from the source model folder, when present
 SIDECAR_FILES = (
@@ -35,15 +35,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Save `tensors` (name -> tensor) to `path` atomically and durably."""
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or Inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: str | Path) -> dict:
+    """Save `tensors` (name -> CPU tensor) to `path` atomically and durably, checked for NaN/Inf
+    and hashed from the serialized bytes already in memory (no re-read).
+
+    Returns:
+        {"path", "sha256", "bytes"}.
+    Raises:
+        ValueError: a tensor holds NaN or Inf (named); nothing is written.
+    """
+    path = Path(path)
+    bad = nonfinite(tensors)
+    if bad:
+        raise ValueError(f"{path.name}: non-finite values in {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    digest = hashlib.sha256(data).hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
+    size = len(data)
+    del data
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    return {"path": str(path), "sha256": digest, "bytes": size}
 
 
 def write_atomic_text(path: Path, text: str) -> None:
@@ -74,8 +96,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path], config_updates: dict | None = None) -> dict:
-    """Write the index, copy config and tokenizer files, scan for NaN/Inf and hash every file.
+def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path], config_updates: dict | None = None,
+                        hashes: dict[str, str] | None = None) -> dict:
+    """Write the index, copy config and tokenizer files, and the manifest of every file's SHA-256.
+    Shards listed in `hashes` (name -> sha256, from `write_shard`) were checked for NaN/Inf and
+    hashed when written and are not read again (only their tensor names, from the header);
+    other shards are scanned and hashed here.
     `config_updates` (e.g. a compressed-tensors "quantization_config" block, or a shrunk
     "intermediate_size") are written into config.json.
 
@@ -88,8 +114,10 @@ def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path]
     weight_map: dict[str, str] = {}
     total = 0
     bad: list[str] = []
+    hashes = dict(hashes or {})
     for shard in shard_files:
-        bad += scan_nonfinite(shard)
+        if shard.name not in hashes:
+            bad += scan_nonfinite(shard)
         with safe_open(str(shard), framework="pt") as f:
             for k in f.keys():
                 weight_map[k] = shard.name
@@ -105,7 +133,8 @@ def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path]
         cfg = json.loads((out_dir / "config.json").read_text())
         cfg.update(config_updates)
         write_atomic_text(out_dir / "config.json", json.dumps(cfg, indent=2))
-    files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and not p.name.startswith("manifest")}
+    files = {p.name: hashes.get(p.name) or sha256_file(p) for p in sorted(out_dir.iterdir())
+             if p.is_file() and not p.name.startswith("manifest") and not p.name.endswith(".tmp")}
     manifest = {"files": files, "total_size": total}
     write_atomic_text(out_dir / "manifest.sha256.json", json.dumps(manifest, indent=2))
     return manifest

@@ -3,7 +3,8 @@
 `OffloadedModel` never materialises the whole model. It reads `config.json` and the safetensors
 index, builds the `*ForCausalLM` skeleton on the meta device (no memory), and hands out single
 decoder layers (or the embedding / final modules) with real weights read from disk on demand.
-The reader is memory-mapped (`safetensors.safe_open`), so only the tensors asked for are paged in.
+The reader is memory-mapped (`safetensors.safe_open`), so only the tensors asked for are paged in,
+straight to the model's device, in the checkpoint's own dtype unless another is asked for.
 """
 from __future__ import annotations
 
@@ -26,26 +27,29 @@ class OffloadedModel:
 
     Args:
         model_dir: a Hugging Face folder with config.json and *.safetensors (sharded or not).
-        dtype: dtype the weights are cast to when loaded (default float32).
+        dtype: dtype the weights are cast to when loaded; default the checkpoint's own (bf16 for
+            most large models; the first floating-point tensor of the index decides).
+        device: where loaded tensors are placed (default CPU).
 
     Raises:
         FileNotFoundError: the folder has no config.json or no safetensors file.
         UnsupportedArchitectureError: the architecture is not in `models.arch.ARCHITECTURES`.
     """
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.model_dir}: no config.json")
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = "sdpa"  # attention_mask=None then means causal
         self.spec: ArchSpec = arch_spec(self.config)
-        self.dtype = dtype
+        self.device = torch.device(device)
         self.weight_map = self._read_weight_map()
+        self.dtype = dtype or self._stored_dtype()
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config)
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
         self.num_layers = len(_get_submodule(self.skeleton, self.spec.layers))
         self._inputs_ready = False
 
@@ -58,6 +62,17 @@ class OffloadedModel:
             raise FileNotFoundError(f"{self.model_dir}: no model.safetensors or index")
         with safe_open(str(single), framework="pt") as f:
             return {k: single.name for k in f.keys()}
+
+    def _stored_dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point tensor of a decoder layer (else of any tensor)."""
+        layer0 = [k for k in self.weight_map if k.startswith(self.spec.layers + ".0.")] or list(self.weight_map)
+        for k in sorted(layer0):
+            with safe_open(str(self.model_dir / self.weight_map[k]), framework="pt") as f:
+                t = f.get_slice(k)
+                dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(t.get_dtype())
+            if dt is not None:
+                return dt
+        return torch.float32
 
     def read_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors whose name starts with `prefix + '.'`, keyed without the prefix.
@@ -73,7 +88,7 @@ class OffloadedModel:
             by_file.setdefault(self.weight_map[k], []).append(k)
         out: dict[str, torch.Tensor] = {}
         for fname, names in sorted(by_file.items()):
-            with safe_open(str(self.model_dir / fname), framework="pt") as f:
+            with safe_open(str(self.model_dir / fname), framework="pt", device=_st_device(self.device)) as f:
                 for k in names:
                     t = f.get_tensor(k)
                     out[k[len(prefix) + 1 :]] = t.to(self.dtype) if t.is_floating_point() else t
@@ -106,7 +121,7 @@ class OffloadedModel:
         """Decoder layer `idx` with its weights read from disk, in eval mode."""
         return self.load_module(self.layer_prefix(idx))
 
-    def load_layer_from_shard(self, idx: int, shard: Path, quant=None) -> nn.Module:
+    def load_layer_from_shard(self, idx: int, shard: str | Path, quant=None) -> nn.Module:
         """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names);
         pack-quantized linears are dequantized with `quant` (a QuantConfig)."""
         prefix = self.layer_prefix(idx) + "."
@@ -116,7 +131,7 @@ class OffloadedModel:
             from raycompress.models.quantized import unpack_quantized
 
             state = unpack_quantized(state, quant)
-        state = {k: v.to(self.dtype) for k, v in state.items()}
+        state = {k: v.to(self.device, self.dtype) for k, v in state.items()}
         module = _clone_meta(self.skeleton.get_submodule(self.layer_prefix(idx)))
         _reshape_meta(module, state)  # structured pruning may have shrunk some linears
         module.load_state_dict(state, assign=True, strict=True)
@@ -149,7 +164,7 @@ class OffloadedModel:
             for path in self.spec.embed:
                 self.skeleton.set_submodule(path, self.load_module(path))
             if self.spec.rotary is not None:
-                self.skeleton.set_submodule(self.spec.rotary, self.rotary())
+                self.skeleton.set_submodule(self.spec.rotary, self.rotary().to(self.device))
             self._inputs_ready = True
         captured: dict = {}
 
@@ -160,12 +175,20 @@ class OffloadedModel:
 
         handle = _get_submodule(self.skeleton, self.layer_prefix(0)).register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.skeleton(input_ids=input_ids.long(), use_cache=False)
+            self.skeleton(input_ids=input_ids.long().to(self.device), use_cache=False)
         except _Captured:
             pass
         finally:
             handle.remove()
         return captured["hidden"], captured["kwargs"]
+
+    def release_inputs(self) -> None:
+        """Free the embedding (and rotary) modules that `layer_inputs` materialised."""
+        if not self._inputs_ready:
+            return
+        for path in self.spec.embed:
+            _get_submodule(self.skeleton, path).to("meta")
+        self._inputs_ready = False
 
     def rotary(self) -> nn.Module | None:
         """The rotary-embedding module, rebuilt on CPU (its buffers are computed, not stored)."""
@@ -173,6 +196,13 @@ class OffloadedModel:
             return None
         meta = _get_submodule(self.skeleton, self.spec.rotary)
         return type(meta)(config=self.config)
+
+
+def _st_device(device: torch.device) -> str:
+    """safetensors' device string: "cpu", or "cuda:N"."""
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return device.type
 
 
 class _Captured(Exception):

@@ -1,0 +1,66 @@
+"""Analytic floors of one compression run: memory per worker, bytes moved and FLOPs per decoder
+layer, from the model's shapes and the plan alone (no measurement). The benchmark and
+`compression.json` put the measured figures next to them.
+
+Memory floor of worker k, tensors only (the process's own start-up RSS is added by the caller):
+    stats phase  = layer weights (checkpoint dtype) + every input group's statistics
+                   (d_in² or d_in per key, accumulator dtype) + this shard's hidden states
+                   (rows · seq · hidden, checkpoint dtype; propagated in place)
+                   + one micro-batch's MLP activations (mb · seq · 3 · d_ff, checkpoint dtype)
+                   + its largest input cast to float32 (mb · seq · max d_in · 4)
+    solve phase  = layer weights + the statistics of the groups k owns + hidden states
+                   + the largest owned linear's float32 working copy and mask (d_out · d_in · 5)
+    floor_k      = max(stats phase, solve phase)
+Bytes moved per layer (K workers), the minimum for data-parallel statistics with one solver per
+input group: Σ over statistics keys of (K − 1) · size(key) (each partial sent once toward its
+owner) + (K − 1) · Σ over targets of d_out · d_in · bytes(checkpoint dtype) (every worker needs the
+new weights to compute the next layer's inputs).
+FLOPs per layer: statistics 2 · tokens · d_in² per Hessian group (tokens · d_in for sqnorm), two
+forward passes 2 · 2 · tokens · params, and the algorithm's solve FLOPs (`Algorithm.flops`).
+"""
+from __future__ import annotations
+
+import torch
+
+from raycompress.config import CompressConfig
+from raycompress.engine.pipeline import Plan
+from raycompress.models.weights import OffloadedModel
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: list[int], seq: int,
+                 micro_batch: int, n_subsets: int) -> dict:
+    """{"memory_bytes_per_worker": [...], "bytes_moved_per_layer": int, "flops_per_layer": float}."""
+    cb = _bytes(model.dtype)
+    hb = _bytes(torch.float64 if cfg.hessian_dtype == "float64" else torch.float32)
+    layer0 = model.skeleton.get_submodule(model.layer_prefix(0))
+    params = sum(p.numel() for p in layer0.parameters())
+    hidden = int(model.config.hidden_size)
+    d_ff = int(getattr(model.config, model.spec.intermediate_key, 4 * hidden))
+    keys = max(1, n_subsets) if plan.split else 1
+    stat_bytes = {}
+    for g, (kind, _) in plan.stat_groups.items():
+        d_in = plan.shapes.get(g, (0, layer0.get_submodule(g).in_features))[1]
+        stat_bytes[g] = keys * hb * (d_in * d_in if kind == "hessian" else d_in)
+    d_max = max((s[1] for s in plan.shapes.values()), default=hidden)
+    mem = []
+    for k, n_rows in enumerate(rows):
+        base = params * cb + n_rows * seq * hidden * cb
+        stats_phase = base + sum(stat_bytes.values()) + micro_batch * seq * (3 * d_ff * cb + d_max * 4)
+        owned = [g for g in plan.groups if plan.owners[g] == k]
+        work = max((plan.shapes[t][0] * plan.shapes[t][1] * 5 for g in owned for t in plan.groups[g]), default=0)
+        solve_phase = base + sum(stat_bytes.get(g, 0) for g in owned) + work
+        mem.append(max(stats_phase, solve_phase))
+    kk = len(rows)
+    moved = (kk - 1) * (sum(stat_bytes.values()) + sum(o * i for o, i in plan.shapes.values()) * cb)
+    tokens = sum(rows) * seq
+    flops = 4.0 * tokens * params
+    for g, (kind, _) in plan.stat_groups.items():
+        d_in = plan.shapes.get(g, (0, layer0.get_submodule(g).in_features))[1]
+        flops += 2.0 * tokens * d_in * d_in if kind == "hessian" else 2.0 * tokens * d_in
+    if not plan.structured:
+        flops += sum(plan.algo.flops([plan.shapes[t] for t in names]) for names in plan.groups.values())
+    return {"memory_bytes_per_worker": mem, "bytes_moved_per_layer": moved, "flops_per_layer": flops}
