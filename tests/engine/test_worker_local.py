@@ -53,3 +53,27 @@ def test_worker_solve_records(tiny_llama_dir, calib):
     (info,) = worker.pop_infos()
     assert info["layer"] == 0 and info["module"] == "mlp.up_proj" and 0 < info["rel_error"] < 1
     assert worker.pop_infos() == []
+
+
+def test_solver_error_names_layer_module_and_damping(tiny_llama_dir, calib):
+    from raycompress.engine.worker import SolveError
+
+    worker = LayerWorker(str(tiny_llama_dir), calib)
+    worker.begin_layer(1)
+    worker.accumulate({"mlp.gate_proj": ("hessian", ["mlp.gate_proj", "mlp.up_proj"])})
+    worker.stats["mlp.gate_proj"].value[0, 0] = float("nan")
+    with pytest.raises(SolveError, match=r"layer 1 module mlp.gate_proj \(mlp.gate_proj, mlp.up_proj\).*NaN.*damping=0.01"):
+        worker.solve_group("mlp.gate_proj", ["mlp.gate_proj", "mlp.up_proj"], CompressConfig(), export=False)
+
+
+def test_write_layer_hashes_in_memory_and_refuses_nan(tiny_llama_dir, calib, tmp_path):
+    from raycompress.models.checkpoint import sha256_file
+
+    worker = LayerWorker(str(tiny_llama_dir), calib)
+    worker.begin_layer(0)
+    out = worker.write_layer(str(tmp_path / "s.safetensors"))
+    assert out["sha256"] == sha256_file(tmp_path / "s.safetensors") and out["bytes"] == (tmp_path / "s.safetensors").stat().st_size
+    worker.layer.mlp.up_proj.weight.data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite values in .*model.layers.0.mlp.up_proj.weight"):
+        worker.write_layer(str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "bad.safetensors").exists()

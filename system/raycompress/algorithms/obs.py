@@ -98,6 +98,9 @@ def inverse_cholesky_(h: torch.Tensor, damping: float, max_tries: int = 6, growt
         HessianNotPositiveDefinite: every try failed; the message gives the dampings tried.
     """
     d = h.shape[0]
+    if not bool(torch.isfinite(h).all()):
+        raise HessianNotPositiveDefinite(f"the Hessian (d_in={d}) holds NaN or Inf: the calibration "
+                                         "activations overflowed or are not finite; no damping was tried")
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     mean_diag = float(diag.mean())

@@ -154,6 +154,7 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
     while True:
         actors = _spawn(job, model_dir, shards, subsets)
         try:
+            ray.get([a.report.remote() for a in actors])  # start-up (embedding) is not a layer's time
             records = compress_layers(RayBackend(actors), model, job.compress, out_dir, fingerprint, sorted(masks))
             reports = ray.get([a.report.remote() for a in actors])
             break

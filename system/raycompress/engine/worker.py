@@ -77,7 +77,7 @@ class LayerWorker:
         self._qparams: dict[str, dict[str, torch.Tensor]] = {}
         self.subsets = {k: v.bool().to(self.device) for k, v in (subsets or {}).items()}
         self._rows = slice(0, 0)  # rows of the micro-batch being run
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = dict.fromkeys(("stats", "reduce", "solve", "propagate", "io", "replay"), 0.0)
         self.bytes_in: dict[int, int] = {}  # layer -> bytes received from other workers
         self.hidden, self._kwargs = self._embed()
 
