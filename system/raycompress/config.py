@@ -280,6 +280,10 @@ class RayConfig(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = "auto"
     torch_threads: int | None = Field(None, description="intra-op threads per actor; default cpus_per_actor")
+    collective: Literal["auto", "object_store", "nccl", "gloo"] = Field(
+        "auto", description="how compression statistics reach their owner: a tree through the object store, or "
+        "a ray.util.collective reduce (nccl between GPU actors, gloo between CPU actors); auto: nccl when every "
+        "actor holds a GPU, else the object store")
 
 
 class JobConfig(_Strict):

@@ -78,3 +78,17 @@ def test_cus_prun_dimensions_reach_the_actors(tiny_llama_dir, tmp_path, ray_loca
     assert outs[0] == outs[1]
     assert [m["neurons_kept"] for m in result["modules"]] == [64, 64]
     assert json.loads((tmp_path / "k2" / "model" / "config.json").read_text())["intermediate_size"] == 64
+
+
+def test_collective_gloo_reduce_matches_object_store(tiny_llama_dir, calib, tmp_path, ray_local):
+    """Statistics reduced with a ray.util.collective gloo group (what NCCL does between GPU actors)
+    give the same checkpoint as the object-store tree; the transport is recorded."""
+    outs = {}
+    for transport in ("object_store", "gloo"):
+        job = _job(tiny_llama_dir, 2, hessian_dtype="float64")
+        job = job.model_copy(update={"ray": job.ray.model_copy(update={"collective": transport})})
+        result = run_compress(job, tiny_llama_dir, calib, tmp_path / transport, "fp")
+        assert result["statistics_transport"] == transport
+        assert result["bytes_moved_per_layer"] == result["analytic_bytes_per_layer"]
+        outs[transport] = _shards(tmp_path / transport)
+    assert outs["gloo"] == outs["object_store"]

@@ -204,5 +204,5 @@ def obs_sweep_(W: torch.Tensor, u: torch.Tensor, block_size: int, rounder: Round
         W[:, b0:b1] = W1
         loss += (E1.double() ** 2).sum()
         if b1 < d_in:
-            W[:, b1:] -= E1 @ u[b0:b1, b1:]  # lazy update of every later column
+            W[:, b1:].addmm_(E1, u[b0:b1, b1:], alpha=-1.0)  # lazy update of every later column, in place
     return W, float(loss)

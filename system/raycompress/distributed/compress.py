@@ -18,7 +18,7 @@ from raycompress.config import JobConfig
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.distributed.select import load_calibration
 from raycompress.engine.budget import layer_floors
-from raycompress.engine.pipeline import Plan, Progress, compress_layers
+from raycompress.engine.pipeline import Plan, Progress, compress_layers, reduce_to
 from raycompress.engine.subsets import row_subsets
 from raycompress.engine.transfer import shard_rows
 from raycompress.engine.worker import LayerWorker
@@ -55,6 +55,15 @@ class _Shell(LayerWorker):
         _chaos(idx)
         return super().begin_layer(idx)
 
+    def collective_reduce(self, keys: list[str], names: list[str], owner: int, world: int, group: str) -> None:
+        import time
+
+        from raycompress.distributed.collective import collective_reduce
+
+        t0 = time.perf_counter()
+        collective_reduce(self, keys, names, owner, world, group)
+        self._tick("reduce", t0)
+
     def placement(self) -> dict:
         return {"gpu_ids": self.gpu_ids, "device": str(self.device),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
@@ -87,14 +96,23 @@ class _Remote:
 
 
 class RayBackend:
-    """Backend for `engine.pipeline`: handles are ObjectRefs, passed on unresolved."""
+    """Backend for `engine.pipeline`: handles are ObjectRefs, passed on unresolved. Statistics
+    are reduced through the object store (a tree, `reduce_to`) or, with `group` set, through a
+    `ray.util.collective` group (NCCL / gloo)."""
 
-    def __init__(self, actors: list) -> None:
+    def __init__(self, actors: list, group: str | None = None, transport: str = "object_store") -> None:
         self.actors = actors
         self.workers = [_Remote(a) for a in actors]
+        self.group, self.transport = group, transport
 
     def get(self, handles):
         return ray.get(handles)
+
+    def reduce(self, owner: int, keys: list[str], names: list[str]) -> list:
+        if self.group is None or len(self.actors) == 1:
+            return reduce_to(self, owner, keys)
+        k = len(self.actors)
+        return [a.collective_reduce.remote(keys, names, owner, k, self.group) for a in self.actors]
 
 
 def _spawn(job: JobConfig, model_dir: Path, shards, subsets) -> list:
@@ -105,6 +123,20 @@ def _spawn(job: JobConfig, model_dir: Path, shards, subsets) -> list:
           "hessian_dtype": getattr(torch, c.hessian_dtype)}
     return [CompressionActor.options(name=None, **opts).remote(str(model_dir), s, subsets=g, rank=r, **kw)
             for r, (s, g) in enumerate(zip(shards, subsets))]
+
+
+def _backend(job: JobConfig, actors: list, attempt: int) -> RayBackend:
+    """Wait for the actors to start (embedding is not a layer's time) and pick the transport."""
+    from raycompress.distributed.collective import choose_transport, create_group
+
+    devices = [p["device"] for p in ray.get([a.placement.remote() for a in actors])]
+    transport = choose_transport(job.ray.collective, devices)
+    log.info("compression actors on %s; statistics reduced via %s", devices, transport)
+    if transport == "object_store" or len(actors) == 1:
+        return RayBackend(actors)
+    group = f"raycompress-{os.getpid()}-{attempt}"
+    create_group(actors, transport, group)
+    return RayBackend(actors, group, transport)
 
 
 def _summary(job: JobConfig, model: OffloadedModel, out_dir: Path, fingerprint: str, rows: list[int], seq: int,
@@ -154,8 +186,8 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
     while True:
         actors = _spawn(job, model_dir, shards, subsets)
         try:
-            ray.get([a.report.remote() for a in actors])  # start-up (embedding) is not a layer's time
-            records = compress_layers(RayBackend(actors), model, job.compress, out_dir, fingerprint, sorted(masks))
+            backend = _backend(job, actors, restarts)
+            records = compress_layers(backend, model, job.compress, out_dir, fingerprint, sorted(masks))
             reports = ray.get([a.report.remote() for a in actors])
             break
         except RayActorError as exc:
@@ -168,7 +200,7 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
             for a in actors:
                 ray.kill(a)
     result = {"algorithm": job.compress.algorithm, "config": job.compress.model_dump(mode="json"),
-              "actors": k, "restarts": restarts,
+              "actors": k, "restarts": restarts, "statistics_transport": backend.transport,
               **_summary(job, model, out_dir, fingerprint, [len(s) for s in shards], ids.shape[1], len(masks), reports),
               "modules": records}
     write_atomic_text(out_dir / "compression.json", json.dumps(result, indent=2))

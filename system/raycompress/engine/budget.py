@@ -8,8 +8,10 @@ Memory floor of worker k, tensors only (the process's own start-up RSS is added 
                    (rows · seq · hidden, checkpoint dtype; propagated in place)
                    + one micro-batch's MLP activations (mb · seq · 3 · d_ff, checkpoint dtype)
                    + its largest input cast to float32 (mb · seq · max d_in · 4)
-    solve phase  = layer weights + the statistics of the groups k owns + hidden states
-                   + the largest owned linear's float32 working copy and mask (d_out · d_in · 5)
+    solve phase  = layer weights + hidden states + max over the groups k owns, in solve order
+                   (smallest d_in first, `Plan.solve_order`), of the statistics not yet solved
+                   + that group's largest linear's float32 working copy, mask and new weight
+                   (d_out · d_in · (4 + 1 + bytes(checkpoint dtype)))
     floor_k      = max(stats phase, solve phase)
 Bytes moved per layer (K workers), the minimum for data-parallel statistics with one solver per
 input group: Σ over statistics keys of (K − 1) · size(key) (each partial sent once toward its
@@ -50,9 +52,10 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     for k, n_rows in enumerate(rows):
         base = params * cb + n_rows * seq * hidden * cb
         stats_phase = base + sum(stat_bytes.values()) + micro_batch * seq * (3 * d_ff * cb + d_max * 4)
-        owned = [g for g in plan.groups if plan.owners[g] == k]
-        work = max((plan.shapes[t][0] * plan.shapes[t][1] * 5 for g in owned for t in plan.groups[g]), default=0)
-        solve_phase = base + sum(stat_bytes.get(g, 0) for g in owned) + work
+        order = plan.solve_order(k)
+        solve_phase = base + max((sum(stat_bytes.get(h, 0) for h in order[j:])
+                                  + max(o * i * (5 + cb) for o, i in (plan.shapes[t] for t in plan.groups[g]))
+                                  for j, g in enumerate(order)), default=0)
         mem.append(max(stats_phase, solve_phase))
     kk = len(rows)
     moved = (kk - 1) * (sum(stat_bytes.values()) + sum(o * i for o, i in plan.shapes.values()) * cb)

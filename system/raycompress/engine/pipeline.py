@@ -56,6 +56,9 @@ class Backend(Protocol):
 
     def get(self, handles: Any) -> Any: ...
 
+    def reduce(self, owner: int, keys: list[str], names: list[str]) -> list[Handle]:
+        """Sum statistics `keys` (carrying output norms of linears `names`) onto worker `owner`."""
+
 
 class LocalBackend:
     """Workers in this process; handles are plain values."""
@@ -65,6 +68,9 @@ class LocalBackend:
 
     def get(self, handles: Any) -> Any:
         return handles
+
+    def reduce(self, owner: int, keys: list[str], names: list[str]) -> list[Handle]:
+        return reduce_to(self, owner, keys)
 
 
 class FingerprintMismatch(RuntimeError):
@@ -180,7 +186,7 @@ def owl_prepass(backend: Backend, model: OffloadedModel, cfg: CompressConfig, pl
     for i in tqdm(range(model.num_layers), desc="owl pre-pass", unit="layer"):
         _all(backend, "begin_layer", i)
         _all(backend, "accumulate", groups, False)
-        backend.get([h for g in groups for h in reduce_to(backend, 0, [g])])
+        backend.get([h for g, (_, names) in groups.items() for h in backend.reduce(0, [g], names)])
         out, total = backend.get(backend.workers[0].outlier_counts(plan.targets, plan.group_of, cfg.owl.m))
         ratios.append(out / total)
         _all(backend, "propagate_dense")
@@ -236,13 +242,13 @@ def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: in
     if plan.structured:
         owner = i % k  # one structured solve per layer, owners take turns
         down = next(iter(plan.stat_groups))
-        backend.get(reduce_to(backend, owner, plan.keys(down, subsets)))
+        backend.get(backend.reduce(owner, plan.keys(down, subsets), [down]))
         solved = ws[owner].solve_layer(layer_cfg, width, k > 1)
         backend.get([w.apply(None if r == owner else solved) for r, w in enumerate(ws)])
         return
     pending = []
     for g in plan.stat_groups:
-        pending += reduce_to(backend, plan.owners[g], plan.keys(g, subsets))
+        pending += backend.reduce(plan.owners[g], plan.keys(g, subsets), plan.stat_groups[g][1])
     for r, w in enumerate(ws):  # weights another worker solves are not needed here until apply
         pending.append(w.drop_modules([t for g, names in plan.groups.items() if plan.owners[g] != r for t in names]))
     solved = {g: ws[r].solve_group(g, plan.groups[g], layer_cfg, k > 1) for r in range(k) for g in plan.solve_order(r)}

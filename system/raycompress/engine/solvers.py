@@ -2,14 +2,14 @@
 to call it on one input group. Registered by name in `registry.ALGORITHMS`; the engine never
 branches on a name.
 
-`solve(weights, stats, cfg)` compresses every linear of one input group, {name: W (d_out, d_in)}
-in the checkpoint's dtype on the worker's device, from the group's summed statistics (consumed:
-the Hessian's buffer becomes the OBS factor, shared by the group's linears). It returns
-{name: (tensors, info)}: tensors["weight"] is the weight to run with, in W's dtype (dequantized
-for quantized methods); quantized methods add "weight_scale" and "weight_zero_point"
-(d_out, n_groups), which the checkpoint writer packs. info["rel_error"] is the relative output
-error ||(W - Ŵ) X||² / ||W X||² where the method knows it (OBS methods: from the sweep's error and
-the outputs' squared norms recorded during the statistics pass).
+`prepare(stats, cfg)` turns one input group's summed statistics into what its linears share
+(consumed: the Hessian's buffer becomes the OBS factor); `solve(W, context, cfg)` then compresses
+one linear, W (d_out, d_in) in the checkpoint's dtype on the worker's device, and returns
+(tensors, info): tensors["weight"] is the weight to run with, in W's dtype (dequantized for
+quantized methods); quantized methods add "weight_scale" and "weight_zero_point"
+(d_out, n_groups), which the checkpoint writer packs. info["loss"] (OBS methods) is the sweep's
+error, from which the worker reports the relative output error ||(W - Ŵ) X||² / ||W X||² with the
+outputs' squared norms recorded during the statistics pass.
 
 Structured methods (Cus-Prun) solve a whole FFN at once: `layer_solve(up, down_name, down, stats, cfg, width)`
 takes the up/gate and down projections' tensors and per-subset statistics of the down input, and
@@ -17,7 +17,7 @@ returns ({module: tensors}, info) with the FFN width shrunk."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -32,16 +32,17 @@ from raycompress.config import CompressConfig
 from raycompress.engine.stats import InputStats, mean_
 from raycompress.registry import ALGORITHMS
 
-Solved = dict[str, tuple[dict[str, torch.Tensor], dict]]
-
-
 @dataclass(frozen=True)
 class Algorithm:
-    """stats: which InputStats kind it needs (None = data-free); solve(weights, stats, cfg) -> Solved;
+    """stats: which InputStats kind it needs (None = data-free);
+    prepare(stats, cfg) -> context shared by an input group's linears (the OBS factor, the norms);
+    solve(W, context, cfg) -> (tensors, info) for one linear; info["loss"], where given, is the
+    sweep's error tr(D H_λ D^T) with H the per-token mean Hessian;
     layer_solve: set for structured methods, which the pipeline runs once per layer instead."""
 
     stats: str | None
-    solve: Callable[[dict[str, torch.Tensor], InputStats | None, CompressConfig], Solved] | None
+    prepare: Callable[[InputStats | None, CompressConfig], Any] | None
+    solve: Callable[[torch.Tensor, Any, CompressConfig], tuple[dict[str, torch.Tensor], dict]] | None
     cost: Callable[[int, int], float]  # relative solve cost for (d_out, d_in), for load balancing
     layer_solve: Callable | None = None
     # FLOPs of one input group's solve: (list of (d_out, d_in) of its linears) -> float
@@ -57,49 +58,43 @@ def _spec(cfg: CompressConfig) -> QuantSpec:
     return QuantSpec(bits=q.bits, symmetric=q.symmetric, group_size=q.group_size)
 
 
-def _rel(loss: float, name: str, stats: InputStats) -> float | None:
-    den = stats.out_sq.get(name)
-    return loss / den if den else None
+def _none(stats, cfg):
+    return None
 
 
-def _magnitude(weights, stats, cfg):
-    return {n: ({"weight": magnitude_prune(w, cfg.sparsity, _nm(cfg))[0]}, {}) for n, w in weights.items()}
+def _norms(stats, cfg):
+    return stats.value
 
 
-def _wanda(weights, stats, cfg):
-    return {n: ({"weight": wanda_prune(w, stats.value, cfg.sparsity, _nm(cfg))[0].to(w.dtype)}, {})
-            for n, w in weights.items()}
+def _magnitude(w, ctx, cfg):
+    return {"weight": magnitude_prune(w, cfg.sparsity, _nm(cfg))[0]}, {}
 
 
-def _factor(stats: InputStats, cfg: CompressConfig, act_order: bool = False):
+def _wanda(w, norms, cfg):
+    return {"weight": wanda_prune(w, norms, cfg.sparsity, _nm(cfg))[0].to(w.dtype)}, {}
+
+
+def _factor(stats: InputStats, cfg: CompressConfig):
     """The group's OBS factor in the Hessian's own buffer (mean x x^T: the scale does not change
     the result, and keeps the damping relative)."""
     mean_(stats)
     h, stats.value = stats.value, None
+    act_order = cfg.quant is not None and cfg.quant.act_order and cfg.algorithm == "gptq"
     return obs_factor_(h if h.dtype == torch.float32 else h.float(), cfg.damping, act_order)
 
 
-def _sparsegpt(weights, stats, cfg):
-    f = _factor(stats, cfg)
+def _sparsegpt(w, f, cfg):
     quant = _spec(cfg) if cfg.quant is not None else None
-    out = {}
-    for name, w in weights.items():
-        r = sparsegpt_prune(w, None, cfg.sparsity, _nm(cfg), cfg.block_size, quant=quant, factor=f)
-        tensors = {"weight": r.weight}
-        if quant is not None:  # SparseGPT paper Sec. 3.5: joint sparsification and quantization
-            tensors.update(weight_scale=r.scale, weight_zero_point=r.zero)
-        out[name] = (tensors, {"damping": r.damping, "rel_error": _rel(r.loss, name, stats)})
-    return out
+    r = sparsegpt_prune(w, None, cfg.sparsity, _nm(cfg), cfg.block_size, quant=quant, factor=f)
+    tensors = {"weight": r.weight}
+    if quant is not None:  # SparseGPT paper Sec. 3.5: joint sparsification and quantization
+        tensors.update(weight_scale=r.scale, weight_zero_point=r.zero)
+    return tensors, {"damping": r.damping, "loss": r.loss}
 
 
-def _gptq(weights, stats, cfg):
-    f = _factor(stats, cfg, cfg.quant.act_order)
-    out = {}
-    for name, w in weights.items():
-        r = gptq_quantize(w, None, _spec(cfg), cfg.block_size, factor=f)
-        out[name] = ({"weight": r.weight, "weight_scale": r.scale, "weight_zero_point": r.zero},
-                     {"damping": r.damping, "rel_error": _rel(r.loss, name, stats)})
-    return out
+def _gptq(w, f, cfg):
+    r = gptq_quantize(w, None, _spec(cfg), cfg.block_size, factor=f)
+    return {"weight": r.weight, "weight_scale": r.scale, "weight_zero_point": r.zero}, {"damping": r.damping, "loss": r.loss}
 
 
 def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats], cfg: CompressConfig,
@@ -126,8 +121,8 @@ def _obs_flops(shapes: list[tuple[int, int]]) -> float:
     return 2.0 * d**3 * (1 / 3 + 1 / 3) + sum(2.0 * o * i * i for o, i in shapes)
 
 
-ALGORITHMS.register("magnitude")(Algorithm(None, _magnitude, lambda o, i: o * i))
-ALGORITHMS.register("wanda")(Algorithm("sqnorm", _wanda, lambda o, i: o * i))
-ALGORITHMS.register("sparsegpt")(Algorithm("hessian", _sparsegpt, lambda o, i: i * i * (o + i), flops=_obs_flops))
-ALGORITHMS.register("gptq")(Algorithm("hessian", _gptq, lambda o, i: i * i * (o + i), flops=_obs_flops))
-ALGORITHMS.register("cus_prun")(Algorithm("sqnorm", None, lambda o, i: o, layer_solve=_cus_prun))
+ALGORITHMS.register("magnitude")(Algorithm(None, _none, _magnitude, lambda o, i: o * i))
+ALGORITHMS.register("wanda")(Algorithm("sqnorm", _norms, _wanda, lambda o, i: o * i))
+ALGORITHMS.register("sparsegpt")(Algorithm("hessian", _factor, _sparsegpt, lambda o, i: i * i * (o + i), flops=_obs_flops))
+ALGORITHMS.register("gptq")(Algorithm("hessian", _factor, _gptq, lambda o, i: i * i * (o + i), flops=_obs_flops))
+ALGORITHMS.register("cus_prun")(Algorithm("sqnorm", None, None, lambda o, i: o, layer_solve=_cus_prun))

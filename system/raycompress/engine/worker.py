@@ -73,7 +73,6 @@ class LayerWorker:
         self.layer_idx = -1
         self.infos: list[dict] = []
         self.stats: dict[str, InputStats] = {}
-        self._solved: dict[str, dict[str, torch.Tensor]] = {}
         self._qparams: dict[str, dict[str, torch.Tensor]] = {}
         self.subsets = {k: v.bool().to(self.device) for k, v in (subsets or {}).items()}
         self._rows = slice(0, 0)  # rows of the micro-batch being run
@@ -216,23 +215,31 @@ class LayerWorker:
             SolveError: the solver failed (names layer, module and the dampings tried).
         """
         t0 = time.perf_counter()
+        algo = ALGORITHMS.get(cfg.algorithm)
         stats = self._group_stats(group, cfg)
-        weights = {n: self.layer.get_submodule(n).weight.data for n in names}
+        exported = {}
         try:
-            solved = ALGORITHMS.get(cfg.algorithm).solve(weights, stats, cfg)
+            ctx = algo.prepare(stats, cfg)  # e.g. the OBS factor, shared by the group's linears
+            out_sq = dict(stats.out_sq) if stats is not None else {}  # per token, as the loss
+            for name in names:
+                t1 = time.perf_counter()
+                tensors, info = algo.solve(self.layer.get_submodule(name).weight.data, ctx, cfg)
+                self._install(name, tensors)  # the old weight is freed here
+                loss = info.pop("loss", None)
+                self.infos.append({"layer": self.layer_idx, "module": name,
+                                   "sparsity": float((tensors["weight"] == 0).float().mean()),
+                                   "rel_error": loss / out_sq[name] if loss is not None and out_sq.get(name) else None,
+                                   "seconds": time.perf_counter() - t1, **info})
+                if export:
+                    exported[name] = cpu_tensors(tensors)
         except (HessianNotPositiveDefinite, ValueError) as exc:
             raise SolveError(f"layer {self.layer_idx} module {group} ({', '.join(names)}): {exc} "
                              f"(compress.damping={cfg.damping})") from exc
-        secs = (time.perf_counter() - t0) / max(1, len(names))
-        for name, (tensors, info) in solved.items():
-            w_new = tensors["weight"]
-            self.infos.append({"layer": self.layer_idx, "module": name, "sparsity": float((w_new == 0).float().mean()),
-                               "rel_error": info.pop("rel_error", None), "seconds": secs, **info})
-            self._solved[name] = tensors
-            self._install(name, tensors)
-        del weights, stats
+        for rec in self.infos[-len(names):]:  # the whole group's time, factor included
+            rec["group_seconds"] = time.perf_counter() - t0
+        del stats
         self._tick("solve", t0)
-        return {n: cpu_tensors(t) for n, t in self._solved.items() if n in solved} if export else None
+        return exported if export else None
 
     def solve_layer(self, cfg: CompressConfig, width: int | None, export: bool) -> dict | None:
         """Structured methods (Cus-Prun): shrink the current layer's FFN from the per-subset
@@ -273,7 +280,6 @@ class LayerWorker:
             for name, tensors in (part or {}).items():
                 self._count_in(sum(nbytes(t) for t in tensors.values()))
                 self._install(name, to_device(tensors, self.device))
-        self._solved = {}
         self._run_all(keep=True)
         self._tick("propagate", t0)
 
@@ -339,7 +345,7 @@ class LayerWorker:
 
     def end_layer(self) -> None:
         self.layer = None
-        self.stats, self._solved, self._qparams = {}, {}, {}
+        self.stats, self._qparams = {}, {}
 
     def pop_infos(self) -> list[dict]:
         infos, self.infos = self.infos, []
