@@ -115,10 +115,12 @@ def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats]
 
 
 def _obs_flops(shapes: list[tuple[int, int]]) -> float:
-    """Factor (reverse Cholesky d³/3 + triangular inverse d³/3, as GEMM ≈ 2·d³/3·... counted as
-    multiply-adds × 2) once per group, plus the sweep's lazy updates 2·d_out·d_in² per linear."""
+    """FLOPs (a multiply and an add count 2) of one input group's OBS solve, as the algorithm needs
+    them (the triangular inverse, done with full GEMMs, does about d³/3 more): the factor once,
+    reverse Cholesky d³/3 + triangular inverse d³/3, plus per linear the sweep's lazy updates
+    d_out·d_in² and in-block updates d_out·d_in·B (B = 128)."""
     d = shapes[0][1]
-    return 2.0 * d**3 * (1 / 3 + 1 / 3) + sum(2.0 * o * i * i for o, i in shapes)
+    return 2.0 / 3.0 * d**3 + sum(o * i * i + o * i * 128 for o, i in shapes)
 
 
 ALGORITHMS.register("magnitude")(Algorithm(None, _none, _magnitude, lambda o, i: o * i))

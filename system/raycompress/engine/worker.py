@@ -131,7 +131,8 @@ class LayerWorker:
             for subset, st in targets.items():
                 m = None if subset is None else self.subsets[subset][self._rows]
                 if m is None or m.any():
-                    st.add_output(name, float((y if m is None else rows(y, m)).float().pow(2).sum()))
+                    norm = torch.linalg.vector_norm(y if m is None else rows(y, m), dtype=torch.float32)
+                    st.add_output(name, float(norm) ** 2)  # no float32 copy of the output
 
         lin = self.layer.get_submodule(name)
         return [lin.register_forward_pre_hook(pre)] if inputs else [lin.register_forward_hook(post)]
@@ -227,7 +228,7 @@ class LayerWorker:
                 self._install(name, tensors)  # the old weight is freed here
                 loss = info.pop("loss", None)
                 self.infos.append({"layer": self.layer_idx, "module": name,
-                                   "sparsity": float((tensors["weight"] == 0).float().mean()),
+                                   "sparsity": _zero_share(tensors["weight"]),
                                    "rel_error": loss / out_sq[name] if loss is not None and out_sq.get(name) else None,
                                    "seconds": time.perf_counter() - t1, **info})
                 if export:
@@ -356,6 +357,11 @@ class LayerWorker:
         peak_gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {"timings": dict(self.timings), "bytes_in": dict(self.bytes_in), "peak_rss": peak_rss_bytes(),
                 "baseline_rss": self.baseline_rss, "peak_gpu": peak_gpu, "device": str(self.device)}
+
+
+def _zero_share(w: torch.Tensor) -> float:
+    """Fraction of exact zeros in w, without a float copy of w."""
+    return 1.0 - int(torch.count_nonzero(w)) / max(1, w.numel())
 
 
 def _tensors(lin: nn.Module) -> dict[str, torch.Tensor]:

@@ -36,8 +36,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN or Inf."""
-    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of floating-point tensors holding NaN or Inf (checked in row blocks: no full-size temporaries)."""
+    from raycompress.algorithms.obs import all_finite
+
+    return [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: str | Path) -> dict:
