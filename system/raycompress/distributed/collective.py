@@ -34,7 +34,9 @@ def choose_transport(setting: str, devices: list[str]) -> str:
 def create_group(actors: list, backend: str, name: str) -> None:
     from ray.util import collective as col
 
-    col.create_collective_group(actors, len(actors), list(range(len(actors))), backend=backend, group_name=name)
+    # a reduce waits for the slowest actor's statistics pass: minutes at 70B widths, not gloo's 30 s default
+    col.create_collective_group(actors, len(actors), list(range(len(actors))), backend=backend, group_name=name,
+                                gloo_timeout=3_600_000)
 
 
 def collective_reduce(worker, keys: list[str], names: list[str], owner: int, world: int, group: str) -> None:

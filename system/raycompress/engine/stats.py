@@ -34,6 +34,9 @@ class InputStats:
     out_sq: dict[str, float] = field(default_factory=dict)  # module -> sum over tokens of ||W x||²
 
     def __post_init__(self) -> None:
+        from raycompress.engine.transfer import unship
+
+        self.value = unship(self.value)
         if self.kind not in KINDS:
             raise ValueError(f"unknown statistics kind '{self.kind}' ({', '.join(KINDS)})")
 
@@ -77,6 +80,13 @@ class InputStats:
         for k, v in other.out_sq.items():
             self.add_output(k, v)
         return self
+
+    def __reduce__(self):
+        """Pickled with the value as a `Shipped` tensor: zero-copy through Ray's object store."""
+        from raycompress.engine.transfer import Shipped
+
+        value = None if self.value is None else Shipped(self.value.to("cpu"))
+        return InputStats, (self.kind, self.d_in, self.dtype, "cpu", value, self.tokens, dict(self.out_sq))
 
     def to(self, device) -> "InputStats":
         value = None if self.value is None else self.value.to(device)

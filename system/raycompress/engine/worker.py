@@ -17,7 +17,6 @@ This class knows nothing about Ray; `distributed.compress` wraps it in an actor.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 
 import torch
@@ -25,7 +24,8 @@ from torch import nn
 
 from raycompress.algorithms.obs import HessianNotPositiveDefinite
 from raycompress.config import CompressConfig
-from raycompress.engine.stats import InputStats, mix_stats, sum_stats
+from raycompress.engine.memory import PeakMemory
+from raycompress.engine.stats import InputStats, mix_stats
 from raycompress.engine.transfer import cpu_tensors, nbytes, to_device
 from raycompress.models.checkpoint import write_shard
 from raycompress.models.quantized import pack_quantized
@@ -37,11 +37,6 @@ log = logging.getLogger(__name__)
 
 class SolveError(RuntimeError):
     """A solver failed on one module; the message names the layer, module and dampings tried."""
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class LayerWorker:
@@ -64,7 +59,8 @@ class LayerWorker:
                  hessian_dtype: torch.dtype = torch.float32, rank: int = 0) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.baseline_rss = peak_rss_bytes()
+        self.memory = PeakMemory()
+        self.baseline_rss = self.memory.private()
         self.device = torch.device(device)
         self.model = OffloadedModel(model_dir, device=self.device)
         self.micro_batch, self.hessian_dtype, self.rank = micro_batch, hessian_dtype, rank
@@ -353,10 +349,13 @@ class LayerWorker:
         return infos
 
     def report(self) -> dict:
-        """Timings (s), bytes received per layer, peak and start-up RSS (bytes), device."""
+        """Timings (s), bytes received per layer, memory (bytes): peak private RSS (this worker's own
+        pages), peak RSS as the kernel counts it (with the object-store pages it touched), private
+        RSS at start-up; device."""
         peak_gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"timings": dict(self.timings), "bytes_in": dict(self.bytes_in), "peak_rss": peak_rss_bytes(),
-                "baseline_rss": self.baseline_rss, "peak_gpu": peak_gpu, "device": str(self.device)}
+        return {"timings": dict(self.timings), "bytes_in": dict(self.bytes_in), "peak_rss": self.memory.peak_rss(),
+                "peak_private_rss": self.memory.peak_private, "baseline_rss": self.baseline_rss,
+                "peak_gpu": peak_gpu, "device": str(self.device)}
 
 
 def _zero_share(w: torch.Tensor) -> float:
