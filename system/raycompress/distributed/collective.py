@@ -10,11 +10,7 @@ ring, each rank sending about one buffer, i.e. (K − 1) buffers in all, the ana
 """
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def choose_transport(setting: str, devices: list[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -56,8 +57,6 @@ class _Shell(LayerWorker):
         return super().begin_layer(idx)
 
     def collective_reduce(self, keys: list[str], names: list[str], owner: int, world: int, group: str) -> None:
-        import time
-
         from raycompress.distributed.collective import collective_reduce
 
         t0 = time.perf_counter()

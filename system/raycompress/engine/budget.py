@@ -43,10 +43,9 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     hidden = int(model.config.hidden_size)
     d_ff = int(getattr(model.config, model.spec.intermediate_key, 4 * hidden))
     keys = max(1, n_subsets) if plan.split else 1
-    stat_bytes = {}
-    for g, (kind, _) in plan.stat_groups.items():
-        d_in = plan.shapes.get(g, (0, layer0.get_submodule(g).in_features))[1]
-        stat_bytes[g] = keys * hb * (d_in * d_in if kind == "hessian" else d_in)
+    d_in = {g: layer0.get_submodule(g).in_features for g in plan.stat_groups}
+    numel = {g: d_in[g] ** 2 if kind == "hessian" else d_in[g] for g, (kind, _) in plan.stat_groups.items()}
+    stat_bytes = {g: keys * hb * n for g, n in numel.items()}
     d_max = max((s[1] for s in plan.shapes.values()), default=hidden)
     mem = []
     for k, n_rows in enumerate(rows):
@@ -60,10 +59,7 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     kk = len(rows)
     moved = (kk - 1) * (sum(stat_bytes.values()) + sum(o * i for o, i in plan.shapes.values()) * cb)
     tokens = sum(rows) * seq
-    flops = 4.0 * tokens * params
-    for g, (kind, _) in plan.stat_groups.items():
-        d_in = plan.shapes.get(g, (0, layer0.get_submodule(g).in_features))[1]
-        flops += 2.0 * tokens * d_in * d_in if kind == "hessian" else 2.0 * tokens * d_in
+    flops = 4.0 * tokens * params + sum(2.0 * tokens * n for n in numel.values())
     if not plan.structured:
         flops += sum(plan.algo.flops([plan.shapes[t] for t in names]) for names in plan.groups.values())
     return {"memory_bytes_per_worker": mem, "bytes_moved_per_layer": moved, "flops_per_layer": flops}

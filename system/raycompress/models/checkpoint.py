@@ -81,13 +81,8 @@ def write_atomic_text(path: Path, text: str) -> None:
 
 def scan_nonfinite(path: Path) -> list[str]:
     """Names of tensors in shard `path` that hold NaN or Inf."""
-    bad = []
     with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                bad.append(k)
-    return bad
+        return [k for k in f.keys() if nonfinite({k: f.get_tensor(k)})]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

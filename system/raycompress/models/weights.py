@@ -183,7 +183,7 @@ class OffloadedModel:
         return captured["hidden"], captured["kwargs"]
 
     def release_inputs(self) -> None:
-        """Free the embedding (and rotary) modules that `layer_inputs` materialised."""
+        """Free the embedding modules that `layer_inputs` materialised (the small rotary module stays)."""
         if not self._inputs_ready:
             return
         for path in self.spec.embed:
