@@ -75,3 +75,37 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 with bucket `raycompress-test`; yields a function that makes
+    a location in it: ``s3_server("a/b")`` -> ``s3://raycompress-test/a/b?endpoint_override=127.0.0.1:PORT&scheme=http``.
+
+    The endpoint travels in the URI (pyarrow reads AWS_ENDPOINT_URL only when it is first imported);
+    dummy credentials are put in the environment, where pyarrow reads them and where Ray nodes
+    started later inherit them. No network beyond loopback.
+    """
+    pytest.importorskip("moto.server")
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"?endpoint_override={host}:{port}&scheme=http"
+    pafs.FileSystem.from_uri(f"s3://raycompress-test{query}&allow_bucket_creation=true")[0].create_dir("raycompress-test")
+    yield lambda path="": f"s3://raycompress-test/{path.strip('/')}{query}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
