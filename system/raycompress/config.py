@@ -286,15 +286,25 @@ class RayConfig(_Strict):
         "actor holds a GPU, else the object store")
 
 
+class StorageConfig(_Strict):
+    """Where files live besides the locations the job names (which may all be URIs)."""
+
+    cache_dir: str | None = Field(
+        None, description="node-local folder where remote models and files are cached (by content SHA-256); "
+        "default: $RAYCOMPRESS_CACHE_DIR on each node, else /tmp/raycompress/cache. Never a shared or home folder")
+
+
 class JobConfig(_Strict):
     """A whole job: model plus the three stages and the Ray placement."""
 
     name: str = "job"
-    model: str = Field(..., description="a local Hugging Face folder, or a known alias (smollm2-135m-instruct)")
+    model: str = Field(..., description="a Hugging Face folder: local path, URI (s3://, gs://, hdfs://, file://), "
+                       "or a known alias (smollm2-135m-instruct)")
     select: SelectConfig
     compress: CompressConfig
     evaluate: EvaluateConfig
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
     base_dir: str = Field(".", description="relative data paths resolve against this (set by the loader)")
 
     @model_validator(mode="after")
@@ -308,10 +318,13 @@ class JobConfig(_Strict):
                              f"define; sources are {sorted(self.select.sources)}")
         return self
 
-    def resolve(self, path: str) -> Path:
-        """A data path from the job file, made absolute against the job's base directory."""
+    def resolve(self, path: str) -> str:
+        """A location from the job file: a URI as it is, a local path made absolute against the
+        job's base directory."""
+        if "://" in path:
+            return path
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+        return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
 
 
 def _find_base_dir(config_path: Path) -> Path:

