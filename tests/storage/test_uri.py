@@ -42,6 +42,8 @@ def test_glob_component_semantics(root):
     assert names(uri.glob(uri.join(root, "d/*.jsonl"))) == ["a.jsonl", "b.jsonl"]
     assert names(uri.glob(uri.join(root, "d/**/*.jsonl"))) == ["a.jsonl", "b.jsonl", "c.jsonl"]
     assert uri.glob(uri.join(root, "d/none*.jsonl")) == []
+    assert names(uri.glob(uri.join(root, "d/[ab].jsonl"))) == ["a.jsonl", "b.jsonl"]
+    assert names(uri.glob(uri.join(root, "d/[!a].jsonl"))) == ["b.jsonl"]
     assert names(uri.glob(uri.join(root, "d/n.txt"))) == ["n.txt"]
 
 

@@ -192,7 +192,7 @@ def glob(pattern: str, base: str | os.PathLike = ".") -> list[str]:
     locations in the pattern's own form (a URI pattern gives URIs, with its query)."""
     loc = pattern if is_uri(pattern) or Path(pattern).expanduser().is_absolute() else join(base, pattern)
     head, _, query = str(loc).partition("?")
-    wild = min((i for i, c in enumerate(head) if c in "*?"), default=None)
+    wild = min((i for i, c in enumerate(head) if c in "*?["), default=None)
     if wild is None:
         return [str(loc)] if is_file(loc) else []
     root = head[: head.rfind("/", 0, wild) + 1]
@@ -205,7 +205,7 @@ def glob(pattern: str, base: str | os.PathLike = ".") -> list[str]:
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
-    """Shell-glob semantics: ``*`` and ``?`` stay within one path component, ``**/`` spans any."""
+    """Shell-glob semantics: ``*``, ``?`` and ``[ab]`` stay within one path component, ``**/`` spans any."""
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**/", i):
@@ -214,6 +214,11 @@ def _glob_regex(pattern: str) -> re.Pattern:
         elif pattern.startswith("**", i):
             out.append(".*")
             i += 2
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
         else:
             c = pattern[i]
             out.append("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c))
