@@ -139,6 +139,31 @@ def test_resume_replays_and_is_byte_identical(sgpt_run, tiny_llama_dir, calib, t
         assert (work / "model" / s).read_bytes() == (out1 / "model" / s).read_bytes(), s
 
 
+def test_remote_model_and_output_match_local(sgpt_run, tiny_llama_dir, calib, s3_server, tmp_path):
+    """Model read from object storage through a node cache, shards and progress written to it:
+    the same files, byte for byte, as the local run; a resume from the bucket replays."""
+    from raycompress.models.fetch import ModelRef
+    from raycompress.storage import uri
+
+    out1, cfg, records1 = sgpt_run
+    model_loc, out = s3_server("pipe/model"), s3_server("pipe/out")
+    for p in tiny_llama_dir.iterdir():
+        uri.copy(str(p), uri.join(model_loc, p.name))
+    ref = ModelRef(model_loc, str(tmp_path / "cache"))
+    untimed = lambda recs: [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]  # noqa: E731
+    records = compress_layers(LocalBackend([LayerWorker(ref, calib)]), OffloadedModel(ref), cfg, out, "fp-1")
+    assert untimed(records) == untimed(records1)
+    manifest = json.loads(uri.read_text(uri.join(out, "model", "manifest.sha256.json")))
+    assert manifest == json.loads((out1 / "model" / "manifest.sha256.json").read_text())
+    uri.write_bytes(uri.join(out, "model", shard_name(1, 3)), b"")  # a lost layer: recompressed
+    progress = json.loads(uri.read_text(uri.join(out, "progress.json")))
+    progress["done"] = [0]
+    uri.write_text(uri.join(out, "progress.json"), json.dumps(progress))
+    records = compress_layers(LocalBackend([LayerWorker(ref, calib)]), OffloadedModel(ref), cfg, out, "fp-1")
+    assert untimed(records) == untimed(records1)
+    assert json.loads(uri.read_text(uri.join(out, "model", "manifest.sha256.json"))) == manifest
+
+
 def test_fingerprint_mismatch(sgpt_run, tiny_llama_dir, calib, tmp_path):
     out1, cfg, _ = sgpt_run
     work = tmp_path / "job"

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import ray
 import torch
@@ -23,8 +22,9 @@ from raycompress.engine.pipeline import Plan, Progress, compress_layers, reduce_
 from raycompress.engine.subsets import row_subsets
 from raycompress.engine.transfer import shard_rows
 from raycompress.engine.worker import LayerWorker
-from raycompress.models.checkpoint import write_atomic_text
+from raycompress.models.fetch import ModelRef
 from raycompress.models.weights import OffloadedModel
+from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
 CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_LAYER", "RAYCOMPRESS_CHAOS_MARKER")
@@ -114,13 +114,13 @@ class RayBackend:
         return [a.collective_reduce.remote(keys, names, owner, k, self.group) for a in self.actors]
 
 
-def _spawn(job: JobConfig, model_dir: Path, shards, subsets) -> list:
+def _spawn(job: JobConfig, model: ModelRef, shards, subsets) -> list:
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
     c = job.compress
     kw = {"micro_batch": c.micro_batch, "torch_threads": torch_threads(job.ray),
           "hessian_dtype": getattr(torch, c.hessian_dtype)}
-    return [CompressionActor.options(name=None, **opts).remote(str(model_dir), s, subsets=g, rank=r, **kw)
+    return [CompressionActor.options(name=None, **opts).remote(model, s, subsets=g, rank=r, **kw)
             for r, (s, g) in enumerate(zip(shards, subsets))]
 
 
@@ -138,10 +138,10 @@ def _backend(job: JobConfig, actors: list, attempt: int) -> RayBackend:
     return RayBackend(actors, group, transport)
 
 
-def _summary(job: JobConfig, model: OffloadedModel, out_dir: Path, fingerprint: str, rows: list[int], seq: int,
+def _summary(job: JobConfig, model: OffloadedModel, out_dir: str, fingerprint: str, rows: list[int], seq: int,
              n_subsets: int, reports: list[dict]) -> dict:
     """Measured figures per layer and per actor, next to their analytic floors (`engine.budget`)."""
-    progress = Progress(out_dir / "progress.json", fingerprint)
+    progress = Progress(uri.join(out_dir, "progress.json"), fingerprint)
     floors = layer_floors(model, job.compress, Plan(model, job.compress, len(rows)), rows, seq,
                           job.compress.micro_batch, n_subsets)
     idx = sorted(int(i) for i in progress.layers)
@@ -163,16 +163,29 @@ def _summary(job: JobConfig, model: OffloadedModel, out_dir: Path, fingerprint: 
     }
 
 
-def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Path, fingerprint: str, max_restarts: int = 3) -> dict:
-    """Compress `model_dir` with the job's recipe into `out_dir/model`; writes compression.json.
+def _lost_worker(exc: BaseException) -> bool:
+    """True when `exc` says an actor, its worker process or its node died, or an object it held was
+    lost with it (directly or as the cause of a task error): what a restart recovers from."""
+    from ray import exceptions as rex
 
-    If an actor dies, every actor is replaced and the pipeline resumes from `progress.json`:
-    finished layers are replayed from their shards, not recompressed, and the result is the same.
+    lost = (rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError, rex.WorkerCrashedError)
+    return isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost)
+
+
+def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str, fingerprint: str,
+                 max_restarts: int = 3) -> dict:
+    """Compress `model` with the job's recipe into `out_dir/model`; writes compression.json.
+
+    `calib_path` and `out_dir` are locations (local paths or URIs): actors on any node read the
+    model through their node cache and write their shards at `out_dir`, never on a local disk
+    another node would have to read. If an actor dies (or its node), every actor is replaced, on
+    whatever nodes have room, and the pipeline resumes from `progress.json` at `out_dir`: finished
+    layers are replayed from their shards, not recompressed, and the result is the same.
 
     Raises:
-        ray.exceptions.RayActorError: actors kept dying after `max_restarts` restarts.
+        ray.exceptions.RayError: actors kept dying (or their results were lost with their node)
+            after `max_restarts` restarts.
     """
-    from ray.exceptions import RayActorError
 
     ids, table = load_calibration(calib_path)
     k = max(1, min(job.ray.compress_actors, -(-ids.shape[0] // job.compress.micro_batch)))
@@ -181,27 +194,27 @@ def run_compress(job: JobConfig, model_dir: Path, calib_path: Path, out_dir: Pat
     masks = row_subsets(job.compress, sources)
     shards = [ids[s] for s in slices]
     subsets = [{name: m[s] for name, m in masks.items()} for s in slices]
-    model = OffloadedModel(model_dir)
+    offloaded = OffloadedModel(model)
     restarts = 0
     while True:
-        actors = _spawn(job, model_dir, shards, subsets)
+        actors = _spawn(job, model, shards, subsets)
         try:
             backend = _backend(job, actors, restarts)
-            records = compress_layers(backend, model, job.compress, out_dir, fingerprint, sorted(masks))
+            records = compress_layers(backend, offloaded, job.compress, out_dir, fingerprint, sorted(masks))
             reports = ray.get([a.report.remote() for a in actors])
             break
-        except RayActorError as exc:
-            if restarts >= max_restarts:
+        except ray.exceptions.RayError as exc:
+            if not _lost_worker(exc) or restarts >= max_restarts:
                 raise
             restarts += 1
             log.warning("a compression actor died (%s); restart %d/%d, resuming from %s",
-                        type(exc).__name__, restarts, max_restarts, out_dir / "progress.json")
+                        type(exc).__name__, restarts, max_restarts, uri.display(uri.join(out_dir, "progress.json")))
         finally:
             for a in actors:
                 ray.kill(a)
     result = {"algorithm": job.compress.algorithm, "config": job.compress.model_dump(mode="json"),
               "actors": k, "restarts": restarts, "statistics_transport": backend.transport,
-              **_summary(job, model, out_dir, fingerprint, [len(s) for s in shards], ids.shape[1], len(masks), reports),
+              **_summary(job, offloaded, out_dir, fingerprint, [len(s) for s in shards], ids.shape[1], len(masks), reports),
               "modules": records}
-    write_atomic_text(out_dir / "compression.json", json.dumps(result, indent=2))
+    uri.write_text(uri.join(out_dir, "compression.json"), json.dumps(result, indent=2))
     return result

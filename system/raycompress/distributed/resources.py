@@ -10,13 +10,14 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Start (or join) Ray once per process; workers inherit the offline switches."""
+    """Start (or join) Ray once per process; workers inherit the offline switches (not the cache
+    folder, which is each node's own: $RAYCOMPRESS_CACHE_DIR there, or the job's storage.cache_dir)."""
     import ray
 
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-                                      "TOKENIZERS_PARALLELISM", "RAYCOMPRESS_CACHE") if k in os.environ}
+                                      "TOKENIZERS_PARALLELISM") if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cfg.address:
         ray.init(address=cfg.address, **kwargs)

@@ -7,7 +7,9 @@ The pipeline talks to its workers through a `Backend` whose workers have `LayerW
 (`WorkerAPI`); in-process (`LocalBackend`) a call returns its value, over Ray
 (`distributed.compress`) an object ref that is passed on unresolved.
 Finished layers are recorded in `progress.json` with a fingerprint of model, calibration set and
-recipe; a rerun replays finished layers from their shards instead of recompressing them.
+recipe; a rerun replays finished layers from their shards instead of recompressing them. The
+output folder is a location (local path or URI, `storage.uri`): shards and progress are written
+there atomically, by whichever worker or driver holds them, and read back from there on resume.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from typing import Any, Protocol, Sequence
 from tqdm import tqdm
 
 from raycompress.config import CompressConfig
-from raycompress.models.checkpoint import finalize_checkpoint, shard_name, write_atomic_text
+from raycompress.models.checkpoint import finalize_checkpoint, shard_name
 from raycompress.models.quantized import quantization_config
 from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
+from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
 Handle = Any  # a value (in-process) or a Ray ObjectRef
@@ -140,21 +143,25 @@ def reduce_to(backend: Backend, owner: int, keys: list[str]) -> list[Handle]:
 
 
 class Progress:
-    """Durable record of finished layers in `out_dir/progress.json`: per-module records and per-layer
-    facts (seconds, shard SHA-256, bytes moved)."""
+    """Durable record of finished layers in `out/progress.json` (local or URI; one atomic write per
+    layer): per-module records and per-layer facts (seconds, shard SHA-256, bytes, tensor names).
 
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path = path
+    Raises:
+        FingerprintMismatch: the file belongs to another job.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str) -> None:
+        self.path = str(path)
         self.fingerprint = fingerprint
         self.done: list[int] = []
         self.records: dict[str, list[dict]] = {}
         self.layers: dict[str, dict] = {}
         self.extra: dict = {}
-        if path.is_file():
-            state = json.loads(path.read_text())
+        if uri.exists(self.path):
+            state = json.loads(uri.read_text(self.path))
             if state.get("fingerprint") != fingerprint:
                 raise FingerprintMismatch(
-                    f"{path} belongs to another job (fingerprint {state.get('fingerprint')} != {fingerprint}); "
+                    f"{uri.display(self.path)} belongs to another job (fingerprint {state.get('fingerprint')} != {fingerprint}); "
                     "use a fresh output folder or delete it"
                 )
             self.done = list(state.get("done", []))
@@ -169,7 +176,7 @@ class Progress:
         self.layers[str(idx)] = layer
         state = {"fingerprint": self.fingerprint, "done": self.done, "records": self.records,
                  "layers": self.layers, "extra": self.extra}
-        write_atomic_text(self.path, json.dumps(state))
+        uri.write_text(self.path, json.dumps(state))
 
 
 def _all(backend: Backend, method: str, *args: Any) -> list:
@@ -256,11 +263,12 @@ def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: in
     backend.get([w.apply(*[h for g, h in solved.items() if plan.owners[g] != r]) for r, w in enumerate(ws)])
 
 
-def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: Path, fingerprint: str,
-                    subsets: list[str] | None = None) -> list[dict]:
+def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: str | Path,
+                    fingerprint: str, subsets: list[str] | None = None) -> list[dict]:
     """Compress every decoder layer of `model` into `out_dir/model`; returns per-module records.
 
     Args:
+        out_dir: the stage's output folder, a local path or URI.
         subsets: names of the row subsets the workers hold (MixCal / Cus-Prun), in a fixed order;
             default: MixCal's "domain", "general" when the recipe mixes, else none.
     """
@@ -269,15 +277,14 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     if subsets is None:
         subsets = (["domain", "general"] if cfg.mixcal is not None
                    else sorted(cfg.cus_prun.dimensions) if cfg.cus_prun is not None else [])
-    ckpt = out_dir / "model"
-    ckpt.mkdir(parents=True, exist_ok=True)
+    ckpt = uri.join(out_dir, "model")
     total = model.num_layers + 1
-    progress = Progress(out_dir / "progress.json", fingerprint)
+    progress = Progress(uri.join(out_dir, "progress.json"), fingerprint)
     sparsity = layer_sparsities(backend, model, cfg, progress, plan)
     width = _ffn_width(model, cfg, sparsity)
     for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer"):
-        path = str(ckpt / shard_name(i, total))
-        if i in progress.done and Path(path).is_file():
+        path = uri.join(ckpt, shard_name(i, total))
+        if i in progress.done and uri.is_file(path):
             _all(backend, "replay_layer", i, path, cfg.quant)
             continue
         t0 = time.perf_counter()
@@ -285,13 +292,13 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
         shard = backend.get(backend.workers[0].write_layer(path, cfg.quant))
         records = [r for part in _all(backend, "pop_infos") for r in part]
         _all(backend, "end_layer")
-        layer = {"seconds": time.perf_counter() - t0, "sha256": shard["sha256"], "bytes": shard["bytes"]}
+        layer = {"seconds": time.perf_counter() - t0, **{k: shard[k] for k in ("sha256", "bytes", "keys")}}
         progress.mark(i, sorted(records, key=lambda r: r["module"]), layer)
-    rest = ckpt / shard_name(model.num_layers, total)
-    outside = backend.get(backend.workers[0].write_outside_layers(str(rest)))
-    shards = [ckpt / shard_name(i, total) for i in range(total)]
-    hashes = {shard_name(int(i), total): m["sha256"] for i, m in progress.layers.items()}
-    hashes[rest.name] = outside["sha256"]
+    rest = shard_name(model.num_layers, total)
+    outside = backend.get(backend.workers[0].write_outside_layers(uri.join(ckpt, rest)))
+    written = {shard_name(int(i), total): m for i, m in progress.layers.items()}
+    written[rest] = outside
     records = [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]
-    finalize_checkpoint(ckpt, model.model_dir, shards, _config_updates(model, cfg, records), hashes)
+    finalize_checkpoint(ckpt, model.ref, [shard_name(i, total) for i in range(total)],
+                        _config_updates(model, cfg, records), written)
     return records

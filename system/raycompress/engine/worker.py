@@ -43,7 +43,8 @@ class LayerWorker:
     """Holds hidden states (n, seq, hidden) for its calibration shard and one decoder layer.
 
     Args:
-        model_dir: Hugging Face folder with safetensors weights.
+        model_dir: the model: a `models.fetch.ModelRef`, or a local folder or URI of a Hugging Face
+            folder with safetensors weights (remote files are read through this node's cache).
         input_ids: (n, seq) int64 calibration token ids of this worker's shard; the shard must start
             at a multiple of `micro_batch` in the calibration set (see `engine.shards`).
         micro_batch: sequences per forward pass.
@@ -54,7 +55,7 @@ class LayerWorker:
         rank: this worker's index among the data-parallel workers.
     """
 
-    def __init__(self, model_dir: str, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None,
+    def __init__(self, model_dir, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None,
                  subsets: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu",
                  hessian_dtype: torch.dtype = torch.float32, rank: int = 0) -> None:
         if torch_threads:
@@ -305,11 +306,11 @@ class LayerWorker:
         self.hidden, self._kwargs = self._embed()
 
     def write_layer(self, path: str, quant=None) -> dict:
-        """Persist the current layer's tensors, with full checkpoint names, to `path` (atomic);
-        quantized linears are packed (compressed-tensors pack-quantized) with `quant`.
+        """Persist the current layer's tensors, with full checkpoint names, at `path` (a local path
+        or URI; atomic); quantized linears are packed (compressed-tensors pack-quantized) with `quant`.
 
         Returns:
-            {"path", "sha256", "bytes"} of the shard written.
+            {"path", "sha256", "bytes", "keys"} of the shard written.
         Raises:
             ValueError: a tensor holds NaN or Inf (named; nothing is written).
         """
@@ -325,7 +326,7 @@ class LayerWorker:
 
     @torch.no_grad()
     def replay_layer(self, idx: int, shard: str, quant=None) -> None:
-        """Resume: propagate this shard through layer `idx` as already written to `shard`."""
+        """Resume: propagate this shard through layer `idx` as already written at `shard` (local or URI)."""
         t0 = time.perf_counter()
         self.layer = self.model.load_layer_from_shard(idx, shard, quant)
         self.layer_idx = idx

@@ -1,19 +1,20 @@
 """Writing a merged Hugging Face checkpoint: one safetensors shard per decoder layer, plus one for
 the modules outside the layers, an index, config and tokenizer files, and a SHA-256 manifest.
 
-Shards are written atomically (temporary file, fsync, rename), so a shard that exists is whole.
+The folder may be local or a URI (`storage.uri`). Every file is written atomically (a local
+temporary file renamed, or one object upload), so a shard that exists is whole; the manifest is
+written last and publishes the checkpoint.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
+
+from raycompress.storage import uri
 
 # files copied verbatim from the source model folder, when present
 SIDECAR_FILES = (
@@ -27,14 +28,6 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or Inf (checked in row blocks: no full-size temporaries)."""
     from raycompress.algorithms.obs import all_finite
@@ -42,96 +35,91 @@ def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
 
 
-def write_shard(tensors: dict[str, torch.Tensor], path: str | Path) -> dict:
-    """Save `tensors` (name -> CPU tensor) to `path` atomically and durably, checked for NaN/Inf
-    and hashed from the serialized bytes already in memory (no re-read).
+def write_shard(tensors: dict[str, torch.Tensor], location: str | os.PathLike) -> dict:
+    """Save `tensors` (name -> CPU tensor) at `location` (a local path or URI) atomically and
+    durably, checked for NaN/Inf and hashed from the serialized bytes already in memory (no re-read).
 
     Returns:
-        {"path", "sha256", "bytes"}.
+        {"path", "sha256", "bytes", "keys"}: `path` without a URI's query, `keys` the tensor names.
     Raises:
         ValueError: a tensor holds NaN or Inf (named); nothing is written.
     """
-    path = Path(path)
     bad = nonfinite(tensors)
     if bad:
-        raise ValueError(f"{path.name}: non-finite values in {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+        raise ValueError(f"{uri.name(location)}: non-finite values in {bad[:10]}{' ...' if len(bad) > 10 else ''}")
     data = save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     digest = hashlib.sha256(data).hexdigest()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    size = len(data)
-    del data
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return {"path": str(path), "sha256": digest, "bytes": size}
+    size = uri.write_bytes(location, data)
+    return {"path": uri.display(location), "sha256": digest, "bytes": size, "keys": sorted(tensors)}
 
 
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic_text(location: str | os.PathLike, text: str) -> None:
+    """`text` at `location` (local path or URI), atomically (`storage.uri.write_text`)."""
+    uri.write_text(location, text)
 
 
-def scan_nonfinite(path: Path) -> list[str]:
-    """Names of tensors in shard `path` that hold NaN or Inf."""
-    with safe_open(str(path), framework="pt") as f:
-        return [k for k in f.keys() if nonfinite({k: f.get_tensor(k)})]
+def sha256_file(location: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file's contents, streamed."""
+    return uri.sha256(location)[0]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def _read_shard(location: str) -> tuple[list[str], list[str], str, int]:
+    """(tensor names, names holding NaN/Inf, sha256, bytes) of a shard we did not just write."""
+    from safetensors.torch import load
+
+    data = uri.read_bytes(location)
+    tensors = load(data)
+    return sorted(tensors), nonfinite(tensors), hashlib.sha256(data).hexdigest(), len(data)
 
 
-def finalize_checkpoint(out_dir: Path, source_dir: Path, shard_files: list[Path], config_updates: dict | None = None,
-                        hashes: dict[str, str] | None = None) -> dict:
-    """Write the index, copy config and tokenizer files, and the manifest of every file's SHA-256.
-    Shards listed in `hashes` (name -> sha256, from `write_shard`) were checked for NaN/Inf and
-    hashed when written and are not read again (only their tensor names, from the header);
-    other shards are scanned and hashed here.
-    `config_updates` (e.g. a compressed-tensors "quantization_config" block, or a shrunk
-    "intermediate_size") are written into config.json.
+def finalize_checkpoint(out: str | os.PathLike, source, shard_names: list[str], config_updates: dict | None = None,
+                        written: dict[str, dict] | None = None) -> dict:
+    """Write the index, copy config and tokenizer files from the source model, and last the
+    manifest of every file's SHA-256, which publishes the checkpoint (a reader that finds
+    `manifest.sha256.json` finds every file it lists whole).
 
+    Args:
+        out: the checkpoint folder (local path or URI).
+        source: the source model (`models.fetch.ModelRef`, or a local folder).
+        shard_names: the safetensors files in `out`, in order.
+        config_updates: e.g. a compressed-tensors "quantization_config" block, or a shrunk
+            "intermediate_size", written into config.json.
+        written: shard name -> `write_shard`'s record ({"sha256", "bytes", "keys"}): those shards
+            were checked and hashed when written and are not read again; others are read here.
     Returns:
-        the manifest {"files": {name: sha256}, "total_size": bytes}; also written to
-        `out_dir/manifest.sha256.json`.
+        the manifest {"files": {name: sha256}, "total_size": bytes}.
     Raises:
         ValueError: a shard holds NaN or Inf (the tensors are named).
     """
+    from raycompress.models.fetch import ModelRef
+
+    out = str(out)
+    written = dict(written or {})
     weight_map: dict[str, str] = {}
-    total = 0
-    bad: list[str] = []
-    hashes = dict(hashes or {})
-    for shard in shard_files:
-        if shard.name not in hashes:
-            bad += scan_nonfinite(shard)
-        with safe_open(str(shard), framework="pt") as f:
-            for k in f.keys():
-                weight_map[k] = shard.name
-        total += shard.stat().st_size
+    hashes: dict[str, str] = {}
+    total, bad = 0, []
+    for name in shard_names:
+        rec = written.get(name)
+        if rec is None or "keys" not in rec:
+            keys, nan, digest, size = _read_shard(uri.join(out, name))
+            rec, bad = {"keys": keys, "sha256": digest, "bytes": size}, bad + nan
+        weight_map.update({k: name for k in rec["keys"]})
+        hashes[name], total = rec["sha256"], total + rec["bytes"]
     if bad:
-        raise ValueError(f"{out_dir}: non-finite values in {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+        raise ValueError(f"{uri.display(out)}: non-finite values in {bad[:10]}{' ...' if len(bad) > 10 else ''}")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_atomic_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
+    files = {"model.safetensors.index.json": json.dumps(index, indent=2).encode()}
+    src = (source if isinstance(source, ModelRef) else ModelRef(str(source))).local(weights=False)
     for name in SIDECAR_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, out_dir / name)
+        if (src / name).is_file():
+            files[name] = (src / name).read_bytes()
     if config_updates:
-        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg = json.loads(files["config.json"])
         cfg.update(config_updates)
-        write_atomic_text(out_dir / "config.json", json.dumps(cfg, indent=2))
-    files = {p.name: hashes.get(p.name) or sha256_file(p) for p in sorted(out_dir.iterdir())
-             if p.is_file() and not p.name.startswith("manifest") and not p.name.endswith(".tmp")}
-    manifest = {"files": files, "total_size": total}
-    write_atomic_text(out_dir / "manifest.sha256.json", json.dumps(manifest, indent=2))
+        files["config.json"] = json.dumps(cfg, indent=2).encode()
+    for name, data in files.items():
+        uri.write_bytes(uri.join(out, name), data)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    manifest = {"files": dict(sorted(hashes.items())), "total_size": total}
+    uri.write_text(uri.join(out, "manifest.sha256.json"), json.dumps(manifest, indent=2))
     return manifest

@@ -11,6 +11,7 @@ Nothing here downloads from a hub: the offline switches are set before transform
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -121,11 +122,47 @@ class ModelRef:
         names = sorted(present) if weights else [n for n in METADATA_FILES if n in present]
         return self.cache().folder(self.location, names)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what identifies the checkpoint wherever it is stored: config.json, the
+        safetensors index (or the single file's header: names, dtypes, shapes, offsets) and the
+        size of every weight file. Content-derived without reading the weights; the location
+        does not enter it, so the same model on another node, bucket or clone has the same value.
+        """
+        from raycompress.storage import uri
+
+        root = str(self.local(weights=False)) if self.is_alias else self.location
+        h = hashlib.sha256()
+        h.update(uri.read_bytes(uri.join(root, "config.json")))
+        index = uri.join(root, "model.safetensors.index.json")
+        files = sorted(set(json.loads(uri.read_bytes(index))["weight_map"].values())) if uri.is_file(index) else []
+        if files:
+            h.update(uri.read_bytes(index))
+        else:
+            files = ["model.safetensors"]
+            h.update(_safetensors_header(uri.join(root, "model.safetensors")))
+        for name in files:
+            h.update(f"{name}:{uri.info(uri.join(root, name)).size};".encode())
+        return h.hexdigest()
+
     def weight_file(self, name: str) -> Path:
         """The local path of one file of the folder (fetched into the node cache if remote)."""
         if self.is_alias or _is_local(self.location):
             return self.local(weights=False) / name
         return self.cache().folder(self.location, [name]) / name
+
+
+def _safetensors_header(location: str) -> bytes:
+    """The JSON header of a safetensors file, by two range reads (no download of the tensors).
+
+    Raises:
+        FileNotFoundError: no file at `location`.
+    """
+    from raycompress.storage import uri
+
+    fs, path = uri.resolve(location)
+    with fs.open_input_file(path) as f:
+        n = int.from_bytes(f.read_at(8, 0), "little")
+        return f.read_at(n, 8)
 
 
 def _is_local(location: str) -> bool:

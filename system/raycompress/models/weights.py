@@ -5,6 +5,8 @@ index, builds the `*ForCausalLM` skeleton on the meta device (no memory), and ha
 decoder layers (or the embedding / final modules) with real weights read from disk on demand.
 The reader is memory-mapped (`safetensors.safe_open`), so only the tensors asked for are paged in,
 straight to the model's device, in the checkpoint's own dtype unless another is asked for.
+A model in object storage is read through the node-local cache (`models.fetch.ModelRef`): each
+node fetches the metadata files, then only the safetensors files holding the layers it loads.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from safetensors import safe_open
 from torch import nn
 
 from raycompress.models.arch import ArchSpec, arch_spec
+from raycompress.models.fetch import ModelRef
+from raycompress.storage import uri
 
 
 def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
@@ -26,7 +30,8 @@ class OffloadedModel:
     """A causal LM on disk: config, skeleton on meta, and per-prefix weight loading.
 
     Args:
-        model_dir: a Hugging Face folder with config.json and *.safetensors (sharded or not).
+        model: a `ModelRef`, or the location (local folder or URI) of a Hugging Face folder with
+            config.json and *.safetensors (sharded or not).
         dtype: dtype the weights are cast to when loaded; default the checkpoint's own (bf16 for
             most large models; the first floating-point tensor of the index decides).
         device: where loaded tensors are placed (default CPU).
@@ -36,12 +41,14 @@ class OffloadedModel:
         UnsupportedArchitectureError: the architecture is not in `models.arch.ARCHITECTURES`.
     """
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: ModelRef | str | Path, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.model_dir = Path(model_dir)
+        self.ref = model if isinstance(model, ModelRef) else ModelRef(str(model))
+        self.model_dir = self.ref.local(weights=False)  # config, tokenizer and index on this node
         if not (self.model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{self.model_dir}: no config.json")
+            raise FileNotFoundError(f"{uri.display(self.ref.location)}: no config.json")
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = "sdpa"  # attention_mask=None then means causal
         self.spec: ArchSpec = arch_spec(self.config)
@@ -57,17 +64,24 @@ class OffloadedModel:
         index = self.model_dir / "model.safetensors.index.json"
         if index.is_file():
             return dict(json.loads(index.read_text())["weight_map"])
-        single = self.model_dir / "model.safetensors"
-        if not single.is_file():
-            raise FileNotFoundError(f"{self.model_dir}: no model.safetensors or index")
+        try:
+            single = self._file("model.safetensors")
+        except FileNotFoundError:
+            single = None
+        if single is None or not single.is_file():
+            raise FileNotFoundError(f"{uri.display(self.ref.location)}: no model.safetensors or index")
         with safe_open(str(single), framework="pt") as f:
-            return {k: single.name for k in f.keys()}
+            return {k: "model.safetensors" for k in f.keys()}
+
+    def _file(self, name: str) -> Path:
+        """A weight file of the checkpoint on this node (fetched into the node cache if remote)."""
+        return self.ref.weight_file(name)
 
     def _stored_dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor of a decoder layer (else of any tensor)."""
         layer0 = [k for k in self.weight_map if k.startswith(self.spec.layers + ".0.")] or list(self.weight_map)
         for k in sorted(layer0):
-            with safe_open(str(self.model_dir / self.weight_map[k]), framework="pt") as f:
+            with safe_open(str(self._file(self.weight_map[k])), framework="pt") as f:
                 t = f.get_slice(k)
                 dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(t.get_dtype())
             if dt is not None:
@@ -82,13 +96,13 @@ class OffloadedModel:
         """
         keys = [k for k in self.weight_map if k.startswith(prefix + ".")]
         if not keys:
-            raise KeyError(f"{self.model_dir}: no weights under '{prefix}'")
+            raise KeyError(f"{uri.display(self.ref.location)}: no weights under '{prefix}'")
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.weight_map[k], []).append(k)
         out: dict[str, torch.Tensor] = {}
         for fname, names in sorted(by_file.items()):
-            with safe_open(str(self.model_dir / fname), framework="pt", device=_st_device(self.device)) as f:
+            with safe_open(str(self._file(fname)), framework="pt", device=_st_device(self.device)) as f:
                 for k in names:
                     t = f.get_tensor(k)
                     out[k[len(prefix) + 1 :]] = t.to(self.dtype) if t.is_floating_point() else t
@@ -115,18 +129,23 @@ class OffloadedModel:
     def _tied_fallback(self, dotted: str) -> dict[str, torch.Tensor]:
         if dotted == "lm_head" and getattr(self.config, "tie_word_embeddings", False):
             return self.read_tensors(self.spec.embed[0])
-        raise KeyError(f"{self.model_dir}: no weights under '{dotted}'")
+        raise KeyError(f"{uri.display(self.ref.location)}: no weights under '{dotted}'")
 
     def load_layer(self, idx: int) -> nn.Module:
         """Decoder layer `idx` with its weights read from disk, in eval mode."""
         return self.load_module(self.layer_prefix(idx))
 
     def load_layer_from_shard(self, idx: int, shard: str | Path, quant=None) -> nn.Module:
-        """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names);
-        pack-quantized linears are dequantized with `quant` (a QuantConfig)."""
+        """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names), read from
+        its location (local or URI); pack-quantized linears are dequantized with `quant` (a QuantConfig)."""
+        from safetensors.torch import load
+
         prefix = self.layer_prefix(idx) + "."
-        with safe_open(str(shard), framework="pt") as f:
-            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        if uri.is_local(shard):  # memory-mapped: only this layer's tensors are paged in
+            with safe_open(str(uri.local_path(shard)), framework="pt") as f:
+                state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        else:
+            state = {k[len(prefix):]: v for k, v in load(uri.read_bytes(shard)).items() if k.startswith(prefix)}
         if quant is not None:
             from raycompress.models.quantized import unpack_quantized
 
@@ -146,7 +165,7 @@ class OffloadedModel:
             if not k.startswith(prefix):
                 by_file.setdefault(fname, []).append(k)
         for fname, names in sorted(by_file.items()):
-            with safe_open(str(self.model_dir / fname), framework="pt") as f:
+            with safe_open(str(self._file(fname)), framework="pt") as f:
                 for k in names:
                     out[k] = f.get_tensor(k)
         return out
