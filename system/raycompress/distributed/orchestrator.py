@@ -81,7 +81,7 @@ def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef) -> di
     return {"files": write_report(job, out_dir)}
 
 
-def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: ModelRef) -> JobState:
+def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: ModelRef | str | Path) -> JobState:
     """Run `stages` in order, skipping those `state.json` already records as finished.
 
     `out_dir` is a local path or URI; `model` is the job's model as `models.fetch.resolve_model`
@@ -90,6 +90,7 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
     from raycompress.distributed.resources import init_ray
 
     out_dir = str(out_dir)
+    model = model if isinstance(model, ModelRef) else ModelRef(str(model), job.storage.cache_dir)
     # the validated config, so that `raycompress report DIR` needs nothing but the folder
     uri.write_text(uri.join(out_dir, "job.json"), json.dumps(job.model_dump(mode="json"), indent=2))
     state = JobState(out_dir)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,9 +82,11 @@ class NodeCache:
                 known = json.loads(ref.read_text())
                 blob = self.root / "blobs" / known["sha256"]
                 if {k: known.get(k) for k in stamp} == stamp and blob.is_file():
+                    sys.audit("raycompress.storage.local", str(blob))
                     return blob
             digest = self._download(location)
             ref.write_text(json.dumps({"location": uri.display(location), "sha256": digest, **stamp}))
+        sys.audit("raycompress.storage.local", str(self.root / "blobs" / digest))
         return self.root / "blobs" / digest
 
     def _download(self, location: str) -> str:
@@ -125,4 +128,5 @@ class NodeCache:
             tmp = view / f".{name}.{uuid.uuid4().hex[:8]}"
             tmp.symlink_to(blob)
             os.replace(tmp, link)
+        sys.audit("raycompress.storage.local", str(view))
         return view
