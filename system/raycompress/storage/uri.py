@@ -19,6 +19,7 @@ import sys
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -133,7 +134,7 @@ def write_bytes(location: str | os.PathLike, data: bytes | memoryview) -> int:
     """Write `data` atomically (see the module docstring); parents are created. Returns bytes written."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        return _write_local(Path(path), data)
+        return _write_local(Path(path), [data])
     _make_parent(fs, path)
     with fs.open_output_stream(path) as f:
         f.write(data)
@@ -145,12 +146,14 @@ def _make_parent(fs: pafs.FileSystem, path: str) -> None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
 
 
-def _write_local(path: Path, data: bytes | memoryview) -> int:
+def _write_local(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    n = 0
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                n += f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -161,7 +164,7 @@ def _write_local(path: Path, data: bytes | memoryview) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return len(data)
+    return n
 
 
 def write_text(location: str | os.PathLike, text: str) -> int:
@@ -172,15 +175,16 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     """Copy one file, across filesystems if need be (streamed; atomic at `dst`). Returns bytes."""
     sfs, spath = resolve(src)
     dfs, dpath = resolve(dst)
-    if isinstance(dfs, pafs.LocalFileSystem):
-        return _write_local(Path(dpath), read_bytes(src))
-    _make_parent(dfs, dpath)
-    n = 0
-    with sfs.open_input_stream(spath) as f, dfs.open_output_stream(dpath) as g:
-        while block := f.read(_CHUNK):
-            g.write(block)
-            n += len(block)
-    return n
+    with sfs.open_input_stream(spath) as f:
+        blocks = iter(lambda: f.read(_CHUNK), b"")
+        if isinstance(dfs, pafs.LocalFileSystem):
+            return _write_local(Path(dpath), blocks)
+        _make_parent(dfs, dpath)
+        n = 0
+        with dfs.open_output_stream(dpath) as g:
+            for block in blocks:
+                n += g.write(block)
+        return n
 
 
 def listdir(location: str | os.PathLike) -> list[str]:
