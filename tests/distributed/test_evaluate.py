@@ -1,5 +1,6 @@
 """The eval pool under a local Ray: 1 and 2 actors give the same numbers, a killed actor is
-replaced without changing them, and the results file has the shape the report reads."""
+replaced without changing them, a model in a bucket scores as the same model on disk, and the
+results file has the shape the report reads."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import pytest
 from conftest import random_doc
 
 from raycompress.config import JobConfig
+from raycompress.models.fetch import ModelRef
+from raycompress.storage import uri
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +32,13 @@ def task_dir(tmp_path_factory):
     return root
 
 
-def _job(task_dir, actors: int, **evaluate) -> JobConfig:
+def _job(task_dir, actors: int, cache_dir=None, **evaluate) -> JobConfig:
     return JobConfig.model_validate({
         "model": "m", "select": {"sources": {"x": {"path": "unused"}}}, "compress": {},
         "evaluate": {"tasks": ["ppl", "mcg"], "task_dirs": [str(task_dir / "tasks")], "batch_tokens": 256,
                      "unit_tokens": 200, **evaluate},
-        "ray": {"eval_actors": actors, "cpus_per_actor": 0.5, "torch_threads": 1}, "base_dir": str(task_dir)})
+        "ray": {"eval_actors": actors, "cpus_per_actor": 0.5, "torch_threads": 1}, "base_dir": str(task_dir),
+        "storage": {"cache_dir": None if cache_dir is None else str(cache_dir)}})
 
 
 def _numbers(res: dict) -> dict:
@@ -46,7 +50,8 @@ def _numbers(res: dict) -> dict:
 def one_actor(task_dir, tiny_lm_dir, ray_local):
     from raycompress.distributed.evaluate import evaluate_models
 
-    return evaluate_models(_job(task_dir, 1), {"dense": tiny_lm_dir, "again": tiny_lm_dir})
+    local = ModelRef(str(tiny_lm_dir))
+    return evaluate_models(_job(task_dir, 1), {"dense": local, "again": local})
 
 
 def test_results_shape(one_actor):
@@ -67,7 +72,7 @@ def test_results_shape(one_actor):
 def test_two_actors_same_numbers(one_actor, task_dir, tiny_lm_dir, ray_local):
     from raycompress.distributed.evaluate import evaluate_models
 
-    two = evaluate_models(_job(task_dir, 2), {"dense": tiny_lm_dir})
+    two = evaluate_models(_job(task_dir, 2), {"dense": ModelRef(str(tiny_lm_dir))})
     assert _numbers(two) == _numbers({"dense": one_actor["dense"]})
 
 
@@ -76,7 +81,7 @@ def test_killed_actor_same_numbers(one_actor, task_dir, tiny_lm_dir, tmp_path, r
 
     monkeypatch.setenv("RAYCOMPRESS_CHAOS_KILL_EVAL_UNIT", "1")
     monkeypatch.setenv("RAYCOMPRESS_CHAOS_MARKER", str(tmp_path / "killed"))
-    res = evaluate_models(_job(task_dir, 2), {"dense": tiny_lm_dir})
+    res = evaluate_models(_job(task_dir, 2), {"dense": ModelRef(str(tiny_lm_dir))})
     assert (tmp_path / "killed").exists() and res["dense"]["restarts"] == 1
     assert _numbers(res) == _numbers({"dense": one_actor["dense"]})
 
@@ -84,7 +89,7 @@ def test_killed_actor_same_numbers(one_actor, task_dir, tiny_lm_dir, tmp_path, r
 def test_device_map_auto_on_cpu_same_numbers(one_actor, task_dir, tiny_lm_dir, ray_local):
     from raycompress.distributed.evaluate import evaluate_models
 
-    res = evaluate_models(_job(task_dir, 1, device_map="auto"), {"dense": tiny_lm_dir})
+    res = evaluate_models(_job(task_dir, 1, device_map="auto"), {"dense": ModelRef(str(tiny_lm_dir))})
     assert _numbers(res) == _numbers({"dense": one_actor["dense"]})
 
 
@@ -95,7 +100,45 @@ def test_in_process_matches_pool(one_actor, task_dir, tiny_lm_dir):
     from raycompress.evaluation.taskfiles import resolve_tasks
 
     job = _job(task_dir, 1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
-    res = evaluate_in_process(model, AutoTokenizer.from_pretrained(tiny_lm_dir), resolve_tasks(job), job.resolve, 256)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, trust_remote_code=False).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir, trust_remote_code=False)
+    res = evaluate_in_process(model, tok, resolve_tasks(job), job.resolve, 256)
     for name, rec in one_actor["dense"]["tasks"].items():
         assert res["tasks"][name]["metrics"] == pytest.approx(rec["metrics"], rel=1e-5)
+
+
+def test_a_plain_path_is_taken_as_a_model_ref(one_actor, task_dir, tiny_lm_dir, ray_local):
+    from raycompress.distributed.evaluate import evaluate_models
+
+    res = evaluate_models(_job(task_dir, 2), {"dense": tiny_lm_dir})
+    assert _numbers(res) == _numbers({"dense": one_actor["dense"]})
+
+
+@pytest.fixture(scope="module")
+def remote_lm(tiny_lm_dir, s3_server):
+    """The tiny model's folder uploaded to the bucket, file by file."""
+    loc = s3_server("evaluate/tiny-lm")
+    for p in sorted(tiny_lm_dir.iterdir()):
+        if p.is_file():
+            uri.copy(str(p), uri.join(loc, p.name))
+    return loc
+
+
+def test_model_in_a_bucket_scores_as_on_disk(one_actor, task_dir, remote_lm, tmp_path, ray_local):
+    from raycompress.distributed.evaluate import evaluate_models
+
+    cache = tmp_path / "cache"
+    res = evaluate_models(_job(task_dir, 1, cache_dir=cache), {"dense": ModelRef(remote_lm, str(cache))})
+    assert _numbers(res) == _numbers({"dense": one_actor["dense"]})
+    (view,) = (cache / "views").iterdir()  # the actor's copy of the whole folder, through the node cache
+    assert {p.name for p in view.iterdir()} == set(uri.listdir(remote_lm))
+
+
+def test_a_model_without_config_fails_before_any_work_naming_label_and_location(task_dir, s3_server, tiny_lm_dir):
+    from raycompress.distributed.evaluate import evaluate_models
+
+    absent = s3_server("evaluate/absent")
+    with pytest.raises(FileNotFoundError, match=r"model 'compressed': s3://raycompress-test/evaluate/absent has no "
+                                                r"config.json") as exc:
+        evaluate_models(_job(task_dir, 1), {"dense": ModelRef(str(tiny_lm_dir)), "compressed": ModelRef(absent)})
+    assert "endpoint_override" not in str(exc.value)

@@ -1,4 +1,4 @@
-"""evaluation.formats: JSONL reader errors, WikiText article split, WikiText detokenizer."""
+"""evaluation.formats: JSONL reader errors, readers on a bucket, WikiText article split, WikiText detokenizer."""
 import json
 
 import pytest
@@ -35,3 +35,19 @@ def test_wikitext_detokenizer():
     assert detok(" = = Early life = = \n The 1 @,@ 000 @-@ mile trip ( long ) , he said .") == \
         " == Early life ==\nThe 1,000-mile trip (long), he said ."
     assert detok("the players ' club") == "the players' club"
+
+
+def test_readers_read_a_bucket_and_name_the_location_without_its_query(tmp_path, s3_server):
+    from raycompress.storage import uri
+
+    loc = s3_server(f"formats/{tmp_path.name}/x.jsonl")
+    uri.write_text(loc, json.dumps({"a": 1}) + "\r\n\r\n" + json.dumps({"a": 2}) + "\r\n")
+    assert read_jsonl(loc) == [{"a": 1}, {"a": 2}]
+    uri.write_text(loc, json.dumps({"a": 1}) + "\n[1]\n")
+    with pytest.raises(ValueError, match=r"^s3://raycompress-test/formats/.*/x.jsonl:2: expected a JSON object") as exc:
+        read_jsonl(loc)
+    assert "endpoint_override" not in str(exc.value)
+    uri.write_text(loc, "line one\r\nline two\r")
+    assert READERS.get("text")(loc) == [{"text": "line one\nline two\n"}]
+    with pytest.raises(FileNotFoundError, match="formats/.*/absent.jsonl"):
+        read_jsonl(s3_server(f"formats/{tmp_path.name}/absent.jsonl"))

@@ -1,5 +1,6 @@
 """evaluation.taskfiles / tasks: task YAML validation naming file and field, lookup by name, group
-and path with overrides, prompts (lm-eval's piqa / pubmedqa / MMLU 5-shot), perplexity caps."""
+and path with overrides, prompts (lm-eval's piqa / pubmedqa / MMLU 5-shot), perplexity caps, and
+task folders and data in a bucket reading as on disk."""
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import yaml
 from raycompress.config import ConfigError, JobConfig, load_config
 from raycompress.evaluation.taskfiles import TaskError, load_task_file, resolve_tasks
 from raycompress.evaluation.tasks import finalize_task, prepare_task
+from raycompress.storage import uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,3 +133,55 @@ def test_perplexity_caps_windows_and_counts(tmp_path):
     assert record["metrics"]["word_perplexity"] == pytest.approx(2.718281828 ** 2)
     assert record["n"] == 2 and record["primary"] == "word_perplexity" and record["stderr"] == {}
     assert record["higher_is_better"]["word_perplexity"] is False
+
+
+def _task_tree(root: str, data: str) -> None:
+    """A task folder at `root` and its data at `data` (each a local folder or a URI): a template, a
+    2-shot multiple choice task in a subfolder that includes it, a perplexity task on a text file."""
+    rows = [{"q": f"question {i}", "a": f"yes {i}", "b": f"no {i}", "y": i % 2} for i in range(5)]
+    uri.write_text(uri.join(data, "mc.jsonl"), "\n".join(json.dumps(r) for r in rows[2:]) + "\n\n")
+    uri.write_text(uri.join(data, "shots.jsonl"), "\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    uri.write_text(uri.join(data, "doc.txt"), "one two three\r\nfour five six seven\n")
+    uri.write_text(uri.join(root, "_mc.yaml"), yaml.safe_dump({
+        "kind": "multiple_choice", "group": "g", "prompt": "Q: {{q}}\nA:", "choices": ["{{a}}", "{{b}}"],
+        "target": "{{y}}"}))
+    uri.write_text(uri.join(root, "sub", "mc.yaml"), yaml.safe_dump({
+        "include": "../_mc.yaml", "name": "mc", "path": uri.join(data, "mc.jsonl"), "num_fewshot": 2,
+        "fewshot_path": uri.join(data, "shots.jsonl")}))
+    uri.write_text(uri.join(root, "doc.yml"), yaml.safe_dump({
+        "name": "doc", "kind": "perplexity", "format": "text", "path": uri.join(data, "doc.txt"), "max_length": 8}))
+
+
+def _prepared(root: str, tmp_path) -> list[tuple]:
+    job = JobConfig.model_validate({"model": "m", "select": {"sources": {"x": {"path": "x"}}}, "compress": {},
+                                    "evaluate": {"tasks": ["g", uri.join(root, "doc.yml")], "task_dirs": [root]},
+                                    "base_dir": str(tmp_path)})
+    out = []
+    for t in resolve_tasks(job):
+        p = prepare_task(t, CharTok(), 64, job.resolve)
+        out.append((t.model_dump(exclude={"path", "fewshot_path"}), p.requests, p.spans, p.items))
+    return out
+
+
+def test_task_folder_and_data_in_a_bucket_prepare_as_on_disk(tmp_path, s3_server):
+    local = str(tmp_path / "local")
+    remote = s3_server(f"tasks/{tmp_path.name}")
+    _task_tree(uri.join(local, "tasks"), uri.join(local, "data"))
+    _task_tree(uri.join(remote, "tasks"), uri.join(remote, "data"))
+    on_disk = _prepared(uri.join(local, "tasks"), tmp_path)
+    assert [t["name"] for t, *_ in on_disk] == ["mc", "doc"] and on_disk[0][0]["choices"] == ["{{a}}", "{{b}}"]
+    assert CharTok().decode(on_disk[0][1][0][0]).startswith("Q: question 0\nA: yes 0\n\nQ: question 1\nA: no 1")
+    assert _prepared(uri.join(remote, "tasks"), tmp_path) == on_disk
+
+
+def test_errors_about_files_in_a_bucket_name_them_without_the_query(tmp_path, s3_server):
+    root = s3_server(f"tasks/{tmp_path.name}")
+    uri.write_text(uri.join(root, "a.yaml"), "include: _missing.yaml\nname: a\n")
+    with pytest.raises(TaskError, match=r"s3://raycompress-test/tasks/.*/a.yaml: field 'include': "
+                                        r"s3://raycompress-test/tasks/.*/_missing.yaml not found") as exc:
+        load_task_file(uri.join(root, "a.yaml"))
+    assert "endpoint_override" not in str(exc.value)
+    task = load_task_file(_task(tmp_path, path=uri.join(root, "none.jsonl")))
+    with pytest.raises(TaskError, match=r"field 'path': s3://raycompress-test/tasks/.*/none.jsonl not found") as exc:
+        prepare_task(task, CharTok(), 64, _job(tmp_path, []).resolve)
+    assert "endpoint_override" not in str(exc.value)

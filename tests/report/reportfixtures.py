@@ -84,7 +84,19 @@ def write_run(out: Path, tokenizer_dir: Path, method: str = "zipcal", sparsity: 
 
 
 def tokenizer_dir(path: Path) -> Path:
-    """A folder with only a tiny trained byte-level BPE tokenizer (tokenizer.json)."""
+    """A model folder with a tiny trained byte-level BPE tokenizer (tokenizer.json) and a config.json
+    (what `resolve_model` checks), but no weights: all a report needs to decode calibration tokens."""
     rng = random.Random(0)
     write_tokenizer(path, [random_doc(rng, 60) for _ in range(80)])
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return path
+
+
+def upload(folder: Path, location: str) -> str:
+    """Copy every file under `folder` to the same relative path under `location` (a URI); returns it."""
+    from raycompress.storage import uri
+
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            uri.copy(str(p), uri.join(location, p.relative_to(folder).as_posix()))
+    return location

@@ -6,6 +6,10 @@ actor scores a unit the same way wherever it runs, so 1 or K actors, or an actor
 replaced (its unit re-run on the replacement), give the same numbers. Actors take GPUs when the
 cluster has them, CPU otherwise; `evaluate.device_map: auto` loads a model too large for one
 device across GPUs and CPU memory with accelerate.
+
+Models are `ModelRef`s (a local folder, a URI or an alias): the driver reads only the tokenizer
+and config (`ref.local(weights=False)`); each actor turns the reference into a local folder on its
+own node (`ref.local()`, fetched once per node into the node cache), so no filesystem is shared.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.evaluation.local import finalize_all, prepare_all
 from raycompress.evaluation.scoring import Request, model_input
 from raycompress.evaluation.taskfiles import resolve_tasks
+from raycompress.models.fetch import ALIASES, ModelRef
+from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +48,24 @@ def _chaos(unit: int) -> None:
 
 
 class EvalActor:
-    """Holds one model; scores units of requests. All maths is in `evaluation.scoring`."""
+    """Holds one model; scores units of requests. All maths is in `evaluation.scoring`.
 
-    def __init__(self, model_dir: str, threads: int, dtype: str, device_map: str | None) -> None:
+    Raises (from the constructor, as a Ray actor error):
+        FileNotFoundError: the model's files cannot be found or fetched on this node.
+    """
+
+    def __init__(self, ref: ModelRef, threads: int, dtype: str, device_map: str | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        kwargs: dict = {"dtype": getattr(torch, dtype)}
+        folder = ref.local()  # this node's copy: read in place if local, else fetched into the node cache
+        kwargs: dict = {"dtype": getattr(torch, dtype), "trust_remote_code": False}
         if device_map:
             import tempfile
 
             kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="raycompress-offload-"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
         if not device_map and torch.cuda.is_available():
             self.model.to("cuda")
 
@@ -128,17 +139,22 @@ def _context_length(model_dir: Path, tokenizer) -> int:
 
     from raycompress.evaluation.scoring import model_max_length
 
-    return model_max_length(AutoConfig.from_pretrained(model_dir), tokenizer)
+    return model_max_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), tokenizer)
 
 
-def score_model(job: JobConfig, model_dir: Path, requests: list[Request], max_len: int) -> tuple[list, int]:
-    """(log-likelihood, greedy) per request for one checkpoint, and the actor restarts it took."""
+def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len: int) -> tuple[list, int]:
+    """(log-likelihood, greedy) per request for one checkpoint, and the actor restarts it took.
+
+    Raises:
+        ray.exceptions.RayActorError: actors died (or failed to load the model) more than
+            `evaluate.max_actor_restarts` times.
+    """
     ev = job.evaluate
     order = make_units(requests, max_len, ev.unit_tokens)
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), **({"runtime_env": {"env_vars": env}} if env else {})}
     actor_cls = ray.remote(EvalActor).options(**opts)
-    spawn = lambda: actor_cls.remote(str(model_dir), torch_threads(job.ray), ev.dtype, ev.device_map)  # noqa: E731
+    spawn = lambda: actor_cls.remote(ref, torch_threads(job.ray), ev.dtype, ev.device_map)  # noqa: E731
     call = lambda a, k, unit: a.score.remote(k, unit, max_len, ev.batch_tokens)  # noqa: E731
     per_unit, restarts = run_pool(spawn, [[requests[i] for i in u] for u in order], job.ray.eval_actors,
                                   call, ev.max_actor_restarts)
@@ -149,31 +165,55 @@ def score_model(job: JobConfig, model_dir: Path, requests: list[Request], max_le
     return out, restarts
 
 
-def evaluate_models(job: JobConfig, models: dict[str, Path]) -> dict:
+def _as_ref(job: JobConfig, model: ModelRef | str | os.PathLike) -> ModelRef:
+    """`model` as a ModelRef: a plain location is taken relative to the job's base_dir."""
+    if isinstance(model, ModelRef):
+        return model
+    spec = str(model)
+    return ModelRef(spec if spec in ALIASES else job.resolve(spec), job.storage.cache_dir)
+
+
+def check_models(models: dict[str, ModelRef]) -> None:
+    """Fail fast, before any work, when a model's location has no config.json (aliases are
+    converted on demand and not checked).
+
+    Raises:
+        FileNotFoundError: naming the model's label and location (without its URI query).
+    """
+    for label, ref in models.items():
+        if not ref.is_alias and not uri.is_file(uri.join(ref.location, "config.json")):
+            raise FileNotFoundError(f"model '{label}': {uri.display(ref.location)} has no config.json")
+
+
+def evaluate_models(job: JobConfig, models: dict[str, ModelRef | str | os.PathLike]) -> dict:
     """Score every task of the job on every model, with the same requests.
 
+    Args:
+        models: {label: ModelRef}; a plain path, URI or alias is accepted too (made a ModelRef
+            with `job.storage.cache_dir`, a relative path against `job.base_dir`).
     Returns:
         {label: {"seconds": wall s, "restarts": int, "tasks": {name: record}, "groups": {name: record}}}
         (records as `finalize_task` / `group_results` write them).
     Raises:
-        FileNotFoundError: a model folder has no config.json.
+        FileNotFoundError: a model's location has no config.json (named with its label), or a
+            task's data file cannot be read.
         TaskError: a task file or the job's task list is wrong (named file and field).
+        ray.exceptions.RayActorError: eval actors died more than `evaluate.max_actor_restarts` times.
     """
     from transformers import AutoTokenizer
 
-    for label, path in models.items():
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"model '{label}': {path} has no config.json")
+    refs = {label: _as_ref(job, m) for label, m in models.items()}
+    check_models(refs)
     tasks = resolve_tasks(job)
-    first = Path(next(iter(models.values())))
-    tokenizer = AutoTokenizer.from_pretrained(first)
+    first = next(iter(refs.values())).local(weights=False)  # config + tokenizer on the driver's node
+    tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=False)
     max_len = _context_length(first, tokenizer)
     prepared, requests = prepare_all(tasks, tokenizer, max_len, job.resolve)
     log.info("evaluate: %d tasks, %d requests, context length %d", len(tasks), len(requests), max_len)
     out: dict[str, dict] = {}
-    for label, path in models.items():
+    for label, ref in refs.items():
         t0 = time.perf_counter()
-        results, restarts = score_model(job, Path(path), requests, max_len)
+        results, restarts = score_model(job, ref, requests, max_len)
         scored = finalize_all(prepared, results)
         out[label] = {"seconds": time.perf_counter() - t0, "restarts": restarts, **scored}
         log.info("evaluate[%s]: %.1f s", label, out[label]["seconds"])

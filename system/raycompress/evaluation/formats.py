@@ -2,46 +2,72 @@
 
 A reader turns one data file into a list of items (dicts whose fields the task's Jinja templates
 name). A text filter maps a document's text to the text the model scores.
+
+Readers take a location (local path or URI, see `storage.uri`); text is decoded as UTF-8 with
+universal newlines ("\r\n" and "\r" read as "\n"), as a local file opened in text mode reads.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
 from typing import Callable
 
 from raycompress.registry import Registry
+from raycompress.storage import uri
 
-READERS: Registry[Callable[[Path], list[dict]]] = Registry("task data format", "raycompress.evaluation.formats")
+Location = str | os.PathLike
+READERS: Registry[Callable[[Location], list[dict]]] = Registry("task data format", "raycompress.evaluation.formats")
 TEXT_FILTERS: Registry[Callable[[str], str]] = Registry("text filter", "raycompress.evaluation.formats")
 
 
+def _text(location: Location) -> str:
+    """The file at `location` as text (UTF-8, universal newlines).
+
+    Raises:
+        FileNotFoundError: nothing at `location` (named without its URI query).
+        ValueError: the file is not UTF-8 (UnicodeDecodeError; the message names the location).
+    """
+    data = uri.read_bytes(location)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{uri.display(location)}: not UTF-8 text: {exc}") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 @READERS.register("jsonl")
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(location: Location) -> list[dict]:
     """One item per non-blank JSON line.
 
     Raises:
-        ValueError: a line is not a JSON object; the message names file and line number.
+        FileNotFoundError: nothing at `location`.
+        ValueError: the file is not UTF-8, or a line is not a JSON object; the message names the
+            location (`uri.display`) and the line number.
     """
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: malformed JSON line: {exc}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    rows, where = [], uri.display(location)
+    for n, line in enumerate(_text(location).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}:{n}: malformed JSON line: {exc}") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 @READERS.register("text")
-def read_text(path: Path) -> list[dict]:
-    """The whole file as one item `{"text": ...}`."""
-    return [{"text": path.read_text(encoding="utf-8")}]
+def read_text(location: Location) -> list[dict]:
+    """The whole file as one item `{"text": ...}`.
+
+    Raises:
+        FileNotFoundError: nothing at `location`.
+        ValueError: the file is not UTF-8.
+    """
+    return [{"text": _text(location)}]
 
 
 HEADING = re.compile(r"^ = [^=].* = $")  # a top-level WikiText heading line, " = Title = "
@@ -78,9 +104,14 @@ def wikitext_pages(text: str) -> list[str]:
 
 
 @READERS.register("wikitext")
-def read_wikitext(path: Path) -> list[dict]:
-    """WikiText raw dump -> one item `{"page": article}` per article (see `wikitext_pages`)."""
-    return [{"page": p} for p in wikitext_pages(path.read_text(encoding="utf-8"))]
+def read_wikitext(location: Location) -> list[dict]:
+    """WikiText raw dump -> one item `{"page": article}` per article (see `wikitext_pages`).
+
+    Raises:
+        FileNotFoundError: nothing at `location`.
+        ValueError: the file is not UTF-8.
+    """
+    return [{"page": p} for p in wikitext_pages(_text(location))]
 
 
 # WikiText tokenization undone, rule by rule, in the order lm-eval's `wikitext_detokenizer`

@@ -28,7 +28,7 @@ def evaluate_in_process(model, tokenizer, tasks: list[TaskConfig], resolve, batc
     """Score `tasks` on a loaded causal LM in this process (no Ray); same numbers as the pool.
 
     Args:
-        resolve: maps a task's data path to an absolute Path (e.g. `JobConfig.resolve`).
+        resolve: maps a task's data path to a location, a URI or an absolute path (e.g. `JobConfig.resolve`).
     Returns:
         {"tasks": {name: record}, "groups": {...}} as in `evaluate/results.json`.
     """

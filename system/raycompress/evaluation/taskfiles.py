@@ -5,38 +5,65 @@ fields first (the including file wins), so a family of tasks shares one template
 starts with "_" are templates, not tasks. A job's `evaluate.tasks` entry is a task name, a group
 name (every task of that group), a path to a task YAML, a mapping `{name: ..., <field>: ...}`
 overriding a task file's fields, or a whole inline task.
+
+Task folders and files are locations (local paths or URIs, see `storage.uri`): a task folder in
+object storage is listed with `uri.glob`, and an `include` resolves against the including file's
+folder. Messages name locations without their URI query (`uri.display`), which may hold keys.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import posixpath
 
 import yaml
 from pydantic import ValidationError
 
 from raycompress.config import JobConfig, TaskConfig, TaskOverride
+from raycompress.storage import uri
 
 
 class TaskError(ValueError):
     """A task file or reference that cannot be used; the message names the file and the field."""
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A task file's fields with its `include` chain merged in (the including file wins)."""
-    if path in seen:
-        raise TaskError(f"{path}: field 'include': include cycle {' -> '.join(map(str, seen + (path,)))}")
+def sibling(location: str, ref: str) -> str:
+    """`ref` (a relative path, an absolute path or a URI) resolved against the folder of the file
+    at `location`; a URI keeps its query, and "." / ".." parts are folded."""
+    if uri.is_uri(ref) or (not uri.is_uri(location) and os.path.isabs(os.path.expanduser(ref))):
+        return ref
+    if not uri.is_uri(location):
+        return os.path.normpath(os.path.join(os.path.dirname(location), ref))
+    head, _, query = location.partition("?")
+    scheme, _, rest = head.partition("://")
+    bucket, _, key = rest.partition("/")
+    folded = posixpath.normpath(posixpath.join(posixpath.dirname("/" + key), ref)).lstrip("/")
+    return f"{scheme}://{bucket}/{folded}" + (f"?{query}" if query else "")
+
+
+def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict:
+    """A task file's fields with its `include` chain merged in (the including file wins).
+
+    Raises:
+        TaskError: the file cannot be read or parsed, is not a mapping, or its include chain is
+            missing a file or loops (naming the file and the field).
+    """
+    where = uri.display(location)
+    if location in seen:
+        chain = " -> ".join(uri.display(s) for s in seen + (location,))
+        raise TaskError(f"{where}: field 'include': include cycle {chain}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise TaskError(f"{path}: cannot read task file: {exc}") from exc
+        raw = yaml.safe_load(uri.read_text(location))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise TaskError(f"{where}: cannot read task file: {exc}") from exc
     if not isinstance(raw, dict):
-        raise TaskError(f"{path}: expected a mapping of task fields, got {type(raw).__name__}")
+        raise TaskError(f"{where}: expected a mapping of task fields, got {type(raw).__name__}")
     inc = raw.pop("include", None)
     if inc is None:
         return raw
-    base = path.parent / str(inc)
-    if not base.is_file():
-        raise TaskError(f"{path}: field 'include': {base} not found")
-    return {**_read_yaml(base, seen + (path,)), **raw}
+    base = sibling(location, str(inc))
+    if not uri.is_file(base):
+        raise TaskError(f"{where}: field 'include': {uri.display(base)} not found")
+    return {**_read_yaml(base, seen + (location,)), **raw}
 
 
 def validate_task(raw: dict, where: str) -> TaskConfig:
@@ -67,29 +94,42 @@ def validate_task(raw: dict, where: str) -> TaskConfig:
     return task
 
 
-def load_task_file(path: str | Path) -> TaskConfig:
-    """Read and validate one task YAML (raises TaskError naming the file and field)."""
-    path = Path(path)
-    raw = _read_yaml(path)
-    raw.setdefault("name", path.stem)
-    return validate_task(raw, str(path))
+def _stem(location: str) -> str:
+    name = uri.name(location)
+    return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def index_task_files(dirs: list[Path]) -> dict[str, tuple[Path, TaskConfig]]:
-    """Every task in `dirs` (searched recursively, "_*.yaml" skipped) by name.
+def load_task_file(location: str | os.PathLike) -> TaskConfig:
+    """Read and validate one task YAML at a location (local path or URI); a task without `name`
+    is named after the file.
+
+    Raises:
+        TaskError: naming the file and the field.
+    """
+    location = str(location)
+    raw = _read_yaml(location)
+    raw.setdefault("name", _stem(location))
+    return validate_task(raw, uri.display(location))
+
+
+def index_task_files(dirs: list[str | os.PathLike]) -> dict[str, tuple[str, TaskConfig]]:
+    """Every task in `dirs` (folders or folder URIs, searched recursively; "_*.yaml" skipped;
+    a folder that does not exist holds none) by name, as (location, task).
 
     Raises:
         TaskError: two files define the same task name, or a file does not validate.
     """
-    index: dict[str, tuple[Path, TaskConfig]] = {}
-    for d in dirs:
-        for path in sorted(d.rglob("*.y*ml")) if d.is_dir() else []:
-            if path.name.startswith("_") or path.suffix not in (".yaml", ".yml"):
+    index: dict[str, tuple[str, TaskConfig]] = {}
+    for d in map(str, dirs):
+        for location in uri.glob("**/*.y*ml", d):
+            name = uri.name(location)
+            if name.startswith("_") or not name.endswith((".yaml", ".yml")):
                 continue
-            task = load_task_file(path)
+            task = load_task_file(location)
             if task.name in index:
-                raise TaskError(f"{path}: field 'name': task '{task.name}' is also defined in {index[task.name][0]}")
-            index[task.name] = (path, task)
+                raise TaskError(f"{uri.display(location)}: field 'name': task '{task.name}' is also defined in "
+                                f"{uri.display(index[task.name][0])}")
+            index[task.name] = (location, task)
     return index
 
 
@@ -122,7 +162,7 @@ def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
         where = f"evaluate.tasks[{i}]"
         if isinstance(entry, TaskConfig):
             out.append(validate_task(entry.model_dump(), where))
-        elif isinstance(entry, str) and entry.endswith((".yaml", ".yml")):
+        elif isinstance(entry, str) and uri.display(entry).endswith((".yaml", ".yml")):
             out.append(load_task_file(job.resolve(entry)))
         elif isinstance(entry, str):
             out.extend(_by_name(entry, index, where))

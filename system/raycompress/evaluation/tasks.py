@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from raycompress.config import TaskConfig
 from raycompress.evaluation.formats import READERS, TEXT_FILTERS
@@ -21,6 +20,7 @@ from raycompress.evaluation.metrics import (DEFAULT_METRICS, METRICS, mc_outcome
 from raycompress.evaluation.scoring import Request, encode_pair, prefix_token, rolling_windows
 from raycompress.evaluation.taskfiles import TaskError
 from raycompress.registry import TASK_KINDS
+from raycompress.storage import uri
 
 
 @dataclass
@@ -70,13 +70,16 @@ def _gold(task: TaskConfig, row: dict, choices: list[str], where: str) -> int:
 def _fewshot_block(task: TaskConfig, resolve) -> str:
     if not task.num_fewshot:
         return ""
-    path = resolve(task.fewshot_path)
-    shots = READERS.get(task.format)(path)[: task.num_fewshot]
+    location = str(resolve(task.fewshot_path))
+    if not uri.is_file(location):
+        raise TaskError(f"task '{task.name}': field 'fewshot_path': {uri.display(location)} not found")
+    shots = READERS.get(task.format)(location)[: task.num_fewshot]
     if len(shots) < task.num_fewshot:
-        raise TaskError(f"task '{task.name}': field 'num_fewshot': {path} has {len(shots)} examples, fewer than {task.num_fewshot}")
+        raise TaskError(f"task '{task.name}': field 'num_fewshot': {uri.display(location)} has {len(shots)} "
+                        f"examples, fewer than {task.num_fewshot}")
     out = []
     for n, row in enumerate(shots):
-        where = f"{path} example {n}"
+        where = f"{uri.display(location)} example {n}"
         choices = [render(c, row, f"{where}: field 'choices'") for c in task.choices or []]
         q = render(task.prompt, row, f"{where}: field 'prompt'")
         out.append(q + task.target_delimiter + choices[_gold(task, row, choices, where)] + task.fewshot_delimiter)
@@ -84,11 +87,12 @@ def _fewshot_block(task: TaskConfig, resolve) -> str:
 
 
 @TASK_KINDS.register("multiple_choice")
-def _prepare_mc(task: TaskConfig, rows: list[dict], path: Path, tokenizer, max_length: int, resolve) -> PreparedTask:
+def _prepare_mc(task: TaskConfig, rows: list[dict], where_file: str, tokenizer, max_length: int,
+                resolve) -> PreparedTask:
     prep, prefix = PreparedTask(task), prefix_token(tokenizer)
     shots = _fewshot_block(task, resolve)
     for n, row in enumerate(rows):
-        where = f"{path} item {n}"
+        where = f"{where_file} item {n}"
         choices = [render(c, row, f"{where}: field 'choices'") for c in task.choices or []]
         context = (render(task.description, row, f"{where}: field 'description'") + shots
                    + render(task.prompt, row, f"{where}: field 'prompt'"))
@@ -98,12 +102,13 @@ def _prepare_mc(task: TaskConfig, rows: list[dict], path: Path, tokenizer, max_l
 
 
 @TASK_KINDS.register("perplexity")
-def _prepare_ppl(task: TaskConfig, rows: list[dict], path: Path, tokenizer, max_length: int, resolve) -> PreparedTask:
+def _prepare_ppl(task: TaskConfig, rows: list[dict], where_file: str, tokenizer, max_length: int,
+                 resolve) -> PreparedTask:
     prep, prefix = PreparedTask(task), prefix_token(tokenizer)
     detok = TEXT_FILTERS.get(task.detokenize) if task.detokenize else (lambda s: s)
     budget = task.max_tokens
     for n, row in enumerate(rows):
-        text = render(task.prompt, row, f"{path} item {n}: field 'prompt'")
+        text = render(task.prompt, row, f"{where_file} item {n}: field 'prompt'")
         ids = tokenizer(detok(text), add_special_tokens=False)["input_ids"]
         if budget is not None and len(ids) >= budget:  # the cap cuts this document: count what is kept
             ids = ids[:budget]
@@ -123,16 +128,19 @@ def prepare_task(task: TaskConfig, tokenizer, max_length: int, resolve) -> Prepa
 
     Args:
         max_length: the model's context length (tokens): the default perplexity window.
-        resolve: maps a data path from the task to an absolute Path (`JobConfig.resolve`).
+        resolve: maps a data path from the task to a location, a URI or an absolute path
+            (`JobConfig.resolve`).
     Raises:
-        TaskError: the data file is missing, or an item lacks a field a template names.
+        TaskError: the data file (or few-shot file) is missing or has too few examples, or an
+            item lacks a field a template names (naming the location and the item).
+        ValueError: the data file is not UTF-8 or a JSONL line is malformed (naming location and line).
     """
-    path = resolve(task.path)
-    if not path.is_file():
-        raise TaskError(f"task '{task.name}': field 'path': {path} not found")
-    rows = READERS.get(task.format)(path)
+    location = str(resolve(task.path))
+    if not uri.is_file(location):
+        raise TaskError(f"task '{task.name}': field 'path': {uri.display(location)} not found")
+    rows = READERS.get(task.format)(location)
     rows = rows[: task.limit] if task.limit else rows
-    return TASK_KINDS.get(task.kind)(task, rows, path, tokenizer, max_length, resolve)
+    return TASK_KINDS.get(task.kind)(task, rows, uri.display(location), tokenizer, max_length, resolve)
 
 
 def finalize_task(prep: PreparedTask, results: list[tuple[float, bool]]) -> tuple[dict, dict[str, list[float]]]:

@@ -4,19 +4,23 @@ Each run is labelled with its job name plus the config values that differ betwee
 (selection method, algorithm, sparsity, ...), so that e.g. three calibration methods read side by
 side. The compressed model of each run fills its column; the dense model (from the first run that
 has one) is shown once as the reference column.
+
+Run folders and the output file are locations (local paths or URIs, `storage.uri`); a folder is
+shown by its location without the URI query (`uri.display`), which may hold keys.
 """
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 from html import escape
-from pathlib import Path
 
 from raycompress.report import plots
 from raycompress.report.html import image, page, table
 from raycompress.report.markdown import RETENTION_NOTE, metric_label
 from raycompress.report.report import load_report
-from raycompress.models.checkpoint import write_atomic_text
 from raycompress.report.results import fmt_value, primary
+from raycompress.storage import uri
 
 # config keys shown first in run labels when they differ; other differing keys follow, sorted
 LABEL_KEYS = ["select.method", "select.multi_source", "select.mix", "select.n_samples", "compress.algorithm",
@@ -44,7 +48,7 @@ def _short(value) -> str:
     return str(value)
 
 
-def run_labels(configs: list[dict], dirs: list[Path]) -> list[str]:
+def run_labels(configs: list[dict], dirs: list[str | os.PathLike]) -> list[str]:
     """Job name + `key=value` for the config values that differ between runs; folder name if still ambiguous."""
     flat = [_flatten(c) for c in configs]
     keys = {k for f in flat for k in f if not k.startswith(IGNORED_PREFIXES)}
@@ -53,9 +57,9 @@ def run_labels(configs: list[dict], dirs: list[Path]) -> list[str]:
     labels = []
     for cfg, f, d in zip(configs, flat, dirs):
         parts = [f"{k.split('.', 1)[-1]}={_short(f[k])}" for k in differing[:MAX_LABEL_KEYS] if f.get(k) is not None]
-        labels.append(str(cfg.get("name") or d.name) + (f" ({', '.join(parts)})" if parts else ""))
+        labels.append(str(cfg.get("name") or uri.name(d)) + (f" ({', '.join(parts)})" if parts else ""))
     if len(set(labels)) < len(labels):
-        labels = [f"{lab} [{d.name}]" for lab, d in zip(labels, dirs)]
+        labels = [f"{lab} [{uri.name(d)}]" for lab, d in zip(labels, dirs)]
     return labels
 
 
@@ -112,15 +116,17 @@ def _run_rows(runs: list[dict], with_dense: bool) -> list[list[str]]:
             for name, unit, get in RUN_ROWS]
 
 
-def load_runs(dirs: list[Path]) -> list[dict]:
-    """[{"dir", "label", "report"}] for each run folder (report rebuilt from stage outputs when present).
+def load_runs(dirs: list[str | os.PathLike]) -> list[dict]:
+    """[{"dir", "label", "report"}] for each run folder (report rebuilt from stage outputs when
+    present); "dir" is the location without its URI query.
 
     Raises:
-        FileNotFoundError: a folder has neither evaluate/results.json nor report.json.
+        FileNotFoundError: a folder has none of the stage outputs nor report.json.
     """
-    reports = [load_report(Path(d)) for d in dirs]
-    labels = run_labels([r.get("config") or {} for r in reports], [Path(d) for d in dirs])
-    return [{"dir": str(d), "label": lab, "report": rep} for d, lab, rep in zip(dirs, labels, reports)]
+    dirs = [str(d) for d in dirs]
+    reports = [load_report(d) for d in dirs]
+    labels = run_labels([r.get("config") or {} for r in reports], dirs)
+    return [{"dir": uri.display(d), "label": lab, "report": rep} for d, lab, rep in zip(dirs, labels, reports)]
 
 
 def render_comparison_markdown(runs: list[dict]) -> str:
@@ -157,8 +163,13 @@ def render_comparison_html(runs: list[dict]) -> str:
 RENDERERS = {".md": render_comparison_markdown, ".html": render_comparison_html}
 
 
-def report_runs(dirs: list[Path], output: Path | None = None) -> str:
-    """`raycompress report DIR [DIR ...]`: returns the Markdown to print.
+def _suffix(location: str) -> str:
+    return posixpath.splitext(uri.name(location))[1]
+
+
+def report_runs(dirs: list[str | os.PathLike], output: str | os.PathLike | None = None) -> str:
+    """`raycompress report DIR [DIR ...]`: returns the Markdown to print. Folders and `output`
+    are locations (local paths or URIs).
 
     One folder: (re)write its report.json / .md / .html (rebuilt from the stage outputs, or
     re-rendered from report.json when only that is left) and return report.md. Several: the
@@ -166,22 +177,21 @@ def report_runs(dirs: list[Path], output: Path | None = None) -> str:
 
     Raises:
         ValueError: `output` has a suffix other than .md or .html.
-        FileNotFoundError: a folder has neither evaluate/results.json nor report.json.
+        FileNotFoundError: a folder has none of the stage outputs nor report.json.
+        OSError: a report file cannot be written.
     """
     from raycompress.report.report import write_report_files
 
-    if output is not None and output.suffix not in RENDERERS:
-        raise ValueError(f"--output {output}: expected a .md or .html file name")
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    dirs = [Path(d) for d in dirs]
+    output = None if output is None else str(output)
+    if output is not None and _suffix(output) not in RENDERERS:
+        raise ValueError(f"--output {uri.display(output)}: expected a .md or .html file name")
+    dirs = [str(d) for d in dirs]
     if len(dirs) == 1:
         write_report_files(dirs[0], load_report(dirs[0]))
         if output is not None:
-            text = (dirs[0] / ("report.html" if output.suffix == ".html" else "report.md")).read_text()
-            write_atomic_text(output, text)
-        return (dirs[0] / "report.md").read_text()
+            uri.copy(uri.join(dirs[0], "report" + _suffix(output)), output)
+        return uri.read_text(uri.join(dirs[0], "report.md"))
     runs = load_runs(dirs)
     if output is not None:
-        write_atomic_text(output, RENDERERS[output.suffix](runs))
+        uri.write_text(output, RENDERERS[_suffix(output)](runs))
     return render_comparison_markdown(runs)

@@ -4,38 +4,47 @@
 select/manifest.json + calibration.parquet, state.json) and the job config saved in the folder
 (`job.json` / `job.yaml`, else the config recorded in an earlier report.json); the renderers in
 `markdown.py` and `html.py` only format that dict.
+
+A run folder is a location: a local path or a URI (s3://, gs://, hdfs://, file://); every file is
+read and written through `storage.uri`, so `raycompress report s3://bucket/run` works from any
+machine that can reach the bucket. A `Path` is accepted wherever a location is.
 """
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import os
 
-from raycompress.models.checkpoint import write_atomic_text
 from raycompress.report.calibration import calibration_summary
 from raycompress.report.results import comparisons, normalize_results
+from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
 
 JOB_FILES = ("job.json", "job.yaml", "job.yml")
 
 
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _load(location: str) -> dict:
+    """The JSON object at `location`, {} when there is no file (raises ValueError if it is not JSON)."""
+    return json.loads(uri.read_text(location)) if uri.is_file(location) else {}
 
 
-def load_run_config(out_dir: Path) -> dict:
+def load_run_config(out_dir: str | os.PathLike) -> dict:
     """The job config of a run folder as a plain dict ({} when none was saved).
 
     Looks for job.json, job.yaml / job.yml, then the `config` of an existing report.json.
+
+    Raises:
+        ValueError: the file found is not valid JSON / YAML.
     """
     import yaml
 
     for name in JOB_FILES:
-        path = out_dir / name
-        if path.is_file():
-            return (json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())) or {}
-    return _load(out_dir / "report.json").get("config") or {}
+        location = uri.join(out_dir, name)
+        if uri.is_file(location):
+            text = uri.read_text(location)
+            return (json.loads(text) if name.endswith(".json") else yaml.safe_load(text)) or {}
+    return _load(uri.join(out_dir, "report.json")).get("config") or {}
 
 
 def layer_summary(modules: list[dict]) -> list[dict]:
@@ -64,23 +73,25 @@ def compression_summary(compression: dict) -> dict:
     }
 
 
-def build_report(out_dir: Path, config: dict | None = None) -> dict:
-    """The report dict of a job folder; `config` defaults to the one saved in the folder.
+def build_report(out_dir: str | os.PathLike, config: dict | None = None) -> dict:
+    """The report dict of a job folder (a location); `config` defaults to the one saved in it.
+    `run_dir` is the location without its URI query (`uri.display`).
 
     Raises:
-        ValueError: evaluate/results.json has a task in neither the current nor the old shape.
+        ValueError: evaluate/results.json has a task in neither the current nor the old shape,
+            or a stage output is not valid JSON.
     """
-    out_dir = Path(out_dir)
+    out_dir = str(out_dir)
     config = config if config is not None else load_run_config(out_dir)
-    models = normalize_results(_load(out_dir / "evaluate" / "results.json"))
+    models = normalize_results(_load(uri.join(out_dir, "evaluate", "results.json")))
     return {
-        "job": config.get("name") or out_dir.name,
-        "run_dir": str(out_dir),
+        "job": config.get("name") or uri.name(out_dir),
+        "run_dir": uri.display(out_dir),
         "models": models,
         "comparisons": comparisons(models),
-        "stages": _load(out_dir / "state.json").get("stages", {}),
+        "stages": _load(uri.join(out_dir, "state.json")).get("stages", {}),
         "calibration": calibration_summary(out_dir, config),
-        "compression": compression_summary(_load(out_dir / "compress" / "compression.json")),
+        "compression": compression_summary(_load(uri.join(out_dir, "compress", "compression.json"))),
         "config": config,
     }
 
@@ -89,40 +100,52 @@ def build_report(out_dir: Path, config: dict | None = None) -> dict:
 STAGE_OUTPUTS = ("evaluate/results.json", "compress/compression.json", "select/manifest.json")
 
 
-def load_report(out_dir: Path) -> dict:
+def load_report(out_dir: str | os.PathLike) -> dict:
     """A run's report: rebuilt from its stage outputs when they are there, else its report.json.
 
     Raises:
         FileNotFoundError: the folder has none of the stage outputs nor report.json.
+        ValueError: a stage output or report.json is not valid JSON.
     """
-    out_dir = Path(out_dir)
-    if (out_dir / "report.json").is_file() and not (out_dir / STAGE_OUTPUTS[0]).is_file():
-        report = json.loads((out_dir / "report.json").read_text())
+    out_dir = str(out_dir)
+    present = {p for p in ("report.json", *STAGE_OUTPUTS) if uri.is_file(uri.join(out_dir, p))}
+    if "report.json" in present and STAGE_OUTPUTS[0] not in present:
+        report = json.loads(uri.read_text(uri.join(out_dir, "report.json")))
         report["models"] = normalize_results(report.get("models") or {})
         report["comparisons"] = comparisons(report["models"])
         return report
-    if any((out_dir / p).is_file() for p in STAGE_OUTPUTS):
+    if present & set(STAGE_OUTPUTS):
         return build_report(out_dir)
-    raise FileNotFoundError(f"{out_dir}: none of {', '.join(STAGE_OUTPUTS)} nor report.json: not a run folder "
-                            "(run `raycompress run JOB.yaml --output DIR` first)")
+    raise FileNotFoundError(f"{uri.display(out_dir)}: none of {', '.join(STAGE_OUTPUTS)} nor report.json: not a "
+                            "run folder (run `raycompress run JOB.yaml --output DIR` first)")
 
 
-def write_report_files(out_dir: Path, report: dict) -> list[str]:
-    """Write report.json, report.md and report.html of `report` into `out_dir`; returns their names."""
+def write_report_files(out_dir: str | os.PathLike, report: dict) -> list[str]:
+    """Write report.json, report.md and report.html of `report` into the folder `out_dir` (each
+    atomically); returns their names.
+
+    Raises:
+        OSError: a file cannot be written (e.g. no permission on the bucket).
+    """
     from raycompress.report.html import render_html
     from raycompress.report.markdown import render_markdown
 
-    write_atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic_text(out_dir / "report.md", render_markdown(report))
-    write_atomic_text(out_dir / "report.html", render_html(report))
-    log.info("report written to %s (report.json, report.md, report.html)", out_dir)
+    out_dir = str(out_dir)
+    uri.write_text(uri.join(out_dir, "report.json"), json.dumps(report, indent=2))
+    uri.write_text(uri.join(out_dir, "report.md"), render_markdown(report))
+    uri.write_text(uri.join(out_dir, "report.html"), render_html(report))
+    log.info("report written to %s (report.json, report.md, report.html)", uri.display(out_dir))
     return ["report.json", "report.md", "report.html"]
 
 
-def write_report(job, out_dir: Path) -> list[str]:
-    """Build and write the report of `out_dir` (the orchestrator's report stage).
+def write_report(job, out: str | os.PathLike) -> list[str]:
+    """Build and write the report of the run folder `out` (the orchestrator's report stage).
 
     `job` is the validated JobConfig, or None to use the config saved in the folder.
+
+    Raises:
+        ValueError: a stage output is not valid JSON, or results.json has a task of unknown shape.
+        OSError: a report file cannot be written.
     """
-    out_dir = Path(out_dir)
-    return write_report_files(out_dir, build_report(out_dir, job.model_dump(mode="json") if job is not None else None))
+    out = str(out)
+    return write_report_files(out, build_report(out, job.model_dump(mode="json") if job is not None else None))
