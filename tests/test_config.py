@@ -30,8 +30,9 @@ def test_good_config_loads(tmp_path):
     assert job.ray.compress_actors == 2
     # no pyproject above tmp_path: relative paths resolve against the job file's folder
     assert Path(job.base_dir) == tmp_path.resolve()
-    assert job.resolve("data/x.jsonl") == tmp_path.resolve() / "data" / "x.jsonl"
-    assert job.resolve("/abs/y") == Path("/abs/y")
+    assert job.resolve("data/x.jsonl") == str(tmp_path.resolve() / "data" / "x.jsonl")
+    assert job.resolve("s3://bucket/x.jsonl?endpoint_override=h:1") == "s3://bucket/x.jsonl?endpoint_override=h:1"
+    assert job.resolve("/abs/y") == "/abs/y"
 
 
 def test_shipped_config_base_dir_is_repo_root():

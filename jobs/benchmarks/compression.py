@@ -109,7 +109,7 @@ def main() -> int:
 
     job = load_config(args.job)
     raw = yaml.safe_load(args.job.read_text())
-    model_dir = resolve_model(job.model)
+    model_dir = resolve_model(job.model, job.base_dir, job.storage.cache_dir).local()
     cli = str(Path(sys.executable).parent / "raycompress")
     base = args.output / "select-run"
     if not (base / "select" / "calibration.parquet").exists():

@@ -97,7 +97,7 @@ def main() -> int:
     args = ap.parse_args()
     from raycompress.models.fetch import resolve_model
 
-    dense_dir = resolve_model("smollm2-135m-instruct")
+    dense_dir = resolve_model("smollm2-135m-instruct").local()
     result: dict = {"model": "smollm2-135m-instruct", "threads": args.threads, "runs": {}}
     pruned = {}
     for n, s in enumerate(float(x) for x in args.sparsities.split(",")):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = Path.home() / ".cache/raycompress/models/smollm2-135m-instruct"
+MODEL = Path(os.environ.get("RAYCOMPRESS_CACHE_DIR") or "/tmp/raycompress/cache") / "models" / "smollm2-135m-instruct"  # `make model`
 TASK_FILES = {"piqa": "data/eval/general_piqa_valid.jsonl", "pubmedqa": "data/eval/biomed_pubmedqa_test.jsonl"}
 
 

@@ -90,7 +90,7 @@ def main() -> int:
     if not args.peer_python.exists():
         raise SystemExit(f"{args.peer_python} missing: run `make peer-env` first")
     job = load_config(args.job)
-    model_dir = resolve_model(job.model)
+    model_dir = resolve_model(job.model, job.base_dir, job.storage.cache_dir).local()
     cli = str(Path(sys.executable).parent / "raycompress")
     base = args.output / "select-run"
     run_measured([cli, "select", str(args.job), "--output", str(base)], args.output / "select.log")

@@ -103,7 +103,7 @@ def main() -> int:
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     from raycompress.models.fetch import resolve_model
 
-    model_dir = resolve_model("smollm2-135m-instruct")
+    model_dir = resolve_model("smollm2-135m-instruct").local()
     o = args.output
     res: dict = {}
     real = str(REAL[0])

@@ -1,15 +1,14 @@
 """evaluation.scoring: lm-eval pair encoding, rolling windows, batched log-likelihoods on a tiny model."""
 import math
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from raycompress.evaluation.scoring import encode_pair, loglikelihoods, model_max_length, rolling_windows
+from raycompress.storage.cache import default_root
 
-TOKENIZER_DIR = Path.home() / ".cache/raycompress/models/smollm2-135m-instruct"
+TOKENIZER_DIR = default_root() / "models" / "smollm2-135m-instruct"  # where `make model` converts it
 
 
 @pytest.fixture(scope="module")
