@@ -20,10 +20,26 @@ def test_infer_format_and_expand(tmp_path):
     with pytest.raises(CorpusPathError, match="cannot infer"):
         infer_format("x.csv")
     (tmp_path / "a.jsonl").write_text("{}\n")
-    assert expand_paths("*.jsonl", tmp_path) == [str(tmp_path / "a.jsonl")]
-    assert expand_paths("s3://bucket/x/*.parquet", tmp_path) == ["s3://bucket/x/*.parquet"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text("{}\n")
+    assert expand_paths("*.jsonl", tmp_path) == {str(tmp_path / "a.jsonl"): "a.jsonl"}
+    assert expand_paths("**/*.jsonl", tmp_path) == {str(tmp_path / "a.jsonl"): "a.jsonl",
+                                                    str(tmp_path / "sub" / "b.jsonl"): "sub/b.jsonl"}
+    assert expand_paths(str(tmp_path / "sub" / "b.jsonl"), "/elsewhere") == {str(tmp_path / "sub" / "b.jsonl"): "b.jsonl"}
     with pytest.raises(CorpusPathError, match="no file matches"):
         expand_paths("missing/*.jsonl", tmp_path)
+
+
+def test_expand_s3_glob_labels_without_location(s3_server):
+    from raycompress.storage import uri
+
+    for rel in ("c/x.jsonl", "c/deep/y.jsonl", "c/z.txt"):
+        uri.write_text(s3_server(f"readers/{rel}"), "{}\n")
+    found = expand_paths(s3_server("readers/c/**/*.jsonl"), "/unused")
+    assert list(found.values()) == ["deep/y.jsonl", "x.jsonl"]
+    assert all(loc.startswith("s3://raycompress-test/readers/c/") and "endpoint_override" in loc for loc in found)
+    with pytest.raises(CorpusPathError, match=r"no file matches s3://raycompress-test/readers/none/\*.jsonl$"):
+        expand_paths(s3_server("readers/none/*.jsonl"), "/unused")
 
 
 def test_jsonl_plain_gz_zst_and_shards(tmp_path, ray_local):

@@ -38,12 +38,40 @@ def _job(tmp_path, corpora, model, **select):
 def test_bad_input_and_duplicates_counted(tmp_path, corpora, tiny_lm_dir, ray_local):
     m = run_select(_job(tmp_path, corpora, tiny_lm_dir), tiny_lm_dir, tmp_path / "out")
     skipped = m["skipped"]["bio"]
-    assert skipped[str(corpora / "a.jsonl")] == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1,
+    assert skipped["a.jsonl"] == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1,
                                                  "not_text": 1, "empty": 1, "too_long": 1, "not_utf8": 1}
-    assert skipped[str(corpora / "b.jsonl")] == {"duplicate": 2}
+    assert skipped["b.jsonl"] == {"duplicate": 2}  # files by label: their path below the pattern's folder
     assert m["usable_documents"] == {"bio": 30, "gen": 20}
     assert m["quotas"] == {"bio": 3, "gen": 3} and len(m["selected"]) == 6
     assert all(x["sha256"] and len(x["sha256"]) == 64 for x in m["inputs"])
+
+
+def test_same_fingerprint_from_two_clones_and_a_bucket(tmp_path, corpora, tiny_lm_dir, ray_local, s3_server):
+    """The same corpora in two folders, and in a bucket with the output there too: identical
+    calibration bytes, calibration_sha256 and fingerprint (no location enters them)."""
+    import shutil
+
+    from raycompress.storage import uri
+
+    clone = tmp_path / "copy" / "corpora"
+    shutil.copytree(corpora, clone)
+    bucket = s3_server(f"select/{tmp_path.name}")
+    for p in corpora.iterdir():
+        uri.copy(str(p), uri.join(bucket, "corpora", p.name))
+    runs = []
+    for name, root in (("orig", str(corpora)), ("clone", str(clone)), ("bucket", uri.join(bucket, "corpora"))):
+        (tmp_path / name).mkdir()
+        job = _job(tmp_path / name, corpora, tiny_lm_dir)
+        sources = {k: v.model_copy(update={"path": uri.join(root, uri.name(v.path))}) for k, v in job.select.sources.items()}
+        job = job.model_copy(update={"select": job.select.model_copy(update={"sources": sources})})
+        out = uri.join(bucket, "out") if name == "bucket" else str(tmp_path / name / "out")
+        m = run_select(job, tiny_lm_dir, out)
+        runs.append((m["fingerprint"], m["calibration_sha256"], uri.read_bytes(uri.join(out, "calibration.parquet")),
+                     [x["uid"] for x in m["selected"]]))
+        assert [x["path"] for x in m["inputs"]] == ["a.jsonl", "b.jsonl", "gen.jsonl"]
+        assert all("endpoint_override" not in x["location"] for x in m["inputs"])
+    assert runs[0] == runs[1] == runs[2]
+    assert not any(str(corpora) in uid for uid in runs[0][3])
 
 
 @pytest.mark.parametrize("method", ["zipcal", "random", "zipf", "perplexity"])

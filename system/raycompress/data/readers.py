@@ -4,17 +4,23 @@
 records, tagged (path, shard, row). A shard is therefore defined by the data (the file and the
 record's position in it), not by how many workers run, which keeps selection deterministic on 1 or
 N workers. Records are not parsed here: `data.corpus.parse_records` does that and counts what is
-bad. Compression (.gz, .zst, .bz2) is inferred from the extension by Ray's file reader; paths may
-be local paths, globs, or URIs pyarrow's filesystems open (s3://, gs://, file://).
+bad. Compression (.gz, .zst, .bz2) is inferred from the extension by Ray's file reader; sources
+may be local paths, globs, or URIs pyarrow's filesystems open (s3://, gs://, hdfs://, file://,
+globs included), read on whichever node runs the read task.
+
+The `path` of a record is the file's *label*: its path relative to the non-wildcard root of the
+source's pattern (a single file: its name), never where it happens to be stored, so that record
+ids, duplicate keys and fingerprints are the same on any node, clone or bucket.
 """
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
+
+from raycompress.storage import uri
 
 FORMATS = ("jsonl", "parquet", "text", "text_blocks")
 _READ_CHUNK = 8 << 20  # bytes per read() while streaming lines
@@ -39,21 +45,28 @@ def infer_format(path: str) -> str:
     raise CorpusPathError(f"{path}: cannot infer the format; set `format` to one of {FORMATS}")
 
 
-def expand_paths(spec: str, base: Path) -> list[str]:
-    """Local globs expanded (sorted); URIs other than file:// passed through to Ray Data unchanged.
+def expand_paths(spec: str, base: str | Path) -> dict[str, str]:
+    """The files a source names (a path, glob or URI; relative ones against `base`), sorted:
+    location (in the spec's own form) -> label (its path below the pattern's non-wildcard
+    folder; a plain file: its name). See `storage.uri.glob_relative`.
 
     Raises:
-        CorpusPathError: a local path or glob matches nothing.
+        CorpusPathError: nothing matches (the pattern is named, a URI without its query).
     """
-    if "://" in spec and not spec.startswith("file://"):
-        return [spec]
-    local = spec[len("file://"):] if spec.startswith("file://") else spec
-    p = Path(local).expanduser()
-    pattern = str(p if p.is_absolute() else base / p)
-    paths = sorted(x for x in glob.glob(pattern, recursive=True) if Path(x).is_file())
-    if not paths:
-        raise CorpusPathError(f"no file matches {pattern}")
-    return paths
+    found = dict(uri.glob_relative(spec, base))
+    if not found:
+        shown = spec if uri.is_uri(spec) or Path(spec).expanduser().is_absolute() else uri.join(base, spec)
+        raise CorpusPathError(f"no file matches {uri.display(shown)}")
+    return found
+
+
+def read_plan(paths: list[str]) -> tuple[object | None, list[str]]:
+    """(filesystem for Ray Data, paths inside it): local files as they are (filesystem None),
+    URIs resolved by `storage.uri` so that a URI's query options (endpoint, scheme) are kept."""
+    if all(uri.is_local(p) for p in paths):
+        return None, [str(uri.local_path(p)) for p in paths]
+    fs = uri.resolve(paths[0])[0]
+    return fs, [uri.resolve(p)[1] for p in paths]
 
 
 def _table(path: str, shard: int, rows: list[int], raws: list, reasons: list[str]) -> pa.Table:
@@ -70,17 +83,22 @@ class CorpusDatasource(FileBasedDatasource):
     """Raw records {path, shard, row, raw: bytes, pre_reason} in shards of `shard_docs` records.
 
     Args:
+        paths: paths inside `filesystem` (see `read_plan`).
         fmt: "jsonl" (one record per line), "parquet" (one per row of `text_field`),
             "text" (one per file), "text_blocks" (one per blank-line-separated block).
+        labels: path -> the label recorded in the `path` column (default: the path itself).
     """
 
-    def __init__(self, paths, fmt: str, text_field: str = "text", shard_docs: int = 4096, **kwargs) -> None:
+    def __init__(self, paths, fmt: str, text_field: str = "text", shard_docs: int = 4096,
+                 labels: dict[str, str] | None = None, **kwargs) -> None:
         if fmt not in FORMATS:
             raise CorpusPathError(f"unknown format '{fmt}'; known: {FORMATS}")
         super().__init__(paths, **kwargs)
         self.fmt, self.text_field, self.shard_docs = fmt, text_field, shard_docs
+        self.labels = dict(labels or {})
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        path = self.labels.get(path, self.labels.get(path.lstrip("/"), path))
         if self.fmt == "parquet":
             yield from self._parquet(f, path)
             return

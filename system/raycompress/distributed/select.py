@@ -23,12 +23,13 @@ import pyarrow.parquet as pq
 
 from raycompress.config import JobConfig
 from raycompress.data.corpus import parse_records
-from raycompress.data.readers import CorpusDatasource, expand_paths, infer_format
-from raycompress.models.checkpoint import sha256_file, write_atomic_text
+from raycompress.data.readers import CorpusDatasource, expand_paths, infer_format, read_plan
+from raycompress.models.fetch import ModelRef
 from raycompress.registry import SELECTORS
 from raycompress.selection.base import SelectContext, Window
 from raycompress.selection.mix import quotas
 from raycompress.selection.shard import ShardSelector, rows_to_windows
+from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,20 @@ class SelectionError(ValueError):
     """A source has no usable documents, or fewer candidate windows than asked for."""
 
 
-def _docs(job: JobConfig, name: str, paths: list[str]):
+def _docs(job: JobConfig, name: str, files: dict[str, str]):
+    """Parsed documents of one source; `files` is location -> label (`expand_paths`)."""
     import ray.data
 
     src = job.select.sources[name]
-    fmt = infer_format(paths[0]) if src.format == "auto" else src.format
+    locations = list(files)
+    fmt = infer_format(uri.name(locations[0])) if src.format == "auto" else src.format
+    fs, paths = read_plan(locations)
+    source = CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs,
+                              labels=dict(zip(paths, files.values())), filesystem=fs)
     # One read task per file, never split (a block is a shard: results must not depend on the
     # cluster size). Reads take no CPU slot, so they never starve behind the actors, and at most
     # `select_actors` run at once, so they do not flood the node with worker processes.
-    ds = ray.data.read_datasource(CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs),
-                                  override_num_blocks=len(paths), ray_remote_args={"num_cpus": 0},
+    ds = ray.data.read_datasource(source, override_num_blocks=len(paths), ray_remote_args={"num_cpus": 0},
                                   concurrency=job.ray.select_actors)
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
                           fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
@@ -95,7 +100,7 @@ def _keep(batch: dict, drop: set) -> dict:
     return {k: np.asarray(v)[mask] for k, v in batch.items()}
 
 
-def _round1(job: JobConfig, docs, drop: set, model_dir: Path, k: int, ctx: SelectContext) -> list[Window]:
+def _round1(job: JobConfig, docs, drop: set, model: ModelRef, k: int, ctx: SelectContext) -> list[Window]:
     from ray.data import ActorPoolStrategy
 
     from raycompress.distributed.resources import actor_options
@@ -104,21 +109,31 @@ def _round1(job: JobConfig, docs, drop: set, model_dir: Path, k: int, ctx: Selec
     opts = actor_options(job.ray) if "model" in method.needs else {"num_cpus": job.ray.cpus_per_actor, "num_gpus": 0}
     winners = docs.map_batches(_keep, fn_kwargs={"drop": drop}, batch_format="numpy", batch_size=None).map_batches(
         ShardSelector, batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(size=job.ray.select_actors),
-        fn_constructor_kwargs={"model_dir": str(model_dir), "seq_len": job.select.seq_len, "method": job.select.method,
+        fn_constructor_kwargs={"model": model, "seq_len": job.select.seq_len, "method": job.select.method,
                                "k": k, "ctx": ctx}, **opts,
     )
     return rows_to_windows(winners.take_all())
 
 
-def _input_record(name: str, path: str) -> dict:
-    if "://" in path and not path.startswith("file://"):
-        return {"source": name, "path": path, "sha256": None}
-    p = Path(path.removeprefix("file://"))
-    return {"source": name, "path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+def _hash_file(location: str) -> tuple[str, int]:
+    return uri.sha256(location)
 
 
-def run_select(job: JobConfig, model_dir: Path, out_dir: Path) -> dict:
-    """Run selection and write the calibration set into `out_dir`; returns the manifest.
+def _input_records(name: str, files: dict[str, str]) -> list[dict]:
+    """{source, path: label, location (no query), bytes, sha256} per file; files are hashed in
+    parallel as Ray tasks, on whichever nodes have room, reading from where the files are."""
+    import ray
+
+    task = ray.remote(num_cpus=0.25)(_hash_file)
+    hashes = ray.get([task.remote(loc) for loc in files])
+    return [{"source": name, "path": label, "location": uri.display(loc), "bytes": n, "sha256": digest}
+            for (loc, label), (digest, n) in zip(files.items(), hashes)]
+
+
+def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path) -> dict:
+    """Run selection and write the calibration set into `out_dir` (a local path or URI); returns
+    the manifest. Corpus files are identified by content and label, never by location, so the
+    fingerprint and `calibration_sha256` are the same wherever the inputs and output are.
 
     Raises:
         CorpusPathError: a source path matches nothing.
@@ -128,6 +143,7 @@ def run_select(job: JobConfig, model_dir: Path, out_dir: Path) -> dict:
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    model = model if isinstance(model, ModelRef) else ModelRef(str(model), job.storage.cache_dir)
     sel = job.select
     base = Path(job.base_dir)
     method = SELECTORS.get(sel.method)
@@ -137,47 +153,53 @@ def run_select(job: JobConfig, model_dir: Path, out_dir: Path) -> dict:
     for i, name in enumerate(sorted(sel.sources)):
         if want.get(name, 0) == 0:
             continue
-        paths = expand_paths(sel.sources[name].path, base)
-        inputs += [_input_record(name, p) for p in paths]
-        docs = _docs(job, name, paths)
+        files = expand_paths(sel.sources[name].path, base)
+        inputs += _input_records(name, files)
+        docs = _docs(job, name, files)
         skipped[name], drop, usable[name] = _survey(docs, sel.dedup)
         if usable[name] == 0:
-            raise SelectionError(f"select.sources.{name}: no usable documents in {paths} (skipped: {skipped[name]})")
+            raise SelectionError(f"select.sources.{name}: no usable documents in {sorted(files.values())} "
+                                 f"(skipped: {skipped[name]})")
         ctx = SelectContext(seed=sel.seed + i, candidate_pool=sel.candidate_pool,
                             word_freq=_word_freq(docs) if "word_freq" in method.needs else None)
-        winners = _round1(job, docs, drop, model_dir, want[name], ctx)
+        winners = _round1(job, docs, drop, model, want[name], ctx)
         if len(winners) < want[name]:
             raise SelectionError(f"select.sources.{name}: {len(winners)} candidate windows of {sel.seq_len} tokens "
                                  f"from {usable[name]} usable documents, fewer than the {want[name]} asked for")
         chosen += method.merge(winners, want[name], ctx)
     if sel.multi_source == "kcenter":
-        chosen = _kcenter(chosen, sel.n_samples, sel.embedder, model_dir)
-    return _write_outputs(job, out_dir, chosen, inputs, skipped, usable, want)
+        chosen = _kcenter(chosen, sel.n_samples, sel.embedder, model)
+    return _write_outputs(job, str(out_dir), chosen, inputs, skipped, usable, want)
 
 
-def _kcenter(windows: list[Window], k: int, embedder: str, model_dir: Path) -> list[Window]:
+def _kcenter(windows: list[Window], k: int, embedder: str, model: ModelRef) -> list[Window]:
     from transformers import AutoTokenizer
 
     from raycompress.selection.kcenter import embed_texts, k_center_greedy, resolve_embedder
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model.local(weights=False), trust_remote_code=False)
     emb = embed_texts([tok.decode(w.input_ids) for w in windows], resolve_embedder(embedder))
     return [windows[i] for i in k_center_greedy(emb, k)]
 
 
 def _fingerprint(inputs: list[dict], config: dict) -> str:
-    src = json.dumps({"inputs": [(x["path"], x["sha256"]) for x in inputs], "config": config}, sort_keys=True)
+    """SHA-256 of (source, label, content SHA-256) per input file and the config without the
+    sources' locations (the files they matched are already in by content); no location enters."""
+    config = {**config, "sources": {k: {f: v for f, v in src.items() if f != "path"} for k, src in config["sources"].items()}}
+    src = json.dumps({"inputs": [(x["source"], x["path"], x["sha256"]) for x in inputs], "config": config}, sort_keys=True)
     return hashlib.sha256(src.encode()).hexdigest()
 
 
-def _write_outputs(job, out_dir, chosen, inputs, skipped, usable, want) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_outputs(job, out_dir: str, chosen, inputs, skipped, usable, want) -> dict:
     rows = [{"input_ids": w.input_ids.tolist(), "source": w.source, "doc_id": w.doc_ids[0], "doc_ids": w.doc_ids,
              "uid": w.uid, "score": float(w.score), "n_concepts": int(len(w.concepts))} for w in chosen]
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("source", pa.string()), ("doc_id", pa.string()),
                         ("doc_ids", pa.list_(pa.string())), ("uid", pa.string()), ("score", pa.float64()),
                         ("n_concepts", pa.int64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out_dir / "calibration.parquet")
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    parquet = buf.getvalue().to_pybytes()
+    uri.write_bytes(uri.join(out_dir, "calibration.parquet"), parquet)
     config = {"model": job.model, "select": job.select.model_dump(mode="json", exclude={"sources"}),
               "sources": {k: v.model_dump(mode="json") for k, v in job.select.sources.items()}}
     manifest = {
@@ -185,22 +207,22 @@ def _write_outputs(job, out_dir, chosen, inputs, skipped, usable, want) -> dict:
         "method_source": SELECTORS.get(job.select.method).source, "inputs": inputs, "config": config,
         "seed": job.select.seed, "quotas": want, "usable_documents": usable, "skipped": skipped,
         "selected": [{"source": r["source"], "uid": r["uid"], "doc_id": r["doc_id"], "score": r["score"]} for r in rows],
-        "calibration_sha256": sha256_file(out_dir / "calibration.parquet"),
+        "calibration_sha256": hashlib.sha256(parquet).hexdigest(),
     }
-    write_atomic_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    uri.write_text(uri.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
     log.info("selected %d sequences of %d tokens: %s", len(rows), job.select.seq_len, want)
     return manifest
 
 
-def load_calibration(path: Path):
-    """(input_ids (n, seq) int64 tensor, table) from a calibration Parquet file.
+def load_calibration(path: str | Path):
+    """(input_ids (n, seq) int64 tensor, table) from a calibration Parquet file (local or URI).
 
     Raises:
         FileNotFoundError: the file is missing (run the select stage first).
     """
     import torch
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `raycompress select` first")
-    table = pq.read_table(path)
+    if not uri.is_file(path):
+        raise FileNotFoundError(f"{uri.display(path)} not found: run `raycompress select` first")
+    table = pq.read_table(pa.BufferReader(uri.read_bytes(path)))
     return torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long), table

@@ -60,8 +60,8 @@ def embed_texts(texts: list[str], model_dir: Path, batch: int = 32, max_length: 
     """(n, d) L2-normalised mean-pooled embeddings."""
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=False).eval()
     out = []
     for i in range(0, len(texts), batch):
         enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")

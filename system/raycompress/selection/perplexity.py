@@ -21,7 +21,7 @@ def model_scorer(model_dir: str, batch: int = 8) -> Callable[[list[np.ndarray]],
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).to(device).eval()
 
     @torch.no_grad()
     def score(windows: list[np.ndarray]) -> list[float]:

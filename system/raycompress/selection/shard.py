@@ -21,10 +21,16 @@ OUTPUT_COLUMNS = ("uid", "source", "doc_ids", "input_ids", "concepts", "score")
 
 
 class ShardSelector:
-    def __init__(self, model_dir: str, seq_len: int, method: str, k: int, ctx: SelectContext) -> None:
+    """Args: model: a `models.fetch.ModelRef` (or a local folder), resolved on this actor's node:
+    the tokenizer files for every method, the weights only for a method that scores with the model."""
+
+    def __init__(self, model, seq_len: int, method: str, k: int, ctx: SelectContext) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        from raycompress.models.fetch import ModelRef
+
+        model = model if isinstance(model, ModelRef) else ModelRef(str(model))
+        self.tokenizer = AutoTokenizer.from_pretrained(model.local(weights=False), trust_remote_code=False)
         self.seq_len, self.k, self.ctx = seq_len, k, ctx
         self.method = SELECTORS.get(method)
         self.concepts = concept_table(self.tokenizer)
@@ -32,7 +38,7 @@ class ShardSelector:
         if "model" in self.method.needs and ctx.ppl_fn is None:
             from raycompress.selection.perplexity import model_scorer
 
-            self.ctx = SelectContext(**{**ctx.__dict__, "ppl_fn": model_scorer(model_dir)})
+            self.ctx = SelectContext(**{**ctx.__dict__, "ppl_fn": model_scorer(str(model.local()))})
 
     def windows(self, docs: list[tuple[int, str, str]], source: str, path: str, shard: int) -> list[Window]:
         """Windows of one shard; docs are (row, doc_id, text) in any order (sorted here by row)."""

@@ -195,20 +195,25 @@ def listdir(location: str | os.PathLike) -> list[str]:
 
 
 def glob(pattern: str, base: str | os.PathLike = ".") -> list[str]:
-    """Files matching `pattern` (``*``, ``**``, ``?``), relative patterns against `base`; sorted
-    locations in the pattern's own form (a URI pattern gives URIs, with its query)."""
+    """Files matching `pattern` (``*``, ``**``, ``?``, ``[ab]``), relative patterns against `base`;
+    sorted locations in the pattern's own form (a URI pattern gives URIs, with its query)."""
+    return [loc for loc, _ in glob_relative(pattern, base)]
+
+
+def glob_relative(pattern: str, base: str | os.PathLike = ".") -> list[tuple[str, str]]:
+    """Like `glob`, as (location, path below the pattern's non-wildcard folder) pairs; a pattern
+    without wildcards gives its file with the file's name."""
     loc = pattern if is_uri(pattern) or Path(pattern).expanduser().is_absolute() else join(base, pattern)
     head, _, query = str(loc).partition("?")
     wild = min((i for i, c in enumerate(head) if c in "*?["), default=None)
     if wild is None:
-        return [str(loc)] if is_file(loc) else []
+        return [(str(loc), name(loc))] if is_file(loc) else []
     root = head[: head.rfind("/", 0, wild) + 1]
     fs, rpath = resolve(root + ("?" + query if query else ""))
     found = fs.get_file_info(pafs.FileSelector(rpath, allow_not_found=True, recursive=True))
-    rel_pat = head[len(root):]
     rx = _glob_regex(head[len(root):])
     rels = (i.path[len(rpath.rstrip("/")) + 1:] for i in found if i.type == pafs.FileType.File)
-    return sorted(join(root.rstrip("/") + ("?" + query if query else ""), r) for r in rels if rx.fullmatch(r))
+    return sorted((join(root.rstrip("/") + ("?" + query if query else ""), r), r) for r in rels if rx.fullmatch(r))
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
