@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 
 import pytest
@@ -56,6 +57,7 @@ def inputs(tmp_path_factory, tiny_lm_dir, s3_server):
     for name, text in files.items():
         (local / name).write_text(text)
         uri.write_text(s3_server(f"inputs/{name}"), text)
+    shutil.copytree(tiny_lm_dir, local / "model")
     for p in tiny_lm_dir.iterdir():
         uri.copy(str(p), s3_server(f"inputs/model/{p.name}"))
     return {"local": str(local), "remote": s3_server("inputs")}
@@ -96,11 +98,13 @@ def single_node(inputs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield _run(_job(inputs["local"], tmp, cpus_per_actor=0.5), str(tmp / "out"))
+        manifest = _run(_job(inputs["local"], tmp, cpus_per_actor=0.5), str(tmp / "out"))
     finally:
         ray.shutdown()
-        if was_up:  # give the session's other tests their local Ray back
-            ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield manifest
+    if was_up:  # give the session's other tests their local Ray back
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
 
 
 @pytest.fixture
