@@ -53,11 +53,6 @@ def write_shard(tensors: dict[str, torch.Tensor], location: str | os.PathLike) -
     return {"path": uri.display(location), "sha256": digest, "bytes": size, "keys": sorted(tensors)}
 
 
-def write_atomic_text(location: str | os.PathLike, text: str) -> None:
-    """`text` at `location` (local path or URI), atomically (`storage.uri.write_text`)."""
-    uri.write_text(location, text)
-
-
 def sha256_file(location: str | os.PathLike) -> str:
     """Hex SHA-256 of the file's contents, streamed."""
     return uri.sha256(location)[0]
