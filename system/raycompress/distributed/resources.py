@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Start (or join) Ray once per process; workers inherit the offline switches (not the cache
+    """Start (or join: `ray.address`, else $RAY_ADDRESS as in a submitted job) Ray once per process; workers inherit the offline switches (not the cache
     folder, which is each node's own: $RAYCOMPRESS_CACHE_DIR there, or the job's storage.cache_dir)."""
     import ray
 
@@ -19,8 +19,12 @@ def init_ray(cfg: RayConfig) -> None:
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
                                       "TOKENIZERS_PARALLELISM") if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set by Ray for a submitted job
+    if address:
+        if cfg.num_cpus is not None:
+            log.info("joining the Ray cluster at %s: ray.num_cpus=%s (a local-cluster setting) is ignored",
+                     address, cfg.num_cpus)
+        ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
