@@ -63,7 +63,7 @@ def run_ours(args, pages: Path) -> tuple[dict, float]:
     from raycompress.distributed.evaluate import evaluate_models
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     init_s = time.perf_counter() - t0
     entries = {"piqa": {"name": "piqa", "limit": args.piqa}, "pubmedqa": {"name": "pubmedqa", "limit": args.pubmedqa},

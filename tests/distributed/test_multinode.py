@@ -97,7 +97,7 @@ def single_node(inputs, tmp_path_factory):
     was_up = ray.is_initialized()
     ray.shutdown()
     tmp = tmp_path_factory.mktemp("single")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         manifest = _run(_job(inputs["local"], tmp, cpus_per_actor=0.5), str(tmp / "out"))
     finally:
@@ -105,7 +105,7 @@ def single_node(inputs, tmp_path_factory):
     yield manifest
     if was_up:  # give the session's other tests their local Ray back
         ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
         cluster.add_node(num_cpus=1, num_gpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     actors = [CompressionActor.options(num_cpus=0.5, num_gpus=1).remote(str(tmp / "m"), ids[:4]) for _ in range(2)]
     placement = ray.get([a.placement.remote() for a in actors])
     nodes = ray.get([a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for a in actors])

@@ -31,7 +31,8 @@ def test_joining_via_ray_address_ignores_num_cpus(fake_ray, monkeypatch, caplog)
 def test_local_cluster_gets_num_cpus(fake_ray, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     resources.init_ray(RayConfig(num_cpus=2))
-    assert fake_ray[0]["num_cpus"] == 2 and "address" not in fake_ray[0]
+    # "local": a fresh Ray, never a `ray start` head or a test Cluster found via ray_current_cluster
+    assert fake_ray[0]["num_cpus"] == 2 and fake_ray[0]["address"] == "local"
 
 
 def test_config_address_wins(fake_ray, monkeypatch):

@@ -26,7 +26,9 @@ def init_ray(cfg: RayConfig) -> None:
                      address, cfg.num_cpus)
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, **kwargs)
+        # "local": always a fresh local Ray, never one found through /tmp/ray/ray_current_cluster
+        # (a `ray start` head or a test's Cluster on this machine); `ray.address: auto` joins that.
+        ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
 
 
