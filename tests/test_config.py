@@ -35,9 +35,24 @@ def test_good_config_loads(tmp_path):
     assert job.resolve("/abs/y") == "/abs/y"
 
 
-def test_shipped_config_base_dir_is_repo_root():
+def test_paths_resolve_against_the_job_files_folder():
     job = load_config(JOB)
-    assert Path(job.base_dir) == JOB.parents[1]
+    assert Path(job.base_dir) == JOB.parent
+    assert all(Path(job.resolve(s.path)).is_file() for s in job.select.sources.values())
+
+
+def test_job_file_outside_the_repository_finds_shipped_tasks_and_their_data(tmp_path):
+    from raycompress.evaluation.taskfiles import resolve_tasks
+
+    raw = yaml.safe_load(JOB.read_text())
+    raw["select"]["sources"] = {"biomed": {"path": "corpus.jsonl"}, "general": {"path": "corpus.jsonl"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    job = load_config(tmp_path / "job.yaml")
+    assert job.resolve("corpus.jsonl") == str(tmp_path.resolve() / "corpus.jsonl")
+    tasks = resolve_tasks(job)  # names only: found in the shipped jobs/tasks, data paths from each task file
+    assert [t.name for t in tasks] == ["wikitext2", "biomed_abstracts", "piqa", "pubmedqa"]
+    for t in tasks:
+        assert Path(t.path).is_file() and Path(t.path).is_relative_to(JOB.parents[1] / "data"), t.path
 
 
 def test_unknown_field_names_dotted_path_and_file(tmp_path):

@@ -1,17 +1,23 @@
 """Command line: argument parsing only. Maps onto `config.JobConfig` and calls the orchestrator.
 
     raycompress run CONFIG.yaml --output DIR          all stages
+    raycompress run CONFIG.yaml --output DIR --dry-run   print the plan; refuse if the cluster is too small
     raycompress select|compress|evaluate CONFIG.yaml --output DIR   one stage
+    raycompress submit CONFIG.yaml --output URI [--address http://HEAD:8265] [--wait]   as a Ray job
+    raycompress status|logs [--follow]|stop JOB_ID [--address ...]   watch or stop a submitted job
     raycompress report DIR                            (re)write DIR's report.json / .md / .html
     raycompress report DIR DIR ... [--output F.html|F.md]   compare runs: one column per run
     raycompress fetch-model ALIAS_DIR_OR_URI         convert/cache a model on this node, print its folder
 
-DIR may be a local folder or a URI (s3://bucket/run, gs://..., hdfs://..., file://...).
+DIR may be a local folder or a URI (s3://bucket/run, gs://..., hdfs://..., file://...). Under a
+Ray job (`submit`, or `ray job submit -- python -m raycompress run ...`) it must be a URI or an
+absolute path: a relative one would land in Ray's temporary copy of the working directory.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("run", "select", "compress", "evaluate"):
         s = sub.add_parser(name, help=f"{name} stage" if name != "run" else "all stages")
         s.add_argument("config", type=Path, help="job YAML file")
-        s.add_argument("--output", "-o", type=_location, required=True, help="job output folder: a path or URI")
+        s.add_argument("--output", "-o", required=True, help="job output folder: a path or URI")
+        s.add_argument("--dry-run", action="store_true", help="print the plan and the resources it asks for; "
+                       "exit 2 if the cluster cannot give them")
+    j = sub.add_parser("submit", help="submit a job file to a Ray cluster's Job Submission server")
+    j.add_argument("config", type=Path, help="job YAML file")
+    j.add_argument("--output", "-o", required=True, help="job output: a URI or an absolute path on a shared volume")
+    j.add_argument("--wait", action="store_true", help="follow the log until the job ends; exit 1 unless it SUCCEEDED")
+    for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's log"),
+                       ("stop", "stop a submitted job (a resubmission resumes it)")):
+        x = sub.add_parser(name, help=text)
+        x.add_argument("job_id")
+        if name == "logs":
+            x.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    for x in (j, *(sub.choices[n] for n in ("status", "logs", "stop"))):
+        x.add_argument("--address", help="the cluster's dashboard address, e.g. http://127.0.0.1:8265 "
+                       "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
     r = sub.add_parser("report", help="report one run folder, or compare several side by side")
     r.add_argument("dirs", type=_location, nargs="+", metavar="DIR", help="run folder(s) written by `raycompress run`")
     r.add_argument("--output", "-o", type=_location, help="also write the report / comparison to this .html or .md file")
@@ -37,6 +58,20 @@ def _location(arg: str) -> str:
     return arg if "://" in arg else str(Path(arg).expanduser().absolute())
 
 
+def _output(arg: str) -> str:
+    """`--output` of run/select/compress/evaluate as a location.
+
+    Raises:
+        ValueError: a relative path inside a Ray job (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR for the
+            entrypoint), where the working directory is Ray's temporary copy.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and "://" not in arg and not os.path.isabs(os.path.expanduser(arg)):
+        raise ValueError(f"--output '{arg}' is relative, and this runs inside a Ray job whose working directory "
+                         "is Ray's temporary copy, deleted when the job ends: give a URI (s3://bucket/runs/x) or "
+                         "an absolute path on a volume every node mounts")
+    return _location(arg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -48,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args.dirs, args.output)
+    if args.command in ("submit", "status", "logs", "stop"):
+        return _jobs(args)
     from raycompress.config import ConfigError, load_config
     from raycompress.distributed.orchestrator import ORDER, Stage, run_job
 
     try:
         job = load_config(args.config)
-    except ConfigError as exc:
+        output = _output(args.output)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stages = ORDER if args.command == "run" else [Stage(args.command)]
@@ -62,11 +100,54 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {args.config}: model: {exc}", file=sys.stderr)
         return 2
-    run_job(job, args.output, stages, model)
+    if args.dry_run:
+        return _dry_run(job, model)
+    run_job(job, output, stages, model)
     if Stage.REPORT in stages:
         from raycompress.storage import uri
 
-        print(uri.read_text(uri.join(args.output, "report.md")))
+        print(uri.read_text(uri.join(output, "report.md")))
+    return 0
+
+
+def _dry_run(job, model) -> int:
+    import ray
+
+    from raycompress.distributed.plan import build_plan, check_fits, format_plan
+    from raycompress.distributed.resources import init_ray
+
+    init_ray(job.ray)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    plan = build_plan(job, model, sum(n.get("GPU", 0.0) for n in nodes))
+    problems = check_fits(plan, nodes)
+    print(format_plan(plan, problems))
+    return 2 if problems else 0
+
+
+def _jobs(args) -> int:
+    """submit / status / logs / stop through Ray's Job Submission SDK (`raycompress.submit`)."""
+    import json
+
+    from raycompress import submit as jobs
+    from raycompress.config import ConfigError
+
+    if args.command == "status":
+        print(json.dumps(jobs.status(args.job_id, args.address), indent=2))
+    elif args.command == "logs":
+        jobs.logs(args.job_id, args.address, args.follow)
+    elif args.command == "stop":
+        print(f"{args.job_id}: {'stop requested' if jobs.stop(args.job_id, args.address) else 'not running'}")
+    else:
+        try:
+            job_id = jobs.submit(args.config, args.output, args.address)
+        except (ConfigError, jobs.SubmitError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(job_id, flush=True)
+        if args.wait:
+            final = jobs.wait(job_id, args.address)
+            print(f"{job_id}: {final}")
+            return 0 if final == "SUCCEEDED" else 1
     return 0
 
 

@@ -191,7 +191,8 @@ class TaskConfig(_Strict):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.:-]+$")
     kind: Literal["perplexity", "multiple_choice"]
-    path: str = Field(..., description="the data file, relative to the repository / job base_dir")
+    path: str = Field(..., description="the data file: a URI, or a path relative to the folder of the file "
+                      "that names it (the task file, or the job file for an inline task)")
     format: str = Field("jsonl", description="reader: jsonl, text (whole file), wikitext (articles of a raw dump)")
     domain: str = Field("general", description="domain tag (general, biomed, ...): results are averaged per tag")
     group: str | None = Field(None, description="tasks sharing a group are averaged (size-weighted) together")
@@ -256,7 +257,9 @@ class EvaluateConfig(_Strict):
     tasks: list[TaskEntry] = Field(
         default_factory=list, description="a task or group name (looked up in task_dirs), a path to a task YAML, "
         "{name: ..., limit: ...} overriding a task file's fields, or a whole inline task")
-    task_dirs: list[str] = Field(["jobs/tasks"], description="folders searched (recursively) for task YAML files")
+    task_dirs: list[str] = Field(default_factory=list, description="folders (relative to the job file, or URIs) "
+                                 "searched recursively for task YAML files, before the shipped tasks "
+                                 "(the project's jobs/tasks), which are always searched last")
     batch_tokens: int = Field(1024, gt=0, description="tokens per forward batch (about 1k is fastest on a CPU "
                               "core; raise it on GPUs)")
     unit_tokens: int = Field(2048, gt=0, description="tokens per work unit sent to an actor (units are "
@@ -305,7 +308,8 @@ class JobConfig(_Strict):
     evaluate: EvaluateConfig
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
-    base_dir: str = Field(".", description="relative data paths resolve against this (set by the loader)")
+    base_dir: str = Field(".", description="relative paths in the job file resolve against this: the job "
+                          "file's folder (set by the loader)")
 
     @model_validator(mode="after")
     def _check_compress_sources(self) -> "JobConfig":
@@ -327,14 +331,6 @@ class JobConfig(_Strict):
         return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
 
 
-def _find_base_dir(config_path: Path) -> Path:
-    """The repository root above `config_path` (first parent with pyproject.toml), else its folder."""
-    for parent in config_path.resolve().parents:
-        if (parent / "pyproject.toml").exists():
-            return parent
-    return config_path.resolve().parent
-
-
 def load_config(path: str | Path) -> JobConfig:
     """Read and validate a job YAML file.
 
@@ -351,7 +347,7 @@ def load_config(path: str | Path) -> JobConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw.setdefault("base_dir", str(_find_base_dir(path)))
+    raw.setdefault("base_dir", str(path.resolve().parent))  # paths in a file are relative to that file
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:

@@ -26,7 +26,7 @@ from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.evaluation.local import finalize_all, prepare_all
 from raycompress.evaluation.scoring import Request, model_input
 from raycompress.evaluation.taskfiles import resolve_tasks
-from raycompress.models.fetch import ALIASES, ModelRef
+from raycompress.models.fetch import ALIASES, RANDOM_PREFIX, ModelRef, resolve_model
 from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,8 @@ def _as_ref(job: JobConfig, model: ModelRef | str | os.PathLike) -> ModelRef:
     if isinstance(model, ModelRef):
         return model
     spec = str(model)
+    if spec.startswith(RANDOM_PREFIX):
+        return resolve_model(spec, job.base_dir, job.storage.cache_dir)
     return ModelRef(spec if spec in ALIASES else job.resolve(spec), job.storage.cache_dir)
 
 

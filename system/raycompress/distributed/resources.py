@@ -1,6 +1,7 @@
 """Where actors run: Ray start-up and per-actor resource options from `RayConfig`."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -16,9 +17,12 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    # a submitted job's own runtime env (Ray merges it with ours) may set these already: a key in
+    # both is a conflict Ray refuses, so only the missing ones are added
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-                                      "TOKENIZERS_PARALLELISM") if k in os.environ}
-    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+                                      "TOKENIZERS_PARALLELISM") if k in os.environ and k not in job_env.get("env_vars", {})}
+    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True} if env else {"log_to_driver": True}
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set by Ray for a submitted job
     if address:
         if cfg.num_cpus is not None:

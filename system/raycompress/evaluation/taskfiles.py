@@ -8,7 +8,9 @@ overriding a task file's fields, or a whole inline task.
 
 Task folders and files are locations (local paths or URIs, see `storage.uri`): a task folder in
 object storage is listed with `uri.glob`, and an `include` resolves against the including file's
-folder. Messages name locations without their URI query (`uri.display`), which may hold keys.
+folder, as do its data paths (`path`, `fewshot_path`). The shipped tasks (the project's
+`jobs/tasks`, see `builtin_task_dir`) are searched after the job's `task_dirs`. Messages name
+locations without their URI query (`uri.display`), which may hold keys.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict:
         raise TaskError(f"{where}: cannot read task file: {exc}") from exc
     if not isinstance(raw, dict):
         raise TaskError(f"{where}: expected a mapping of task fields, got {type(raw).__name__}")
+    for key in ("path", "fewshot_path"):  # a file's paths are relative to that file's folder
+        if isinstance(raw.get(key), str):
+            raw[key] = sibling(location, raw[key])
     inc = raw.pop("include", None)
     if inc is None:
         return raw
@@ -149,6 +154,20 @@ def _by_name(name: str, index: dict, where: str) -> list[TaskConfig]:
     return sorted(group, key=lambda t: t.name)
 
 
+def builtin_task_dir() -> str | None:
+    """The shipped task folder: $RAYCOMPRESS_HOME/jobs/tasks (set in the image), else the
+    project's jobs/tasks beside the package (a source checkout or editable install), else
+    ./jobs/tasks (a Ray job's working directory holding the project); None if none exists."""
+    from pathlib import Path
+
+    roots = [os.environ.get("RAYCOMPRESS_HOME"), Path(__file__).resolve().parents[3], Path.cwd()]
+    for root in filter(None, roots):
+        d = Path(root) / "jobs" / "tasks"
+        if d.is_dir():
+            return str(d)
+    return None
+
+
 def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
     """The job's `evaluate.tasks` as a flat list of validated tasks (groups expanded, overrides
     applied to each member), in the order written.
@@ -157,6 +176,10 @@ def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
         TaskError: naming the job field (evaluate.tasks[i]) or the task file and field.
     """
     index = index_task_files([job.resolve(d) for d in job.evaluate.task_dirs])
+    builtin = builtin_task_dir()
+    if builtin and builtin not in {job.resolve(d) for d in job.evaluate.task_dirs}:
+        for name, entry in index_task_files([builtin]).items():
+            index.setdefault(name, entry)  # the job's own folders win over a shipped task of that name
     out: list[TaskConfig] = []
     for i, entry in enumerate(job.evaluate.tasks):
         where = f"evaluate.tasks[{i}]"

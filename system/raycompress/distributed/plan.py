@@ -1,0 +1,115 @@
+"""`raycompress run --dry-run`: a job's plan without running it, checked against the cluster.
+
+The plan: the stages in order, the model's sizes (parameters, decoder layers, bytes on storage),
+the calibration set's size, the analytic memory floor of each compression actor and the bytes it
+moves per decoder layer (`engine.budget.layer_floors`, from the model's config and the checkpoint
+header alone), and the resources each stage asks Ray for. `check_fits` compares those requests
+with what the cluster offers (total and per node) and names every request it cannot give.
+"""
+from __future__ import annotations
+
+from raycompress.config import JobConfig
+from raycompress.models.fetch import ModelRef
+
+GIB = 2**30
+
+
+def _split(n: int, k: int) -> list[int]:
+    """`n` calibration rows over `k` actors, as the compress stage shards them."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float) -> dict:
+    """The plan as a dict (see module docstring). `cluster_gpus`: GPUs the cluster has, which
+    decides `gpus_per_actor: auto`.
+
+    Raises:
+        FileNotFoundError, ValueError: the model cannot be read or its architecture is not in the
+            table; evaluate.tasks names a task that does not exist (TaskError).
+    """
+    from raycompress.engine.budget import layer_floors
+    from raycompress.engine.pipeline import Plan
+    from raycompress.evaluation.taskfiles import resolve_tasks
+    from raycompress.models.weights import OffloadedModel
+    from raycompress.storage import uri
+
+    om = OffloadedModel(model)
+    r, c, s = job.ray, job.compress, job.select
+    rows = _split(s.n_samples, r.compress_actors)
+    plan = Plan(om, c, r.compress_actors)
+    n_subsets = len(s.sources) if plan.split else 1
+    floors = layer_floors(om, c, plan, rows, s.seq_len, c.micro_batch, n_subsets)
+    root = om.model_dir if model.is_alias else model.location
+    files = sorted(set(om.weight_map.values()))
+    gpus = (1.0 if cluster_gpus >= 1 else 0.0) if r.gpus_per_actor == "auto" else float(r.gpus_per_actor)
+    tasks = [t.name for t in resolve_tasks(job)]
+    models = ["dense", "compressed"] if job.evaluate.include_dense else ["compressed"]
+    return {
+        "job": job.name,
+        "model": {"location": uri.display(model.location), "architecture": om.config.architectures[0],
+                  "parameters": sum(p.numel() for p in om.skeleton.parameters()), "decoder_layers": om.num_layers,
+                  "dtype": str(om.dtype).removeprefix("torch."),
+                  "bytes_on_storage": sum(uri.info(uri.join(str(root), f)).size for f in files)},
+        "stages": [
+            {"stage": "select", "method": s.method, "sources": sorted(s.sources), "calibration_rows": s.n_samples,
+             "seq_len": s.seq_len, "actors": r.select_actors, "cpus_per_actor": r.cpus_per_actor,
+             "gpus_per_actor": 0.0},
+            {"stage": "compress", "algorithm": c.algorithm, "sparsity": c.sparsity, "targets_per_layer": len(plan.targets),
+             "actors": r.compress_actors, "rows_per_actor": rows, "cpus_per_actor": r.cpus_per_actor,
+             "gpus_per_actor": gpus,
+             "memory_floor_gib_per_actor": [round(m / GIB, 3) for m in floors["memory_bytes_per_worker"]],
+             "bytes_moved_per_layer": floors["bytes_moved_per_layer"]},
+            {"stage": "evaluate", "tasks": tasks, "models": models, "actors": r.eval_actors,
+             "cpus_per_actor": r.cpus_per_actor, "gpus_per_actor": gpus},
+            {"stage": "report"},
+        ],
+    }
+
+
+def check_fits(plan: dict, nodes: list[dict]) -> list[str]:
+    """Every request of `plan` the cluster cannot give; empty when it fits.
+
+    `nodes`: the alive nodes' resources (`ray.nodes()[i]["Resources"]`: CPU, GPU, memory in bytes).
+    Stages run one after another, so each stage's actors must fit together, each on some node;
+    a CPU compression actor's memory floor must fit one node's memory.
+    """
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    problems = []
+    for st in plan["stages"]:
+        if "actors" not in st:
+            continue
+        name, k, cpu, gpu = st["stage"], st["actors"], st["cpus_per_actor"], st["gpus_per_actor"]
+        if k * cpu > total["CPU"]:
+            problems.append(f"{name}: {k} actors x {cpu} CPU = {k * cpu:g} CPU, the cluster has {total['CPU']:g} "
+                            "(lower ray.{0}_actors or ray.cpus_per_actor)".format(name))
+        if k * gpu > total["GPU"]:
+            problems.append(f"{name}: {k} actors x {gpu:g} GPU = {k * gpu:g} GPU, the cluster has {total['GPU']:g}")
+        if not any(n.get("CPU", 0.0) >= cpu and n.get("GPU", 0.0) >= gpu for n in nodes):
+            problems.append(f"{name}: no node offers {cpu:g} CPU and {gpu:g} GPU for one actor")
+        floors = st.get("memory_floor_gib_per_actor")
+        if floors and gpu == 0:
+            biggest = max((n.get("memory", 0.0) for n in nodes), default=0.0) / GIB
+            if max(floors) > biggest:
+                problems.append(f"{name}: an actor needs at least {max(floors):.2f} GiB, the largest node offers "
+                                f"{biggest:.2f} GiB (add compress actors or nodes, or use GPUs)")
+    return problems
+
+
+def _count(n: float, base: int = 1000) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if n < base:
+            return f"{n:.3g} {unit}" if unit else f"{n:g} "
+        n /= base
+    return f"{n:.3g} P"
+
+
+def format_plan(plan: dict, problems: list[str]) -> str:
+    """The plan as lines a person reads."""
+    m = plan["model"]
+    lines = [f"job {plan['job']}: model {m['location']} ({m['architecture']}, {_count(m['parameters'])} parameters, "
+             f"{m['decoder_layers']} decoder layers, {m['dtype']}, {_count(m['bytes_on_storage'], 1024)}B on storage)"]
+    for st in plan["stages"]:
+        facts = ", ".join(f"{k}={v}" for k, v in st.items() if k != "stage")
+        lines.append(f"  {st['stage']}: {facts or 'writes report.md / .html / .json'}")
+    lines += [f"  cannot run: {p}" for p in problems] or ["  the cluster can give every stage what it asks"]
+    return "\n".join(lines)
