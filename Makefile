@@ -38,3 +38,10 @@ peer-env:
 
 clean:
 	rm -rf runs/demo
+
+# The one container image name: every config in cluster/ names exactly this (tests/cluster checks it).
+IMAGE ?= ghcr.io/raycompress/raycompress:0.1.0-ray2.60.0-py311-cu128
+
+.PHONY: image
+image:
+	docker build -f infra/Dockerfile -t $(IMAGE) .

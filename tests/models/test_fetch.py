@@ -54,3 +54,34 @@ def test_resolve_model_checks_before_work(tmp_path, tiny_llama_dir, s3_server):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model(s3_server("models/absent"))
     assert resolve_model("smollm2-135m-instruct").is_alias
+
+
+def test_random_model_is_built_the_same_on_every_node(tmp_path):
+    """random:<folder>: the driver carries config + tokenizer in the ModelRef; two nodes (two
+    caches) build byte-identical bf16 checkpoints that load with transformers."""
+    import pickle
+
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(__file__).resolve().parents[2] / "jobs" / "models" / "smoke-llama"
+    ref = resolve_model("random:smoke-llama", folder.parent, str(tmp_path / "node-a"))
+    assert ref.is_alias and {n for n, _ in ref.files} >= {"config.json", "tokenizer.json"}
+    other = pickle.loads(pickle.dumps(ref)).__class__(ref.location, str(tmp_path / "node-b"), ref.files)
+    a, b = ref.local(), other.local()
+    assert a != b and (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert ref.fingerprint() == other.fingerprint()
+    assert OffloadedModel(ref).dtype == torch.bfloat16 and OffloadedModel(ref).num_layers == 4
+    m = AutoModelForCausalLM.from_pretrained(a, trust_remote_code=False)
+    assert m.config.num_hidden_layers == 4
+
+
+def test_random_model_refuses_bad_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_model("random:nothing", tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text("{}")
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds weights"):
+        resolve_model("random:w", tmp_path)

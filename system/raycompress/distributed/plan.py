@@ -80,8 +80,9 @@ def check_fits(plan: dict, nodes: list[dict]) -> list[str]:
             continue
         name, k, cpu, gpu = st["stage"], st["actors"], st["cpus_per_actor"], st["gpus_per_actor"]
         if k * cpu > total["CPU"]:
+            field = {"select": "select_actors", "compress": "compress_actors", "evaluate": "eval_actors"}[name]
             problems.append(f"{name}: {k} actors x {cpu} CPU = {k * cpu:g} CPU, the cluster has {total['CPU']:g} "
-                            "(lower ray.{0}_actors or ray.cpus_per_actor)".format(name))
+                            f"(lower ray.{field} or ray.cpus_per_actor)")
         if k * gpu > total["GPU"]:
             problems.append(f"{name}: {k} actors x {gpu:g} GPU = {k * gpu:g} GPU, the cluster has {total['GPU']:g}")
         if not any(n.get("CPU", 0.0) >= cpu and n.get("GPU", 0.0) >= gpu for n in nodes):

@@ -1,0 +1,117 @@
+"""distributed.plan: the dry-run plan of a 70B-class job from a header-only checkpoint (the real
+shapes; sparse files, no weights written), the fit check against a cluster's nodes, and
+`raycompress run --dry-run` on the smoke job."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycompress.config import JobConfig
+from raycompress.distributed.plan import GIB, build_plan, check_fits, format_plan
+from raycompress.models.fetch import ModelRef
+
+REPO = Path(__file__).resolve().parents[2]
+H, FFN, HEADS, KV, LAYERS, VOCAB = 8192, 28672, 64, 8, 80, 128256  # Llama-3-70B
+
+
+def _header_only(path: Path, tensors: dict[str, list[int]]) -> None:
+    """A safetensors file whose header describes bf16 `tensors` and whose data is a hole."""
+    header, off = {}, 0
+    for name, shape in tensors.items():
+        n = 2 * int(torch_prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + off)
+    if os.stat(path).st_blocks * 512 > 2**20:
+        pytest.skip("this filesystem has no sparse files")
+
+
+def torch_prod(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@pytest.fixture(scope="module")
+def llama70b(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("llama70b")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": FFN,
+           "num_attention_heads": HEADS, "num_key_value_heads": KV, "num_hidden_layers": LAYERS, "vocab_size": VOCAB,
+           "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    kv, weight_map = KV * H // HEADS, {}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        t = {p + "self_attn.q_proj.weight": [H, H], p + "self_attn.k_proj.weight": [kv, H],
+             p + "self_attn.v_proj.weight": [kv, H], p + "self_attn.o_proj.weight": [H, H],
+             p + "mlp.gate_proj.weight": [FFN, H], p + "mlp.up_proj.weight": [FFN, H],
+             p + "mlp.down_proj.weight": [H, FFN], p + "input_layernorm.weight": [H],
+             p + "post_attention_layernorm.weight": [H]}
+        _header_only(d / f"layer-{i:02d}.safetensors", t)
+        weight_map.update({k: f"layer-{i:02d}.safetensors" for k in t})
+    rest = {"model.embed_tokens.weight": [VOCAB, H], "model.norm.weight": [H], "lm_head.weight": [VOCAB, H]}
+    _header_only(d / "rest.safetensors", rest)
+    weight_map.update({k: "rest.safetensors" for k in rest})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def _job(model: Path, **ray) -> JobConfig:
+    return JobConfig.model_validate({
+        "model": str(model), "base_dir": str(REPO / "jobs"),
+        "select": {"sources": {"bio": {"path": "x.jsonl"}}, "n_samples": 128, "seq_len": 2048},
+        "compress": {"algorithm": "sparsegpt", "sparsity": 0.5}, "evaluate": {"tasks": ["piqa"]},
+        "ray": {"compress_actors": 8, "eval_actors": 8, "cpus_per_actor": 8, **ray}})
+
+
+def test_plan_of_a_70b_job_fits_two_8_gpu_nodes(llama70b):
+    plan = build_plan(_job(llama70b), ModelRef(str(llama70b)), cluster_gpus=16)
+    m = plan["model"]
+    assert m["decoder_layers"] == 80 and m["dtype"] == "bfloat16"
+    assert abs(m["parameters"] - 70.55e9) < 0.01e9
+    assert m["bytes_on_storage"] == sum(p.stat().st_size for p in llama70b.glob("*.safetensors"))
+    comp = plan["stages"][1]
+    assert comp["gpus_per_actor"] == 1.0 and comp["rows_per_actor"] == [16] * 8
+    layer_bytes = (2 * H * H + 2 * KV * H // HEADS * H + 3 * FFN * H) * 2
+    floor = comp["memory_floor_gib_per_actor"]
+    # the floor holds at least the layer's bf16 weights and the FFN down projection's fp32 Hessian,
+    # and fits an 80 GB H100
+    assert all(layer_bytes / GIB + FFN**2 * 4 / GIB <= f < 80e9 / GIB for f in floor), floor
+    node = {"CPU": 192.0, "GPU": 8.0, "memory": 2e12}
+    assert check_fits(plan, [node, node]) == []
+    text = format_plan(plan, [])
+    assert "80 decoder layers" in text and "the cluster can give every stage" in text
+
+
+def test_fit_check_names_what_the_cluster_lacks(llama70b):
+    plan = build_plan(_job(llama70b, gpus_per_actor=0, compress_actors=2, cpus_per_actor=1, eval_actors=3),
+                      ModelRef(str(llama70b)), cluster_gpus=0)
+    problems = check_fits(plan, [{"CPU": 2.0, "memory": 4 * GIB}])
+    assert any(p.startswith("compress: an actor needs at least") and "4.00 GiB" in p for p in problems), problems
+    assert any(p.startswith("evaluate: 3 actors x 1.0 CPU = 3 CPU, the cluster has 2") for p in problems), problems
+    assert "cannot run: compress" in format_plan(plan, problems)
+
+
+def test_cli_dry_run_on_the_smoke_job(ray_local, tmp_path, capsys, monkeypatch):
+    from raycompress.cli import main
+
+    monkeypatch.setenv("RAYCOMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["run", str(REPO / "jobs" / "smoke.yaml"), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 decoder layers" in out and "compress: algorithm=sparsegpt" in out
+    assert not (tmp_path / "o").exists()  # nothing ran
+    raw = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())
+    raw["ray"]["eval_actors"] = 5
+    (REPO_JOB := tmp_path / "big.yaml").write_text(yaml.safe_dump(raw).replace("../data", str(REPO / "data"))
+                                                   .replace("random:models", f"random:{REPO}/jobs/models"))
+    assert main(["run", str(REPO_JOB), "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "cannot run: evaluate: 5 actors" in capsys.readouterr().out
