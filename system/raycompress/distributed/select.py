@@ -69,7 +69,9 @@ def _survey(docs, dedup: bool) -> tuple[dict, set, int]:
     small = docs.select_columns(["path", "row", "reason", "hash"]).materialize()
     skipped: dict[str, dict[str, int]] = {}
     usable = 0
-    for r in small.groupby(["path", "reason"]).count().take_all():
+    # as many hash partitions as blocks (Ray's default is 200, whose tasks dominate a small job)
+    parts = max(1, small.num_blocks())
+    for r in small.groupby(["path", "reason"], num_partitions=parts).count().take_all():
         if r["reason"]:
             skipped.setdefault(r["path"], {})[r["reason"]] = int(r["count()"])
         else:
@@ -77,21 +79,22 @@ def _survey(docs, dedup: bool) -> tuple[dict, set, int]:
     drop: set = set()
     if dedup and usable:
         good = small.filter(lambda r: r["reason"] == "")
-        for r in good.groupby("hash").map_groups(_first_of_group, batch_format="numpy").take_all():
+        for r in good.groupby("hash", num_partitions=parts).map_groups(_first_of_group, batch_format="numpy").take_all():
             drop.add((str(r["path"]), int(r["row"])))
         for path, _ in drop:
             skipped.setdefault(path, {})["duplicate"] = skipped.get(path, {}).get("duplicate", 0) + 1
     return skipped, drop, usable - len(drop)
 
 
-def _word_freq(docs) -> dict[str, int]:
+def _word_freq(docs, parts: int) -> dict[str, int]:
     from raycompress.selection.zipf import word_counts
 
     def count(batch):
         c = word_counts([t for t, r in zip(batch["text"], batch["reason"]) if r == ""])
         return {"word": list(c), "n": list(c.values())}
 
-    agg = docs.map_batches(count, batch_format="numpy", batch_size=None).groupby("word").sum("n")
+    counts = docs.map_batches(count, batch_format="numpy", batch_size=None)
+    agg = counts.groupby("word", num_partitions=max(1, parts)).sum("n")  # one per file, not Ray's 200
     return {r["word"]: int(r["sum(n)"]) for r in agg.iter_rows()}
 
 
@@ -161,7 +164,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
             raise SelectionError(f"select.sources.{name}: no usable documents in {sorted(files.values())} "
                                  f"(skipped: {skipped[name]})")
         ctx = SelectContext(seed=sel.seed + i, candidate_pool=sel.candidate_pool,
-                            word_freq=_word_freq(docs) if "word_freq" in method.needs else None)
+                            word_freq=_word_freq(docs, len(files)) if "word_freq" in method.needs else None)
         winners = _round1(job, docs, drop, model, want[name], ctx)
         if len(winners) < want[name]:
             raise SelectionError(f"select.sources.{name}: {len(winners)} candidate windows of {sel.seq_len} tokens "
