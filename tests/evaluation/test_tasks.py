@@ -108,6 +108,23 @@ def test_shipped_prompts_match_lm_eval(tmp_path):
     assert [CharTok().decode(c) for _, c in mmlu.requests[:4]] == [" A", " B", " C", " D"]
 
 
+@pytest.mark.parametrize("field", ["prompt", "choices"])
+def test_templates_cannot_run_code_or_read_files(tmp_path, field):
+    """Task files are data: Jinja renders in a sandbox, so an attribute walk to Python internals
+    (the classic `cycler.__init__.__globals__.os` escape) is refused, naming the item and field."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"q": "x", "a": "1", "b": "2", "y": "0"}) + "\n")
+    marker = tmp_path / "pwned"
+    hostile = "{{ cycler.__init__.__globals__.os.system('touch %s') }}" % marker
+    reader = "{{ cycler.__init__.__globals__.__builtins__.open('/etc/hostname').read() }}"
+    job = _job(tmp_path, [])
+    for template in (hostile, reader):
+        value = template if field == "prompt" else [template, "{{b}}"]
+        with pytest.raises(TaskError, match=rf"d.jsonl item 0: field '{field}'.*unsafe|d.jsonl item 0: field '{field}'.*undefined"):
+            prepare_task(load_task_file(_task(tmp_path, path=str(tmp_path / "d.jsonl"), **{field: value})),
+                         CharTok(), 64, job.resolve)
+    assert not marker.exists()
+
+
 def test_bad_target_and_missing_field_name_the_item(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"q": "x", "a": "1", "b": "2", "y": "7"}) + "\n")
     job = _job(tmp_path, [])

@@ -96,11 +96,11 @@ def check_fits(plan: dict, nodes: list[dict]) -> list[str]:
     return problems
 
 
-def _count(n: float, base: int = 1000) -> str:
+def _count(n: float) -> str:
     for unit in ("", "K", "M", "G", "T"):
-        if n < base:
+        if n < 1000:
             return f"{n:.3g} {unit}" if unit else f"{n:g} "
-        n /= base
+        n /= 1000
     return f"{n:.3g} P"
 
 
@@ -108,7 +108,7 @@ def format_plan(plan: dict, problems: list[str]) -> str:
     """The plan as lines a person reads."""
     m = plan["model"]
     lines = [f"job {plan['job']}: model {m['location']} ({m['architecture']}, {_count(m['parameters'])} parameters, "
-             f"{m['decoder_layers']} decoder layers, {m['dtype']}, {_count(m['bytes_on_storage'], 1024)}B on storage)"]
+             f"{m['decoder_layers']} decoder layers, {m['dtype']}, {m['bytes_on_storage'] / GIB:.1f} GiB on storage)"]
     for st in plan["stages"]:
         facts = ", ".join(f"{k}={v}" for k, v in st.items() if k != "stage")
         lines.append(f"  {st['stage']}: {facts or 'writes report.md / .html / .json'}")

@@ -42,8 +42,11 @@ class PreparedTask:
 @lru_cache(maxsize=512)
 def _template(source: str):
     import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    # a task file is data from anyone: the sandbox refuses attribute walks to Python internals
+    # (`cycler.__init__.__globals__...`) and mutation, so a template can only format the item
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(source)
 
 
