@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--output", "-o", required=True, help="job output folder: a path or URI")
         s.add_argument("--dry-run", action="store_true", help="print the plan and the resources it asks for; "
                        "exit 2 if the cluster cannot give them")
+        s.add_argument("--force-stage", action="append", default=[], choices=["select", "compress", "evaluate"],
+                       help="redo this stage (and the ones after it) even though the folder holds it from another job")
     j = sub.add_parser("submit", help="submit a job file to a Ray cluster's Job Submission server")
     j.add_argument("config", type=Path, help="job YAML file")
     j.add_argument("--output", "-o", required=True, help="job output: a URI or an absolute path on a shared volume")
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-model", help="resolve (and convert once) a model; print its folder")
     f.add_argument("model")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -73,8 +76,29 @@ def _output(arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; an error is one message and exit 2 (bad input: the job, a file, the
+    folder) or 1 (a failure while running), with the traceback only under --debug."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from raycompress.distributed.guard import OutputBusy, StageMismatch
+    from raycompress.distributed.plan import PreflightError
+
+    try:
+        return _main(args)
+    except (PreflightError, StageMismatch, OutputBusy, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {getattr(args, 'config', '')}: {exc}" if getattr(args, "config", None) else f"error: {exc}",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns any failure into a message
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
     from raycompress.models.fetch import resolve_model, set_offline
 
     set_offline()
@@ -97,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = ORDER if args.command == "run" else [Stage(args.command)]
     try:
         model = resolve_model(job.model, job.base_dir, job.storage.cache_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {args.config}: model: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         return _dry_run(job, model)
-    run_job(job, output, stages, model)
+    run_job(job, output, stages, model, tuple(args.force_stage))
     if Stage.REPORT in stages:
         from raycompress.storage import uri
 
@@ -113,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dry_run(job, model) -> int:
     import ray
 
-    from raycompress.distributed.plan import build_plan, check_fits, format_plan
+    from raycompress.distributed.plan import build_plan, check_fits, format_plan, preflight
     from raycompress.distributed.resources import init_ray
 
+    preflight(job, model)  # what the job names, before Ray starts
     init_ray(job.ray)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     plan = build_plan(job, model, sum(n.get("GPU", 0.0) for n in nodes))

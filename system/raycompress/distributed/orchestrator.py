@@ -81,27 +81,58 @@ def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef) -> di
     return {"files": write_report(job, out_dir)}
 
 
-def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: ModelRef | str | Path) -> JobState:
-    """Run `stages` in order, skipping those `state.json` already records as finished.
+def _forced(names: list[str] | tuple[str, ...]) -> set[str]:
+    """The stages `--force-stage` redoes: each named one and every one after it."""
+    order = [s.value for s in ORDER]
+    first = min((order.index(n) for n in names), default=len(order))
+    return set(order[first:])
+
+
+def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: ModelRef | str | Path,
+            force_stages: tuple[str, ...] = ()) -> JobState:
+    """Run `stages` in order, skipping those `state.json` already records as finished by this job.
 
     `out_dir` is a local path or URI; `model` is the job's model as `models.fetch.resolve_model`
-    checked it."""
-    from raycompress.distributed.monitor import StageMonitor
+    checked it. Before Ray starts: `plan.preflight` checks what the job names; the output folder is
+    locked (`guard.OutputLock`); a finished stage made by a different job (config or model
+    contents) is refused unless `force_stages` names it or an earlier stage.
+
+    Raises:
+        plan.PreflightError, guard.OutputBusy, guard.StageMismatch: before any work.
+    """
+    from raycompress.distributed.guard import OutputLock, check_stages, stage_inputs
+    from raycompress.distributed.plan import preflight
     from raycompress.distributed.resources import init_ray
 
     out_dir = str(out_dir)
     model = model if isinstance(model, ModelRef) else ModelRef(str(model), job.storage.cache_dir)
-    # the validated config, so that `raycompress report DIR` needs nothing but the folder
-    uri.write_text(uri.join(out_dir, "job.json"), json.dumps(job.model_dump(mode="json"), indent=2))
-    state = JobState(out_dir)
-    init_ray(job.ray)
-    for stage in stages:
-        if state.done(stage) and stage is not Stage.REPORT:
-            log.info("stage %s already finished in %s; skipping", stage.value, uri.display(out_dir))
-            continue
-        log.info("stage %s: start", stage.value)
-        with StageMonitor() as mon:
-            summary = run_stage(stage, job, out_dir, model)
-        state.finish(stage, {"wall_s": round(mon.seconds, 2), "peak_rss_mb": round(mon.peak_rss_mb, 1), **summary})
-        log.info("stage %s: %.1f s, peak %.0f MiB", stage.value, mon.seconds, mon.peak_rss_mb)
+    preflight(job, model)
+    inputs = stage_inputs(job, model.fingerprint())
+    with OutputLock(out_dir):
+        state = JobState(out_dir)
+        forced = _forced(force_stages)
+        check_stages(state.stages, inputs, out_dir, forced)
+        for name in forced & set(state.stages):
+            del state.stages[name]
+        if Stage.COMPRESS.value in forced:
+            uri.delete(uri.join(out_dir, "compress", "progress.json"))
+        # the validated config, so that `raycompress report DIR` needs nothing but the folder
+        uri.write_text(uri.join(out_dir, "job.json"), json.dumps(job.model_dump(mode="json"), indent=2))
+        init_ray(job.ray)
+        for stage in stages:
+            _run_one(stage, job, out_dir, model, state, inputs.get(stage.value))
     return state
+
+
+def _run_one(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef, state: JobState, inputs: dict | None) -> None:
+    from raycompress.distributed.monitor import StageMonitor
+
+    if state.done(stage) and stage is not Stage.REPORT:
+        log.info("stage %s already finished in %s; skipping", stage.value, uri.display(out_dir))
+        return
+    log.info("stage %s: start", stage.value)
+    with StageMonitor() as mon:
+        summary = run_stage(stage, job, out_dir, model)
+    record = {"wall_s": round(mon.seconds, 2), "peak_rss_mb": round(mon.peak_rss_mb, 1), **summary}
+    state.finish(stage, {**record, **({"inputs": inputs} if inputs else {})})
+    log.info("stage %s: %.1f s, peak %.0f MiB", stage.value, mon.seconds, mon.peak_rss_mb)

@@ -5,6 +5,11 @@ the calibration set's size, the analytic memory floor of each compression actor 
 moves per decoder layer (`engine.budget.layer_floors`, from the model's config and the checkpoint
 header alone), and the resources each stage asks Ray for. `check_fits` compares those requests
 with what the cluster offers (total and per node) and names every request it cannot give.
+
+`preflight` runs before Ray starts, on every run: everything the job names that can be checked
+without data (selection method, algorithm, targets, per-layer sparsity count, group sizes against
+the model's input widths, the architecture, evaluation tasks and their files) is checked, so a
+wrong value fails in seconds with the field's name, not after hours of selection and compression.
 """
 from __future__ import annotations
 
@@ -12,6 +17,56 @@ from raycompress.config import JobConfig
 from raycompress.models.fetch import ModelRef
 
 GIB = 2**30
+
+
+class PreflightError(ValueError):
+    """A job that would fail later; the message names the job field and what would be right."""
+
+
+def preflight(job: JobConfig, model: ModelRef):
+    """Check what the job names against the registries, the model's config and the task files.
+    Returns the model's `OffloadedModel` (config and weight map only, no weights).
+
+    Raises:
+        PreflightError: naming the field (select.method, compress.algorithm, compress.targets,
+            compress.sparsity, compress.quant.group_size, model, evaluate.tasks).
+    """
+    from raycompress.engine.pipeline import Plan
+    from raycompress.evaluation.taskfiles import TaskError, resolve_tasks
+    from raycompress.models.weights import OffloadedModel
+    from raycompress.registry import ALGORITHMS, SELECTORS
+
+    c = job.compress
+    for field, name, reg in (("select.method", job.select.method, SELECTORS), ("compress.algorithm", c.algorithm, ALGORITHMS)):
+        if name not in reg:
+            raise PreflightError(f"{field}: unknown {reg.kind} '{name}'; known: {reg.names()}")
+    try:
+        om = OffloadedModel(model)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PreflightError(f"model: {exc}") from exc
+    try:
+        plan = Plan(om, c, job.ray.compress_actors)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from exc
+    if isinstance(c.sparsity, list) and len(c.sparsity) != om.num_layers:
+        raise PreflightError(f"compress.sparsity: {len(c.sparsity)} values for the model's {om.num_layers} decoder layers")
+    if c.quant is not None and c.quant.group_size:
+        bad = sorted({d_in for _, d_in in plan.shapes.values() if d_in % c.quant.group_size})
+        if bad:
+            raise PreflightError(f"compress.quant.group_size: {c.quant.group_size} does not divide the input width "
+                                 f"{bad} of some target linears; use a divisor of {bad[0]} (e.g. 32, 64, 128)")
+    try:
+        tasks = resolve_tasks(job)
+    except TaskError as exc:
+        raise PreflightError(f"evaluate.tasks: {exc}") from exc
+    from raycompress.storage import uri
+
+    for t in tasks:
+        for field, loc in (("path", t.path), ("fewshot_path", t.fewshot_path if t.num_fewshot else None)):
+            if loc and not uri.is_file(job.resolve(loc)):
+                raise PreflightError(f"evaluate.tasks: task '{t.name}': field '{field}': "
+                                     f"{uri.display(job.resolve(loc))} not found")
+    return om
 
 
 def _split(n: int, k: int) -> list[int]:

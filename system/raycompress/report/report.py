@@ -89,7 +89,8 @@ def build_report(out_dir: str | os.PathLike, config: dict | None = None) -> dict
         "run_dir": uri.display(out_dir),
         "models": models,
         "comparisons": comparisons(models),
-        "stages": _load(uri.join(out_dir, "state.json")).get("stages", {}),
+        "stages": {name: {k: v for k, v in rec.items() if k != "inputs"}  # inputs: the resume check's record
+                   for name, rec in _load(uri.join(out_dir, "state.json")).get("stages", {}).items()},
         "calibration": calibration_summary(out_dir, config),
         "compression": compression_summary(_load(uri.join(out_dir, "compress", "compression.json"))),
         "config": config,

@@ -108,6 +108,15 @@ def exists(location: str | os.PathLike) -> bool:
     return info(location).type != pafs.FileType.NotFound
 
 
+def delete(location: str | os.PathLike) -> bool:
+    """Remove one file (not a folder); returns whether it was there."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    fs.delete_file(path)
+    return True
+
+
 def is_file(location: str | os.PathLike) -> bool:
     return info(location).type == pafs.FileType.File
 
