@@ -15,6 +15,7 @@ import ray
 import torch
 
 from raycompress.config import JobConfig
+from raycompress.distributed import metrics
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.distributed.select import load_calibration
 from raycompress.engine.budget import layer_floors
@@ -44,13 +45,18 @@ def choose_device(gpu_ids: list, visible: str | None, cuda_available: bool) -> s
 class _Shell(LayerWorker):
     """The actor: picks its device from Ray's assignment, then is a LayerWorker."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, job_name: str = "job", **kwargs) -> None:
+        self.job_name = job_name
         gpu_ids = ray.get_gpu_ids()
         device = choose_device(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available())
         if gpu_ids and device == "cpu":
             log.warning("actor was assigned GPU(s) %s but sees no CUDA device: computing on the CPU", gpu_ids)
         self.gpu_ids = list(gpu_ids)
         super().__init__(*args, device=device, **kwargs)
+
+    def _count_in(self, n: int) -> None:
+        super()._count_in(n)
+        metrics.record("raycompress_hessian_bytes_moved", n, self.job_name)
 
     def begin_layer(self, idx: int) -> int:
         _chaos(idx)
@@ -114,14 +120,29 @@ class RayBackend:
         return [a.collective_reduce.remote(keys, names, owner, k, self.group) for a in self.actors]
 
 
-def _spawn(job: JobConfig, model: ModelRef, shards, subsets) -> list:
+def _spawn(job: JobConfig, model: ModelRef, shards, subsets, attempt: int = 0) -> list:
+    """One actor per shard, named `compress-<rank>` (`-r<attempt>` after a restart) in the job's
+    namespace, so the dashboard shows who is who and a restart never clashes with a dying name."""
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
     c = job.compress
     kw = {"micro_batch": c.micro_batch, "torch_threads": torch_threads(job.ray),
-          "hessian_dtype": getattr(torch, c.hessian_dtype)}
-    return [CompressionActor.options(name=None, **opts).remote(model, s, subsets=g, rank=r, **kw)
+          "hessian_dtype": getattr(torch, c.hessian_dtype), "job_name": job.name}
+    suffix = f"-r{attempt}" if attempt else ""
+    return [CompressionActor.options(name=f"compress-{r}{suffix}", **opts).remote(model, s, subsets=g, rank=r, **kw)
             for r, (s, g) in enumerate(zip(shards, subsets))]
+
+
+def _layer_metrics(job: JobConfig, tokens_per_layer: int):
+    """`compress_layers`' on_layer: layer progress, seconds, bytes written and tokens as metrics."""
+    def on_layer(i: int, n: int, facts: dict) -> None:
+        metrics.record("raycompress_layers_total", n, job.name)
+        metrics.record("raycompress_layers_done", i + 1, job.name)
+        if not facts.get("replayed"):
+            metrics.record("raycompress_layer_seconds", facts["seconds"], job.name)
+            metrics.record("raycompress_bytes_written", facts["bytes"], job.name)
+            metrics.record("raycompress_tokens", tokens_per_layer, job.name, stage="compress")
+    return on_layer
 
 
 def _backend(job: JobConfig, actors: list, attempt: int) -> RayBackend:
@@ -197,10 +218,11 @@ def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str,
     offloaded = OffloadedModel(model)
     restarts = 0
     while True:
-        actors = _spawn(job, model, shards, subsets)
+        actors = _spawn(job, model, shards, subsets, restarts)
         try:
             backend = _backend(job, actors, restarts)
-            records = compress_layers(backend, offloaded, job.compress, out_dir, fingerprint, sorted(masks))
+            records = compress_layers(backend, offloaded, job.compress, out_dir, fingerprint, sorted(masks),
+                                      on_layer=_layer_metrics(job, int(ids.numel())))
             reports = ray.get([a.report.remote() for a in actors])
             break
         except ray.exceptions.RayError as exc:

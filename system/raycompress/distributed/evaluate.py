@@ -22,6 +22,8 @@ from pathlib import Path
 import ray
 
 from raycompress.config import JobConfig
+from raycompress.distributed import metrics
+from raycompress.distributed.metrics import Progress
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.evaluation.local import finalize_all, prepare_all
 from raycompress.evaluation.scoring import Request, model_input
@@ -95,16 +97,18 @@ def make_units(requests: list[Request], max_len: int, unit_tokens: int) -> list[
     return units
 
 
-def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restarts: int) -> tuple[list[list], int]:
-    """Score every unit on a pool of `n_actors` from `spawn()`; a dead actor is replaced and its
-    unit re-run. `call(actor, k, unit)` returns an ObjectRef. Returns (results per unit, restarts).
+def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restarts: int,
+             on_unit=None) -> tuple[list[list], int]:
+    """Score every unit on a pool of `n_actors` from `spawn(slot, generation)`; a dead actor is
+    replaced (generation + 1) and its unit re-run. `call(actor, k, unit)` returns an ObjectRef;
+    `on_unit(unit)` is called as each unit's results arrive. Returns (results per unit, restarts).
 
     Raises:
         ray.exceptions.RayActorError: actors died more than `max_restarts` times.
     """
     from ray.exceptions import RayActorError
 
-    actors = [spawn() for _ in range(min(n_actors, len(units)))]
+    actors = [spawn(slot, 0) for slot in range(min(n_actors, len(units)))]
     todo, inflight = deque(range(len(units))), {}
     results: list = [None] * len(units)
     restarts = 0
@@ -119,6 +123,8 @@ def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restart
             slot, k = inflight.pop(ref)
             try:
                 results[k] = ray.get(ref)
+                if on_unit:
+                    on_unit(units[k])
             except RayActorError as exc:
                 if restarts >= max_restarts:
                     raise
@@ -126,7 +132,7 @@ def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restart
                 log.warning("eval actor %d died on unit %d (%s); replacing it (%d/%d)", slot, k,
                             type(exc).__name__, restarts, max_restarts)
                 ray.kill(actors[slot])
-                actors[slot] = spawn()
+                actors[slot] = spawn(slot, restarts)
                 todo.appendleft(k)
     finally:
         for a in actors:
@@ -142,7 +148,8 @@ def _context_length(model_dir: Path, tokenizer) -> int:
     return model_max_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), tokenizer)
 
 
-def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len: int) -> tuple[list, int]:
+def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len: int,
+                label: str = "model") -> tuple[list, int]:
     """(log-likelihood, greedy) per request for one checkpoint, and the actor restarts it took.
 
     Raises:
@@ -153,11 +160,26 @@ def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len:
     order = make_units(requests, max_len, ev.unit_tokens)
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), **({"runtime_env": {"env_vars": env}} if env else {})}
-    actor_cls = ray.remote(EvalActor).options(**opts)
-    spawn = lambda: actor_cls.remote(ref, torch_threads(job.ray), ev.dtype, ev.device_map)  # noqa: E731
+    actor_cls = ray.remote(EvalActor)
+
+    def spawn(slot: int, generation: int):  # named eval-<slot>, -r<n> for a replacement
+        name = f"eval-{slot}" + (f"-r{generation}" if generation else "")
+        return actor_cls.options(name=name, **opts).remote(ref, torch_threads(job.ray), ev.dtype, ev.device_map)
+
     call = lambda a, k, unit: a.score.remote(k, unit, max_len, ev.batch_tokens)  # noqa: E731
-    per_unit, restarts = run_pool(spawn, [[requests[i] for i in u] for u in order], job.ray.eval_actors,
-                                  call, ev.max_actor_restarts)
+    progress = Progress(f"evaluate[{label}]", len(requests), "requests")
+    metrics.record("raycompress_eval_requests_total", len(requests), job.name, model=label)
+
+    def on_unit(unit: list[Request]) -> None:
+        progress.update(len(unit))
+        metrics.record("raycompress_eval_requests_done", len(unit), job.name, model=label)
+        metrics.record("raycompress_tokens", sum(len(r[0]) + len(r[1]) for r in unit), job.name, stage="evaluate")
+
+    try:
+        per_unit, restarts = run_pool(spawn, [[requests[i] for i in u] for u in order], job.ray.eval_actors,
+                                      call, ev.max_actor_restarts, on_unit)
+    finally:
+        progress.close()
     out: list = [None] * len(requests)
     for idx, res in zip(order, per_unit):
         for i, r in zip(idx, res):
@@ -215,8 +237,11 @@ def evaluate_models(job: JobConfig, models: dict[str, ModelRef | str | os.PathLi
     out: dict[str, dict] = {}
     for label, ref in refs.items():
         t0 = time.perf_counter()
-        results, restarts = score_model(job, ref, requests, max_len)
+        results, restarts = score_model(job, ref, requests, max_len, label)
         scored = finalize_all(prepared, results)
         out[label] = {"seconds": time.perf_counter() - t0, "restarts": restarts, **scored}
+        for name, rec in scored["tasks"].items():  # one line per evaluated task
+            values = " ".join(f"{m}={v:.4g}" for m, v in rec.get("metrics", {}).items() if v is not None)
+            log.info("task %s [%s]: %s n=%s", name, label, values, rec.get("n"))
         log.info("evaluate[%s]: %.1f s", label, out[label]["seconds"])
     return out

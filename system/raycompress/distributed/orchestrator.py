@@ -125,14 +125,19 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
 
 
 def _run_one(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef, state: JobState, inputs: dict | None) -> None:
+    from raycompress.distributed import metrics
     from raycompress.distributed.monitor import StageMonitor
 
     if state.done(stage) and stage is not Stage.REPORT:
         log.info("stage %s already finished in %s; skipping", stage.value, uri.display(out_dir))
         return
     log.info("stage %s: start", stage.value)
-    with StageMonitor() as mon:
-        summary = run_stage(stage, job, out_dir, model)
+    metrics.record("raycompress_stage", 1, job.name, stage=stage.value)
+    try:
+        with StageMonitor() as mon:
+            summary = run_stage(stage, job, out_dir, model)
+    finally:
+        metrics.record("raycompress_stage", 0, job.name, stage=stage.value)
     record = {"wall_s": round(mon.seconds, 2), "peak_rss_mb": round(mon.peak_rss_mb, 1), **summary}
     state.finish(stage, {**record, **({"inputs": inputs} if inputs else {})})
     log.info("stage %s: %.1f s, peak %.0f MiB", stage.value, mon.seconds, mon.peak_rss_mb)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycompress.config import JobConfig
+from raycompress.distributed import metrics
 from raycompress.data.corpus import parse_records
 from raycompress.data.readers import CorpusDatasource, expand_paths, infer_format, read_plan
 from raycompress.models.fetch import ModelRef
@@ -51,7 +52,7 @@ def _docs(job: JobConfig, name: str, files: dict[str, str]):
     # One read task per file, never split (a block is a shard: results must not depend on the
     # cluster size). Reads take no CPU slot, so they never starve behind the actors, and at most
     # `select_actors` run at once, so they do not flood the node with worker processes.
-    ds = ray.data.read_datasource(source, override_num_blocks=len(paths), ray_remote_args={"num_cpus": 0},
+    ds = ray.data.read_datasource(source, override_num_blocks=len(paths), num_cpus=0,
                                   concurrency=job.ray.select_actors)
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
                           fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
@@ -78,7 +79,9 @@ def _survey(docs, dedup: bool) -> tuple[dict, set, int]:
             usable += int(r["count()"])
     drop: set = set()
     if dedup and usable:
-        good = small.filter(lambda r: r["reason"] == "")
+        from ray.data.expressions import col
+
+        good = small.filter(expr=col("reason") == "")
         for r in good.groupby("hash", num_partitions=parts).map_groups(_first_of_group, batch_format="numpy").take_all():
             drop.add((str(r["path"]), int(r["row"])))
         for path, _ in drop:
@@ -146,6 +149,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    _quiet_ray_data()
     model = model if isinstance(model, ModelRef) else ModelRef(str(model), job.storage.cache_dir)
     sel = job.select
     base = Path(job.base_dir)
@@ -160,6 +164,10 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
         inputs += _input_records(name, files)
         docs = _docs(job, name, files)
         skipped[name], drop, usable[name] = _survey(docs, sel.dedup)
+        n_skipped = sum(n for reasons in skipped[name].values() for n in reasons.values())
+        metrics.record("raycompress_documents", usable[name] + n_skipped, job.name, source=name, state="read")
+        metrics.record("raycompress_documents", n_skipped, job.name, source=name, state="skipped")
+        log.info("select[%s]: %d documents usable, %d skipped", name, usable[name], n_skipped)
         if usable[name] == 0:
             raise SelectionError(f"select.sources.{name}: no usable documents in {sorted(files.values())} "
                                  f"(skipped: {skipped[name]})")
@@ -172,7 +180,34 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
         chosen += method.merge(winners, want[name], ctx)
     if sel.multi_source == "kcenter":
         chosen = _kcenter(chosen, sel.n_samples, sel.embedder, model)
+    for name in sel.sources:
+        metrics.record("raycompress_documents", sum(w.source == name for w in chosen), job.name, source=name,
+                       state="selected")
     return _write_outputs(job, str(out_dir), chosen, inputs, skipped, usable, want)
+
+
+class _DropFalseHangWarning(logging.Filter):
+    """Ray Data warns "The Dataset job will hang unless more CPUs are freed" whenever the actors
+    hold every CPU; our reads ask for 0 CPUs, so they never wait for one: the warning is false."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Dataset job will hang" not in record.getMessage()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress lines and bars off in this driver: the stage reports its
+    own progress (one line per source, the select tqdm bar on a terminal)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
+    ds_log = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _DropFalseHangWarning) for f in ds_log.filters):
+        ds_log.addFilter(_DropFalseHangWarning())
 
 
 def _kcenter(windows: list[Window], k: int, embedder: str, model: ModelRef) -> list[Window]:

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
@@ -190,7 +190,7 @@ def owl_prepass(backend: Backend, model: OffloadedModel, cfg: CompressConfig, pl
 
     groups = {g: ("sqnorm", names) for g, names in plan.groups.items()}
     ratios = []
-    for i in tqdm(range(model.num_layers), desc="owl pre-pass", unit="layer"):
+    for i in tqdm(range(model.num_layers), desc="owl pre-pass", unit="layer", disable=None):
         _all(backend, "begin_layer", i)
         _all(backend, "accumulate", groups, False)
         backend.get([h for g, (_, names) in groups.items() for h in backend.reduce(0, [g], names)])
@@ -264,13 +264,17 @@ def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: in
 
 
 def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: str | Path,
-                    fingerprint: str, subsets: list[str] | None = None) -> list[dict]:
+                    fingerprint: str, subsets: list[str] | None = None,
+                    on_layer: Callable[[int, int, dict], None] | None = None) -> list[dict]:
     """Compress every decoder layer of `model` into `out_dir/model`; returns per-module records.
 
     Args:
         out_dir: the stage's output folder, a local path or URI.
         subsets: names of the row subsets the workers hold (MixCal / Cus-Prun), in a fixed order;
             default: MixCal's "domain", "general" when the recipe mixes, else none.
+        on_layer: called as `on_layer(layer index, number of layers, facts)` after each layer is
+            durable (facts: seconds, bytes, sha256, modules, mean rel_error); a replayed layer
+            reports seconds 0. The adapter records metrics with it.
     """
     k = len(backend.workers)
     plan = Plan(model, cfg, k)
@@ -282,10 +286,12 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     progress = Progress(uri.join(out_dir, "progress.json"), fingerprint)
     sparsity = layer_sparsities(backend, model, cfg, progress, plan)
     width = _ffn_width(model, cfg, sparsity)
-    for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer"):
+    for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer", disable=None):
         path = uri.join(ckpt, shard_name(i, total))
         if i in progress.done and uri.is_file(path):
             _all(backend, "replay_layer", i, path, cfg.quant)
+            if on_layer:
+                on_layer(i, model.num_layers, {**progress.layers[str(i)], "seconds": 0.0, "replayed": True})
             continue
         t0 = time.perf_counter()
         _compress_one(backend, plan, cfg.for_layer(sparsity[i]), i, width, subsets)
@@ -294,6 +300,13 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
         _all(backend, "end_layer")
         layer = {"seconds": time.perf_counter() - t0, **{k: shard[k] for k in ("sha256", "bytes", "keys")}}
         progress.mark(i, sorted(records, key=lambda r: r["module"]), layer)
+        errors = [r["rel_error"] for r in records if r.get("rel_error") is not None]
+        facts = {**layer, "modules": len(records), "rel_error": sum(errors) / len(errors) if errors else None}
+        log.info("layer %d/%d done: seconds=%.1f modules=%d mean_rel_error=%s bytes=%d sha256=%s", i + 1,
+                 model.num_layers, layer["seconds"], len(records),
+                 "-" if facts["rel_error"] is None else f"{facts['rel_error']:.4g}", layer["bytes"], layer["sha256"][:12])
+        if on_layer:
+            on_layer(i, model.num_layers, facts)
     rest = shard_name(model.num_layers, total)
     outside = backend.get(backend.workers[0].write_outside_layers(uri.join(ckpt, rest)))
     written = {shard_name(int(i), total): m for i, m in progress.layers.items()}
