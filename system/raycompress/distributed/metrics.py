@@ -31,6 +31,13 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 LAYER_SECONDS_BOUNDS = [1, 5, 15, 30, 60, 120, 300, 600, 1200, 2400]
 
 
+def prometheus_names() -> set[str]:
+    """The series names Prometheus shows for METRICS: Ray's `ray_` prefix, `_total` on counters,
+    `_bucket` / `_count` / `_sum` on histograms."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    return {f"ray_{name}{sfx}" for name, (kind, _, _) in METRICS.items() for sfx in suffixes[kind]}
+
+
 @lru_cache(maxsize=None)
 def _metric(name: str):
     from ray.util import metrics as m
