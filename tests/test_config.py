@@ -116,3 +116,10 @@ def test_compress_sources_must_be_calibration_sources(tmp_path):
     p = _variant(tmp_path, lambda r: r["compress"].update(mixcal={"general_sources": ["web"]}))
     with pytest.raises(ConfigError, match=r"\['web'\]"):
         load_config(p)
+
+
+@pytest.mark.parametrize("section,field", [("select", "n_samples"), ("compress", "sparsity"), ("ray", "compress_actors")])
+def test_yaml_true_is_not_a_number(tmp_path, section, field):
+    p = _variant(tmp_path, lambda r: r.setdefault(section, {}).update({field: True}), "bool.yaml")
+    with pytest.raises(ConfigError, match=rf"field '{field}': expected a number, got True"):
+        load_config(p)

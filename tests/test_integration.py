@@ -43,15 +43,21 @@ def job_dir(tmp_path_factory):
     return root
 
 
-def test_whole_job(job_dir, ray_local):
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def finished(job_dir, ray_local):
+    """The job run once into job_dir/out; each test below builds on it, in any order."""
     from raycompress.config import load_config
     from raycompress.distributed.orchestrator import ORDER, run_job
 
-    job = load_config(job_dir / "job.yaml")
     out = job_dir / "out"
-    run_job(job, out, ORDER, job_dir / "model")
+    run_job(load_config(job_dir / "job.yaml"), out, ORDER, job_dir / "model")
+    return out
+
+
+def test_whole_job(job_dir, finished):
+    from transformers import AutoModelForCausalLM
+
+    out = finished
 
     manifest = json.loads((out / "select" / "manifest.json").read_text())
     assert manifest["quotas"] == {"bio": 6, "gen": 2}
@@ -78,12 +84,18 @@ def test_whole_job(job_dir, ray_local):
     assert "ppl" in (out / "report.md").read_text()
 
 
-def test_rerun_skips_finished_stages(job_dir, ray_local):
+def test_rerun_skips_finished_stages(job_dir, finished, caplog):
+    import logging
+
     from raycompress.config import load_config
     from raycompress.distributed.orchestrator import ORDER, run_job
 
-    out = job_dir / "out"
+    out = finished
     before = (out / "compress" / "model" / "manifest.sha256.json").read_text()
-    state = run_job(load_config(job_dir / "job.yaml"), out, ORDER, job_dir / "model")
-    assert state.done  # state.json read back
+    recorded = json.loads((out / "state.json").read_text())["stages"]
+    with caplog.at_level(logging.INFO, logger="raycompress.distributed.orchestrator"):
+        state = run_job(load_config(job_dir / "job.yaml"), out, ORDER, job_dir / "model")
+    for stage in ("select", "compress", "evaluate"):  # read back from state.json, not rerun
+        assert state.stages[stage] == recorded[stage]
+        assert f"stage {stage} already finished" in caplog.text
     assert (out / "compress" / "model" / "manifest.sha256.json").read_text() == before

@@ -21,6 +21,26 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, raw):
+        """YAML `true` is not a number: pydantic would take it as 1 for an int or float field."""
+        if isinstance(raw, dict):
+            for name, field in cls.model_fields.items():
+                value = raw.get(name)
+                if isinstance(value, bool) and bool not in _types(field.annotation) and \
+                        _types(field.annotation) & {int, float}:
+                    raise ValueError(f"field '{name}': expected a number, got {value!r}")
+        return raw
+
+
+def _types(annotation) -> set:
+    """The plain types an annotation allows (int | None -> {int, NoneType})."""
+    from typing import get_args
+
+    args = get_args(annotation)
+    return {a for a in args if isinstance(a, type)} if args else ({annotation} if isinstance(annotation, type) else set())
+
 
 class SourceConfig(_Strict):
     """One named corpus: a path, glob or URI (s3://, gs://, file://) of JSONL(.gz/.zst), Parquet or text files."""

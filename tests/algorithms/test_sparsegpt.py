@@ -190,13 +190,13 @@ def test_inverse_cholesky_gives_up():
 
 
 def test_2_4_block_size_not_multiple_of_m():
-    # block_size is a free config field (compress.block_size > 0); with block_size % M != 0 the
-    # N:M groups are taken relative to each block, so they no longer line up with the global
-    # groups of M columns. Either reject the combination or still give a true 2:4 pattern.
+    # block_size is a free config field; with block_size % M != 0 the N:M groups would be taken
+    # relative to each block and no longer line up with the global groups of M columns, so the
+    # solver refuses (the config refuses it too, see tests/test_config.py), and a multiple of M
+    # gives a true 2:4 pattern.
     torch.manual_seed(9)
     w = torch.randn(4, 16)
-    try:
-        w2, mask, _ = sparsegpt_prune(w, _spd(16, 9).float(), 0.5, n_m=(2, 4), block_size=6)
-    except ValueError:
-        return
+    with pytest.raises(ValueError, match=r"block_size=6 divisible by M=4"):
+        sparsegpt_prune(w, _spd(16, 9).float(), 0.5, n_m=(2, 4), block_size=6)
+    _, mask, _ = sparsegpt_prune(w, _spd(16, 9).float(), 0.5, n_m=(2, 4), block_size=8)
     assert (mask.reshape(4, 4, 4).sum(-1) == 2).all(), mask.int()

@@ -53,3 +53,17 @@ def test_tied_lm_head_and_outside_layers(tiny_llama_dir, full_model):
     assert not any(k.startswith("model.layers.") for k in outside)
     with pytest.raises(KeyError, match="no weights"):
         m.read_tensors("model.nothing")
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", "pytorch_model.bin"])
+def test_index_naming_files_outside_the_folder_or_pickles_is_refused(tmp_path, tiny_llama_dir, shard):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the model folder or not .safetensors"):
+        OffloadedModel(model)

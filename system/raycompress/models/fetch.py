@@ -78,7 +78,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.save_pretrained(tmp, max_shard_size="200MB")
     tok.save_pretrained(tmp)
     cfg = json.loads((tmp / "config.json").read_text())
-    assert "quantization_config" not in cfg, "converted config must not keep quantization_config"
+    if "quantization_config" in cfg:  # a real check, not an assert: it must hold under python -O too
+        raise RuntimeError(f"{gguf_path.name}: the converted config kept a quantization_config")
     (tmp / "SOURCE.txt").write_text(f"converted from {gguf_path.name} (Q4_1 GGUF, dequantized to float32)\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -63,7 +63,13 @@ class OffloadedModel:
     def _read_weight_map(self) -> dict[str, str]:
         index = self.model_dir / "model.safetensors.index.json"
         if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+            bad = sorted({f for f in weight_map.values() if "/" in f or "\\" in f or f.startswith(".")
+                          or not f.endswith(".safetensors")})
+            if bad:  # a shard outside the folder, or not safetensors (pickle), is never opened
+                raise ValueError(f"{uri.display(self.ref.location)}: model.safetensors.index.json names files "
+                                 f"outside the model folder or not .safetensors: {bad[:3]}")
+            return weight_map
         try:
             single = self._file("model.safetensors")
         except FileNotFoundError:
