@@ -50,7 +50,8 @@ def head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN": secrets.token_hex(16), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "RAYCOMPRESS_CACHE_DIR": str(tmp_path_factory.mktemp("head-cache"))})
+                "RAYCOMPRESS_CACHE_DIR": str(tmp_path_factory.mktemp("head-cache")),
+                "RAYCOMPRESS_CHAOS_SLOW_LAYER_S": "3"})  # 4 layers of >= 3 s: time to stop mid-compress
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
