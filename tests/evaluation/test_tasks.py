@@ -202,3 +202,25 @@ def test_errors_about_files_in_a_bucket_name_them_without_the_query(tmp_path, s3
     with pytest.raises(TaskError, match=r"field 'path': s3://raycompress-test/tasks/.*/none.jsonl not found") as exc:
         prepare_task(task, CharTok(), 64, _job(tmp_path, []).resolve)
     assert "endpoint_override" not in str(exc.value)
+
+
+@pytest.mark.parametrize("field,value", [("path", "/etc/passwd"), ("path", "../../../../../../etc/hostname"),
+                                         ("fewshot_path", "../../outside.jsonl"), ("include", "../../_evil.yaml")])
+def test_task_files_cannot_name_local_files_outside_their_folders(tmp_path, field, value):
+    tasks = tmp_path / "job" / "tasks"
+    tasks.mkdir(parents=True)
+    fields = {field: value, **({"num_fewshot": 1} if field == "fewshot_path" else {})}
+    (tasks / "t.yaml").write_text(yaml.safe_dump({"name": "t", "kind": "perplexity", "path": "d.jsonl", **fields}))
+    job = JobConfig.model_validate({"model": "m", "select": {"sources": {"x": {"path": "x"}}}, "compress": {},
+                                    "evaluate": {"tasks": ["t"], "task_dirs": ["tasks"]}, "base_dir": str(tmp_path / "job")})
+    with pytest.raises(TaskError, match=rf"t.yaml: field '{field}': .* is outside the task folders"):
+        resolve_tasks(job)
+
+
+def test_a_job_override_may_point_a_task_at_other_data(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "t.yaml").write_text(yaml.safe_dump({"name": "t", "kind": "perplexity", "path": "d.jsonl"}))
+    job = JobConfig.model_validate({"model": "m", "select": {"sources": {"x": {"path": "x"}}}, "compress": {},
+                                    "evaluate": {"tasks": [{"name": "t", "path": "/srv/legal/contracts.jsonl"}],
+                                                 "task_dirs": [str(tmp_path / "tasks")]}, "base_dir": str(tmp_path)})
+    assert resolve_tasks(job)[0].path == "/srv/legal/contracts.jsonl"  # the job's own choice, not the file's

@@ -42,13 +42,29 @@ def sibling(location: str, ref: str) -> str:
     return f"{scheme}://{bucket}/{folded}" + (f"?{query}" if query else "")
 
 
-def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict:
+def _inside(location: str, roots: tuple[str, ...]) -> bool:
+    """Whether a task file may name `location`: a URI always (an object the job's credentials
+    reach, named explicitly), a local path only inside one of the local folders `roots` (symlinks
+    and ".." resolved), so that no task file makes a node read its own files (`/etc/passwd`,
+    `~/.aws/credentials`, Ray's token)."""
+    if uri.is_uri(location):
+        return True
+    real = os.path.realpath(location)
+    return any(real.startswith(os.path.realpath(r).rstrip(os.sep) + os.sep) for r in roots if not uri.is_uri(r))
+
+
+def _read_yaml(location: str, seen: tuple[str, ...] = (), roots: tuple[str, ...] = ()) -> dict:
     """A task file's fields with its `include` chain merged in (the including file wins).
 
+    Every path the file names (`include`, `path`, `fewshot_path`) must lie inside `roots` (default:
+    the file's own folder): a task file is data from anyone, and may not make us read
+    `/etc/passwd` or `../../secrets`. A job names other data through a task override's `path`.
+
     Raises:
-        TaskError: the file cannot be read or parsed, is not a mapping, or its include chain is
-            missing a file or loops (naming the file and the field).
+        TaskError: the file cannot be read or parsed, is not a mapping, its include chain is
+            missing a file or loops, or a path leaves the allowed folders (naming file and field).
     """
+    roots = roots or (os.path.dirname(location) if not uri.is_uri(location) else location.rsplit("/", 1)[0],)
     where = uri.display(location)
     if location in seen:
         chain = " -> ".join(uri.display(s) for s in seen + (location,))
@@ -59,16 +75,19 @@ def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict:
         raise TaskError(f"{where}: cannot read task file: {exc}") from exc
     if not isinstance(raw, dict):
         raise TaskError(f"{where}: expected a mapping of task fields, got {type(raw).__name__}")
-    for key in ("path", "fewshot_path"):  # a file's paths are relative to that file's folder
+    for key in ("path", "fewshot_path", "include"):  # a file's paths are relative to that file's folder
         if isinstance(raw.get(key), str):
             raw[key] = sibling(location, raw[key])
+            if not _inside(raw[key], roots):
+                raise TaskError(f"{where}: field '{key}': {uri.display(raw[key])} is outside the task folders "
+                                f"{[uri.display(r) for r in roots]}; a job can point a task at other data with "
+                                "an override's `path`")
     inc = raw.pop("include", None)
     if inc is None:
         return raw
-    base = sibling(location, str(inc))
-    if not uri.is_file(base):
-        raise TaskError(f"{where}: field 'include': {uri.display(base)} not found")
-    return {**_read_yaml(base, seen + (location,)), **raw}
+    if not uri.is_file(inc):
+        raise TaskError(f"{where}: field 'include': {uri.display(inc)} not found")
+    return {**_read_yaml(inc, seen + (location,), roots), **raw}
 
 
 def validate_task(raw: dict, where: str) -> TaskConfig:
@@ -104,33 +123,35 @@ def _stem(location: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def load_task_file(location: str | os.PathLike) -> TaskConfig:
+def load_task_file(location: str | os.PathLike, roots: tuple[str, ...] = ()) -> TaskConfig:
     """Read and validate one task YAML at a location (local path or URI); a task without `name`
-    is named after the file.
+    is named after the file. Its paths must lie in `roots` (default: its own folder).
 
     Raises:
         TaskError: naming the file and the field.
     """
     location = str(location)
-    raw = _read_yaml(location)
+    raw = _read_yaml(location, roots=roots)
     raw.setdefault("name", _stem(location))
     return validate_task(raw, uri.display(location))
 
 
-def index_task_files(dirs: list[str | os.PathLike]) -> dict[str, tuple[str, TaskConfig]]:
+def index_task_files(dirs: list[str | os.PathLike], roots: tuple[str, ...] = ()) -> dict[str, tuple[str, TaskConfig]]:
     """Every task in `dirs` (folders or folder URIs, searched recursively; "_*.yaml" skipped;
-    a folder that does not exist holds none) by name, as (location, task).
+    a folder that does not exist holds none) by name, as (location, task). The tasks' paths must
+    lie in `roots` (default: the folders searched).
 
     Raises:
         TaskError: two files define the same task name, or a file does not validate.
     """
     index: dict[str, tuple[str, TaskConfig]] = {}
+    roots = roots or tuple(map(str, dirs))
     for d in map(str, dirs):
         for location in uri.glob("**/*.y*ml", d):
             name = uri.name(location)
             if name.startswith("_") or not name.endswith((".yaml", ".yml")):
                 continue
-            task = load_task_file(location)
+            task = load_task_file(location, roots)
             if task.name in index:
                 raise TaskError(f"{uri.display(location)}: field 'name': task '{task.name}' is also defined in "
                                 f"{uri.display(index[task.name][0])}")
@@ -175,10 +196,13 @@ def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
     Raises:
         TaskError: naming the job field (evaluate.tasks[i]) or the task file and field.
     """
-    index = index_task_files([job.resolve(d) for d in job.evaluate.task_dirs])
+    dirs = [job.resolve(d) for d in job.evaluate.task_dirs]
+    roots = (job.base_dir, *dirs)  # a task file may name data under the job's folder or its task folder
+    index = index_task_files(dirs, roots)
     builtin = builtin_task_dir()
-    if builtin and builtin not in {job.resolve(d) for d in job.evaluate.task_dirs}:
-        for name, entry in index_task_files([builtin]).items():
+    if builtin and builtin not in dirs:
+        project = os.path.dirname(os.path.dirname(builtin))  # jobs/tasks -> the project, with data/
+        for name, entry in index_task_files([builtin], (project,)).items():
             index.setdefault(name, entry)  # the job's own folders win over a shipped task of that name
     out: list[TaskConfig] = []
     for i, entry in enumerate(job.evaluate.tasks):
@@ -186,7 +210,8 @@ def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
         if isinstance(entry, TaskConfig):
             out.append(validate_task(entry.model_dump(), where))
         elif isinstance(entry, str) and uri.display(entry).endswith((".yaml", ".yml")):
-            out.append(load_task_file(job.resolve(entry)))
+            loc = job.resolve(entry)
+            out.append(load_task_file(loc, (*roots, os.path.dirname(loc) if not uri.is_uri(loc) else loc.rsplit("/", 1)[0])))
         elif isinstance(entry, str):
             out.extend(_by_name(entry, index, where))
         else:
