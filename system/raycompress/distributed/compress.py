@@ -28,7 +28,7 @@ from raycompress.models.weights import OffloadedModel
 from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
-CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_LAYER", "RAYCOMPRESS_CHAOS_MARKER")
+CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_LAYER", "RAYCOMPRESS_CHAOS_MARKER", "RAYCOMPRESS_CHAOS_SLOW_LAYER_S")
 
 
 def choose_device(gpu_ids: list, visible: str | None, cuda_available: bool) -> str:
@@ -54,20 +54,34 @@ class _Shell(LayerWorker):
         self.gpu_ids = list(gpu_ids)
         super().__init__(*args, device=device, **kwargs)
 
-    def _count_in(self, n: int) -> None:
-        super()._count_in(n)
-        metrics.record("raycompress_hessian_bytes_moved", n, self.job_name)
-
     def begin_layer(self, idx: int) -> int:
         _chaos(idx)
         return super().begin_layer(idx)
 
-    def collective_reduce(self, keys: list[str], names: list[str], owner: int, world: int, group: str) -> None:
+    def reduce_stats(self, partial: dict) -> None:
+        super().reduce_stats(partial)
+        metrics.record("raycompress_hessian_bytes_moved", sum(st.nbytes for st in partial.values()), self.job_name,
+                       transport="object_store")
+
+    def collective_reduce(self, keys: list[str], names: list[str], owner: int, world: int, group: str,
+                          transport: str = "collective") -> None:
         from raycompress.distributed.collective import collective_reduce
 
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), self.bytes_in.get(self.layer_idx, 0)
         collective_reduce(self, keys, names, owner, world, group)
         self._tick("reduce", t0)
+        metrics.record("raycompress_hessian_bytes_moved", self.bytes_in.get(self.layer_idx, 0) - before,
+                       self.job_name, transport=transport)
+
+    def write_layer(self, path: str, quant=None) -> dict:
+        out = super().write_layer(path, quant)
+        metrics.record("raycompress_bytes_written", out["bytes"], self.job_name, stage="compress")
+        return out
+
+    def write_outside_layers(self, path: str) -> dict:
+        out = super().write_outside_layers(path)
+        metrics.record("raycompress_bytes_written", out["bytes"], self.job_name, stage="compress")
+        return out
 
     def placement(self) -> dict:
         return {"gpu_ids": self.gpu_ids, "device": str(self.device),
@@ -79,8 +93,12 @@ CompressionActor = ray.remote(_Shell)
 
 def _chaos(layer_idx: int) -> None:
     """Failure injection for tests: the first actor to begin layer N (RAYCOMPRESS_CHAOS_KILL_LAYER)
-    dies at once, leaving a marker file (RAYCOMPRESS_CHAOS_MARKER) so that it happens once."""
-    layer, marker = (os.environ.get(k) for k in CHAOS_ENV)
+    dies at once, leaving a marker file (RAYCOMPRESS_CHAOS_MARKER) so that it happens once; with
+    RAYCOMPRESS_CHAOS_SLOW_LAYER_S every layer starts that many seconds late (a slow model, so a
+    test can stop a job mid-compress)."""
+    layer, marker, slow = (os.environ.get(k) for k in CHAOS_ENV)
+    if slow:
+        time.sleep(float(slow))
     if layer and marker and int(layer_idx) == int(layer):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL)
@@ -117,32 +135,49 @@ class RayBackend:
         if self.group is None or len(self.actors) == 1:
             return reduce_to(self, owner, keys)
         k = len(self.actors)
-        return [a.collective_reduce.remote(keys, names, owner, k, self.group) for a in self.actors]
+        return [a.collective_reduce.remote(keys, names, owner, k, self.group, self.transport) for a in self.actors]
 
 
 def _spawn(job: JobConfig, model: ModelRef, shards, subsets, attempt: int = 0) -> list:
     """One actor per shard, named `compress-<rank>` (`-r<attempt>` after a restart) in the job's
-    namespace, so the dashboard shows who is who and a restart never clashes with a dying name."""
+    namespace (`naming`), so the dashboard shows who is who and a restart never clashes with a
+    dying name. If one cannot be created, those already made are killed before the error rises."""
+    from raycompress.distributed.naming import name_options
+
     env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
     c = job.compress
     kw = {"micro_batch": c.micro_batch, "torch_threads": torch_threads(job.ray),
           "hessian_dtype": getattr(torch, c.hessian_dtype), "job_name": job.name}
-    suffix = f"-r{attempt}" if attempt else ""
-    return [CompressionActor.options(name=f"compress-{r}{suffix}", **opts).remote(model, s, subsets=g, rank=r, **kw)
-            for r, (s, g) in enumerate(zip(shards, subsets))]
+    actors: list = []
+    try:
+        for r, (s, g) in enumerate(zip(shards, subsets)):
+            named = CompressionActor.options(**name_options("compress", r, attempt), **opts)
+            actors.append(named.remote(model, s, subsets=g, rank=r, **kw))
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
+    return actors
 
 
 def _layer_metrics(job: JobConfig, tokens_per_layer: int):
-    """`compress_layers`' on_layer: layer progress, seconds, bytes written and tokens as metrics."""
+    """`compress_layers`' on_layer: layer progress, seconds and calibration tokens as metrics (the
+    actors count the bytes they write)."""
     def on_layer(i: int, n: int, facts: dict) -> None:
         metrics.record("raycompress_layers_total", n, job.name)
         metrics.record("raycompress_layers_done", i + 1, job.name)
         if not facts.get("replayed"):
             metrics.record("raycompress_layer_seconds", facts["seconds"], job.name)
-            metrics.record("raycompress_bytes_written", facts["bytes"], job.name)
-            metrics.record("raycompress_tokens", tokens_per_layer, job.name, stage="compress")
+            metrics.record("raycompress_tokens", tokens_per_layer, job.name, stage="compress", model="dense")
     return on_layer
+
+
+def _sidecar_bytes(ckpt: str) -> int:
+    """Bytes of the checkpoint's files besides its shards: index, config, tokenizer, manifest."""
+    manifest = uri.join(ckpt, "manifest.sha256.json")
+    names = [n for n in json.loads(uri.read_text(manifest))["files"] if not n.endswith(".safetensors")]
+    return sum(uri.info(uri.join(ckpt, n)).size for n in names) + uri.info(manifest).size
 
 
 def _backend(job: JobConfig, actors: list, attempt: int) -> RayBackend:
@@ -216,6 +251,8 @@ def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str,
     shards = [ids[s] for s in slices]
     subsets = [{name: m[s] for name, m in masks.items()} for s in slices]
     offloaded = OffloadedModel(model)
+    metrics.record("raycompress_layers_total", offloaded.num_layers, job.name)
+    metrics.record("raycompress_layers_done", 0, job.name)
     restarts = 0
     while True:
         actors = _spawn(job, model, shards, subsets, restarts)
@@ -238,5 +275,7 @@ def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str,
               "actors": k, "restarts": restarts, "statistics_transport": backend.transport,
               **_summary(job, offloaded, out_dir, fingerprint, [len(s) for s in shards], ids.shape[1], len(masks), reports),
               "modules": records}
-    uri.write_text(uri.join(out_dir, "compression.json"), json.dumps(result, indent=2))
+    written = uri.write_text(uri.join(out_dir, "compression.json"), json.dumps(result, indent=2))
+    metrics.record("raycompress_bytes_written", written + _sidecar_bytes(uri.join(out_dir, "model")), job.name,
+                   stage="compress")
     return result

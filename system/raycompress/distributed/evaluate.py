@@ -23,7 +23,8 @@ import ray
 
 from raycompress.config import JobConfig
 from raycompress.distributed import metrics
-from raycompress.distributed.metrics import Progress
+from raycompress.distributed.naming import name_options
+from raycompress.distributed.progress import ProgressLog
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.evaluation.local import finalize_all, prepare_all
 from raycompress.evaluation.scoring import Request, model_input
@@ -71,11 +72,15 @@ class EvalActor:
         if not device_map and torch.cuda.is_available():
             self.model.to("cuda")
 
-    def score(self, unit: int, requests: list[Request], max_len: int, batch_tokens: int) -> list[tuple[float, bool]]:
+    def score(self, unit: int, requests: list[Request], max_len: int,
+              batch_tokens: int) -> tuple[list[tuple[float, bool]], float]:
+        """((log-likelihood, greedy) per request, the seconds this actor spent scoring them)."""
         from raycompress.evaluation.scoring import loglikelihoods
 
         _chaos(unit)
-        return loglikelihoods(self.model, requests, max_len, batch_tokens)
+        t0 = time.perf_counter()
+        results = loglikelihoods(self.model, requests, max_len, batch_tokens)
+        return results, time.perf_counter() - t0
 
 
 def make_units(requests: list[Request], max_len: int, unit_tokens: int) -> list[list[int]]:
@@ -101,7 +106,7 @@ def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restart
              on_unit=None) -> tuple[list[list], int]:
     """Score every unit on a pool of `n_actors` from `spawn(slot, generation)`; a dead actor is
     replaced (generation + 1) and its unit re-run. `call(actor, k, unit)` returns an ObjectRef;
-    `on_unit(unit)` is called as each unit's results arrive. Returns (results per unit, restarts).
+    `on_unit(k, result)` is called as unit k's result arrives. Returns (result per unit, restarts).
 
     Raises:
         ray.exceptions.RayActorError: actors died more than `max_restarts` times.
@@ -124,7 +129,7 @@ def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restart
             try:
                 results[k] = ray.get(ref)
                 if on_unit:
-                    on_unit(units[k])
+                    on_unit(k, results[k])
             except RayActorError as exc:
                 if restarts >= max_restarts:
                     raise
@@ -149,8 +154,12 @@ def _context_length(model_dir: Path, tokenizer) -> int:
 
 
 def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len: int,
-                label: str = "model") -> tuple[list, int]:
-    """(log-likelihood, greedy) per request for one checkpoint, and the actor restarts it took.
+                label: str = "model") -> tuple[list, int, list[float]]:
+    """(log-likelihood, greedy) per request for one checkpoint, the actor restarts it took, and
+    the actor seconds per request (a unit's scoring time shared evenly among its requests).
+
+    Progress (requests done / total, ETA) is logged under `evaluate[label]` and recorded as
+    metrics with tag model=`label`, with the job's name.
 
     Raises:
         ray.exceptions.RayActorError: actors died (or failed to load the model) more than
@@ -162,18 +171,19 @@ def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len:
     opts = {**actor_options(job.ray), **({"runtime_env": {"env_vars": env}} if env else {})}
     actor_cls = ray.remote(EvalActor)
 
-    def spawn(slot: int, generation: int):  # named eval-<slot>, -r<n> for a replacement
-        name = f"eval-{slot}" + (f"-r{generation}" if generation else "")
-        return actor_cls.options(name=name, **opts).remote(ref, torch_threads(job.ray), ev.dtype, ev.device_map)
+    def spawn(slot: int, generation: int):  # eval-<slot> in the job's namespace, -r<n> for a replacement
+        return actor_cls.options(**name_options("eval", slot, generation), **opts).remote(
+            ref, torch_threads(job.ray), ev.dtype, ev.device_map)
 
     call = lambda a, k, unit: a.score.remote(k, unit, max_len, ev.batch_tokens)  # noqa: E731
-    progress = Progress(f"evaluate[{label}]", len(requests), "requests")
+    progress = ProgressLog(f"evaluate[{label}]", len(requests), "requests")
     metrics.record("raycompress_eval_requests_total", len(requests), job.name, model=label)
 
-    def on_unit(unit: list[Request]) -> None:
-        progress.update(len(unit))
-        metrics.record("raycompress_eval_requests_done", len(unit), job.name, model=label)
-        metrics.record("raycompress_tokens", sum(len(r[0]) + len(r[1]) for r in unit), job.name, stage="evaluate")
+    def on_unit(k: int, result: tuple) -> None:
+        progress.update(len(order[k]))
+        metrics.record("raycompress_eval_requests_done", len(order[k]), job.name, model=label)
+        metrics.record("raycompress_tokens", sum(len(model_input(requests[i], max_len)) for i in order[k]), job.name,
+                       stage="evaluate", model=label)
 
     try:
         per_unit, restarts = run_pool(spawn, [[requests[i] for i in u] for u in order], job.ray.eval_actors,
@@ -181,10 +191,11 @@ def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len:
     finally:
         progress.close()
     out: list = [None] * len(requests)
-    for idx, res in zip(order, per_unit):
+    seconds = [0.0] * len(requests)
+    for idx, (res, unit_s) in zip(order, per_unit):
         for i, r in zip(idx, res):
-            out[i] = r
-    return out, restarts
+            out[i], seconds[i] = r, unit_s / len(idx)
+    return out, restarts, seconds
 
 
 def _as_ref(job: JobConfig, model: ModelRef | str | os.PathLike) -> ModelRef:
@@ -237,11 +248,20 @@ def evaluate_models(job: JobConfig, models: dict[str, ModelRef | str | os.PathLi
     out: dict[str, dict] = {}
     for label, ref in refs.items():
         t0 = time.perf_counter()
-        results, restarts = score_model(job, ref, requests, max_len, label)
+        results, restarts, seconds = score_model(job, ref, requests, max_len, label)
         scored = finalize_all(prepared, results)
         out[label] = {"seconds": time.perf_counter() - t0, "restarts": restarts, **scored}
-        for name, rec in scored["tasks"].items():  # one line per evaluated task
-            values = " ".join(f"{m}={v:.4g}" for m, v in rec.get("metrics", {}).items() if v is not None)
-            log.info("task %s [%s]: %s n=%s", name, label, values, rec.get("n"))
+        _log_tasks(label, prepared, scored["tasks"], seconds)
         log.info("evaluate[%s]: %.1f s", label, out[label]["seconds"])
     return out
+
+
+def _log_tasks(label: str, prepared: list, records: dict, seconds: list[float]) -> None:
+    """One line per evaluated task: its metrics, n, and the actor seconds its requests took."""
+    start = 0
+    for p in prepared:
+        task_s = sum(seconds[start : start + len(p.requests)])
+        start += len(p.requests)
+        rec = records[p.cfg.name]
+        values = " ".join(f"{m}={v:.4g}" for m, v in rec.get("metrics", {}).items() if v is not None)
+        log.info("task %s [%s]: %s n=%s seconds=%.1f", p.cfg.name, label, values, rec.get("n"), task_s)

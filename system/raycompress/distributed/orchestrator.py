@@ -59,6 +59,7 @@ def _fingerprint(job: JobConfig, model: ModelRef, out_dir: str) -> str:
 
 def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef) -> dict:
     """Run one stage (Ray already initialised); returns the stage's own summary."""
+    from raycompress.distributed import metrics
     from raycompress.distributed.compress import run_compress
     from raycompress.distributed.evaluate import evaluate_models
     from raycompress.distributed.select import run_select
@@ -76,7 +77,8 @@ def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef) -> di
         if job.evaluate.include_dense:
             models = {"dense": model, **models}
         res = evaluate_models(job, models)
-        uri.write_text(uri.join(out_dir, "evaluate", "results.json"), json.dumps(res, indent=2))
+        n = uri.write_text(uri.join(out_dir, "evaluate", "results.json"), json.dumps(res, indent=2))
+        metrics.record("raycompress_bytes_written", n, job.name, stage="evaluate")
         return {"models": list(res)}
     return {"files": write_report(job, out_dir)}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from raycompress.config import JobConfig
 from raycompress.distributed import metrics
@@ -51,9 +52,10 @@ def _docs(job: JobConfig, name: str, files: dict[str, str]):
                               labels=dict(zip(paths, files.values())), filesystem=fs)
     # One read task per file, never split (a block is a shard: results must not depend on the
     # cluster size). Reads take no CPU slot, so they never starve behind the actors, and at most
-    # `select_actors` run at once, so they do not flood the node with worker processes.
+    # `select_actors` run at once (no more than there are files, or Ray Data warns), so they do
+    # not flood the node with worker processes.
     ds = ray.data.read_datasource(source, override_num_blocks=len(paths), num_cpus=0,
-                                  concurrency=job.ray.select_actors)
+                                  concurrency=min(job.ray.select_actors, len(paths)))
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
                           fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
                                      "text_field": src.text_field, "max_chars": src.max_doc_chars})
@@ -106,15 +108,19 @@ def _keep(batch: dict, drop: set) -> dict:
     return {k: np.asarray(v)[mask] for k, v in batch.items()}
 
 
-def _round1(job: JobConfig, docs, drop: set, model: ModelRef, k: int, ctx: SelectContext) -> list[Window]:
+def _round1(job: JobConfig, docs, drop: set, model: ModelRef, k: int, ctx: SelectContext,
+            n_files: int) -> list[Window]:
     from ray.data import ActorPoolStrategy
 
     from raycompress.distributed.resources import actor_options
 
     method = SELECTORS.get(job.select.method)
     opts = actor_options(job.ray) if "model" in method.needs else {"num_cpus": job.ray.cpus_per_actor, "num_gpus": 0}
+    # at least one shard per file: a pool that starts with more actors than that makes Ray Data
+    # warn; it grows to `select_actors` when a file has more shards
+    pool = ActorPoolStrategy(min_size=min(job.ray.select_actors, n_files), max_size=job.ray.select_actors)
     winners = docs.map_batches(_keep, fn_kwargs={"drop": drop}, batch_format="numpy", batch_size=None).map_batches(
-        ShardSelector, batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(size=job.ray.select_actors),
+        ShardSelector, batch_size=None, batch_format="numpy", compute=pool,
         fn_constructor_kwargs={"model": model, "seq_len": job.select.seq_len, "method": job.select.method,
                                "k": k, "ctx": ctx}, **opts,
     )
@@ -146,9 +152,6 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
         SelectionError: a source has no usable documents, or fewer candidate windows than its
             quota (the numbers are in the message).
     """
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     _quiet_ray_data()
     model = model if isinstance(model, ModelRef) else ModelRef(str(model), job.storage.cache_dir)
     sel = job.select
@@ -157,7 +160,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
     want = quotas(sel.n_samples, sel.mix) if sel.multi_source == "mix" else {s: sel.n_samples for s in sel.sources}
     chosen: list[Window] = []
     inputs, skipped, usable = [], {}, {}
-    for i, name in enumerate(sorted(sel.sources)):
+    for i, name in enumerate(tqdm(sorted(sel.sources), desc="select", unit="source", disable=None)):
         if want.get(name, 0) == 0:
             continue
         files = expand_paths(sel.sources[name].path, base)
@@ -173,7 +176,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
                                  f"(skipped: {skipped[name]})")
         ctx = SelectContext(seed=sel.seed + i, candidate_pool=sel.candidate_pool,
                             word_freq=_word_freq(docs, len(files)) if "word_freq" in method.needs else None)
-        winners = _round1(job, docs, drop, model, want[name], ctx)
+        winners = _round1(job, docs, drop, model, want[name], ctx, len(files))
         if len(winners) < want[name]:
             raise SelectionError(f"select.sources.{name}: {len(winners)} candidate windows of {sel.seq_len} tokens "
                                  f"from {usable[name]} usable documents, fewer than the {want[name]} asked for")
@@ -187,21 +190,31 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
 
 
 class _DropFalseHangWarning(logging.Filter):
-    """Ray Data warns "The Dataset job will hang unless more CPUs are freed" whenever the actors
-    hold every CPU; our reads ask for 0 CPUs, so they never wait for one: the warning is false."""
+    """Ray Data warns "The Dataset job will hang unless more CPUs are freed" when, as a dataset
+    starts, `ray.available_resources()` shows no free CPU: a snapshot taken while the last
+    dataset's tasks or actor pool are still handing theirs back, or while this job's other actors
+    hold them. Our reads ask for 0 CPUs and our pools release theirs, so nothing hangs: the
+    warning is false, and only it is dropped (Ray-internal; one logger)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Dataset job will hang" not in record.getMessage()
 
 
 def _quiet_ray_data() -> None:
-    """Ray Data's per-dataset progress lines and bars off in this driver: the stage reports its
-    own progress (one line per source, the select tqdm bar on a terminal)."""
+    """This driver's Ray Data context for selection: order preserved; Ray Data's per-dataset
+    progress lines and bars off (the stage reports its own progress: one line per source, the
+    select tqdm bar on a terminal)."""
+    import warnings
+
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
+    with warnings.catch_warnings():  # Ray's own DataContext() defaults set its deprecated fields
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
+        ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False  # "Starting execution of Dataset ..." / "Execution plan ..."
     for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
@@ -237,7 +250,7 @@ def _write_outputs(job, out_dir: str, chosen, inputs, skipped, usable, want) -> 
     buf = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
     parquet = buf.getvalue().to_pybytes()
-    uri.write_bytes(uri.join(out_dir, "calibration.parquet"), parquet)
+    written = uri.write_bytes(uri.join(out_dir, "calibration.parquet"), parquet)
     config = {"model": job.model, "select": job.select.model_dump(mode="json", exclude={"sources"}),
               "sources": {k: v.model_dump(mode="json") for k, v in job.select.sources.items()}}
     manifest = {
@@ -247,7 +260,8 @@ def _write_outputs(job, out_dir: str, chosen, inputs, skipped, usable, want) -> 
         "selected": [{"source": r["source"], "uid": r["uid"], "doc_id": r["doc_id"], "score": r["score"]} for r in rows],
         "calibration_sha256": hashlib.sha256(parquet).hexdigest(),
     }
-    uri.write_text(uri.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
+    written += uri.write_text(uri.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
+    metrics.record("raycompress_bytes_written", written, job.name, stage="select")
     log.info("selected %d sequences of %d tokens: %s", len(rows), job.select.seq_len, want)
     return manifest
 
