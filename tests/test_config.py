@@ -123,3 +123,10 @@ def test_yaml_true_is_not_a_number(tmp_path, section, field):
     p = _variant(tmp_path, lambda r: r.setdefault(section, {}).update({field: True}), "bool.yaml")
     with pytest.raises(ConfigError, match=rf"field '{field}': expected a number, got True"):
         load_config(p)
+
+
+@pytest.mark.parametrize("field,value", [("torch_threads", -3), ("gpus_per_actor", -1), ("num_cpus", 0)])
+def test_impossible_ray_values_fail_at_load(tmp_path, field, value):
+    p = _variant(tmp_path, lambda r: r.setdefault("ray", {}).update({field: value}), "ray.yaml")
+    with pytest.raises(ConfigError, match=rf"field 'ray.{field}"):
+        load_config(p)

@@ -296,13 +296,13 @@ class RayConfig(_Strict):
     """Where the work runs: the Ray cluster and the resources of each actor kind."""
 
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a cluster")
-    num_cpus: int | None = Field(None, description="local Ray only: CPUs to offer")
+    num_cpus: int | None = Field(None, gt=0, description="local Ray only: CPUs to offer")
     compress_actors: int = Field(1, gt=0)
     eval_actors: int = Field(1, gt=0)
     select_actors: int = Field(1, gt=0, description="tokenize/score actors of the select stage")
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float | Literal["auto"] = "auto"
-    torch_threads: int | None = Field(None, description="intra-op threads per actor; default cpus_per_actor")
+    gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per actor; default cpus_per_actor")
     collective: Literal["auto", "object_store", "nccl", "gloo"] = Field(
         "auto", description="how compression statistics reach their owner: a tree through the object store, or "
         "a ray.util.collective reduce (nccl between GPU actors, gloo between CPU actors); auto: nccl when every "
