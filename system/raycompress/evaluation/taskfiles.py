@@ -197,12 +197,13 @@ def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
         TaskError: naming the job field (evaluate.tasks[i]) or the task file and field.
     """
     dirs = [job.resolve(d) for d in job.evaluate.task_dirs]
-    roots = (job.base_dir, *dirs)  # a task file may name data under the job's folder or its task folder
-    index = index_task_files(dirs, roots)
     builtin = builtin_task_dir()
+    project = (os.path.dirname(os.path.dirname(builtin)),) if builtin else ()  # jobs/tasks -> the project, with data/
+    # a task file may name data under the job's folder, its task folder, or the shipped project's data
+    roots = (job.base_dir, *dirs, *project)
+    index = index_task_files(dirs, roots)
     if builtin and builtin not in dirs:
-        project = os.path.dirname(os.path.dirname(builtin))  # jobs/tasks -> the project, with data/
-        for name, entry in index_task_files([builtin], (project,)).items():
+        for name, entry in index_task_files([builtin], project).items():
             index.setdefault(name, entry)  # the job's own folders win over a shipped task of that name
     out: list[TaskConfig] = []
     for i, entry in enumerate(job.evaluate.tasks):
