@@ -69,7 +69,11 @@ def head(tmp_path_factory):
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # stragglers of the group (a GCS or monitor that outlived `ray start`)
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
