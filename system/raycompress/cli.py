@@ -149,6 +149,10 @@ def _dry_run(job, model) -> int:
     return 2 if problems else 0
 
 
+def _echo(text: str) -> None:
+    print(text, end="", flush=True)
+
+
 def _jobs(args) -> int:
     """submit / status / logs / stop through Ray's Job Submission SDK (`raycompress.submit`)."""
     import json
@@ -158,8 +162,10 @@ def _jobs(args) -> int:
 
     if args.command == "status":
         print(json.dumps(jobs.status(args.job_id, args.address), indent=2))
+    elif args.command == "logs" and args.follow:
+        jobs.wait(args.job_id, args.address, on_log=_echo)
     elif args.command == "logs":
-        jobs.logs(args.job_id, args.address, args.follow)
+        _echo(jobs.logs(args.job_id, args.address))
     elif args.command == "stop":
         print(f"{args.job_id}: {'stop requested' if jobs.stop(args.job_id, args.address) else 'not running'}")
     else:
@@ -170,7 +176,7 @@ def _jobs(args) -> int:
             return 2
         print(job_id, flush=True)
         if args.wait:
-            final = jobs.wait(job_id, args.address)
+            final = jobs.wait(job_id, args.address, on_log=_echo)
             print(f"{job_id}: {final}")
             return 0 if final == "SUCCEEDED" else 1
     return 0

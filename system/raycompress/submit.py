@@ -101,9 +101,10 @@ def submit(job_file: Path, output: str, address: str | None = None, extra_args: 
     return job_id
 
 
-def wait(job_id: str, address: str | None = None, follow: bool = True, poll_s: float = 2.0,
+def wait(job_id: str, address: str | None = None, on_log=None, poll_s: float = 2.0,
          timeout_s: float | None = None) -> str:
-    """Block until the job ends, printing its log as it grows (`follow`); returns its final status.
+    """Block until the job ends, handing each new piece of its log to `on_log(text)` (if given);
+    returns its final status.
 
     Raises:
         TimeoutError: still running after `timeout_s`.
@@ -112,9 +113,9 @@ def wait(job_id: str, address: str | None = None, follow: bool = True, poll_s: f
     shown, t0 = 0, time.monotonic()
     while True:
         status = str(c.get_job_status(job_id).value)
-        if follow:
+        if on_log:
             logs = c.get_job_logs(job_id)
-            print(logs[shown:], end="", flush=True)
+            on_log(logs[shown:])
             shown = len(logs)
         if status in TERMINAL:
             return status
@@ -131,12 +132,9 @@ def status(job_id: str, address: str | None = None) -> dict:
             "metadata": info.metadata}
 
 
-def logs(job_id: str, address: str | None = None, follow: bool = False) -> None:
-    """Print the job's log; with `follow`, keep printing until the job ends."""
-    if follow:
-        wait(job_id, address, follow=True)
-    else:
-        print(client(address).get_job_logs(job_id), end="")
+def logs(job_id: str, address: str | None = None) -> str:
+    """The job's log so far."""
+    return client(address).get_job_logs(job_id)
 
 
 def stop(job_id: str, address: str | None = None) -> bool:
