@@ -140,10 +140,10 @@ def _dry_run(job, model) -> int:
     from raycompress.distributed.plan import build_plan, check_fits, format_plan, preflight
     from raycompress.distributed.resources import init_ray
 
-    preflight(job, model)  # what the job names, before Ray starts
+    om = preflight(job, model)  # what the job names, before Ray starts
     init_ray(job.ray)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    plan = build_plan(job, model, sum(n.get("GPU", 0.0) for n in nodes))
+    plan = build_plan(job, model, sum(n.get("GPU", 0.0) for n in nodes), om)
     problems = check_fits(plan, nodes)
     print(format_plan(plan, problems))
     return 2 if problems else 0

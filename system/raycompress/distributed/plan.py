@@ -74,9 +74,9 @@ def _split(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
-def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float) -> dict:
+def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) -> dict:
     """The plan as a dict (see module docstring). `cluster_gpus`: GPUs the cluster has, which
-    decides `gpus_per_actor: auto`.
+    decides `gpus_per_actor: auto`; `om`: the model's `OffloadedModel` if already built.
 
     Raises:
         FileNotFoundError, ValueError: the model cannot be read or its architecture is not in the
@@ -88,7 +88,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float) -> dict:
     from raycompress.models.weights import OffloadedModel
     from raycompress.storage import uri
 
-    om = OffloadedModel(model)
+    om = om or OffloadedModel(model)  # `preflight`'s, when the caller ran it
     r, c, s = job.ray, job.compress, job.select
     rows = _split(s.n_samples, r.compress_actors)
     plan = Plan(om, c, r.compress_actors)

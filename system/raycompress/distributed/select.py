@@ -215,8 +215,7 @@ def _quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False  # "Starting execution of Dataset ..." / "Execution plan ..."
-    for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     ds_log = logging.getLogger("ray.data.dataset")
     if not any(isinstance(f, _DropFalseHangWarning) for f in ds_log.filters):
