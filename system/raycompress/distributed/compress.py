@@ -164,8 +164,7 @@ def _spawn(job: JobConfig, model: ModelRef, shards, subsets, attempt: int = 0) -
 def _layer_metrics(job: JobConfig, tokens_per_layer: int):
     """`compress_layers`' on_layer: layer progress, seconds and calibration tokens as metrics (the
     actors count the bytes they write)."""
-    def on_layer(i: int, n: int, facts: dict) -> None:
-        metrics.record("raycompress_layers_total", n, job.name)
+    def on_layer(i: int, n: int, facts: dict) -> None:  # layers_total is set once, in run_compress
         metrics.record("raycompress_layers_done", i + 1, job.name)
         if not facts.get("replayed"):
             metrics.record("raycompress_layer_seconds", facts["seconds"], job.name)
