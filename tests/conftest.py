@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,53 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_job_dir(tmp_path_factory):
+    """A whole job on a tiny random Llama with a tokenizer trained on the fly: two JSONL sources (one with
+    a malformed and an empty line), a perplexity task and the shipped piqa task on small files."""
+    import json
+    import random
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("job")
+    rng = random.Random(0)
+    bio = [random_doc(rng, 60) for _ in range(40)]
+    gen = [random_doc(rng, 60) for _ in range(40)]
+    (root / "bio.jsonl").write_text("\n".join(json.dumps({"id": f"b{i}", "text": t}) for i, t in enumerate(bio))
+                                    + "\n{not json\n" + json.dumps({"id": "e", "text": "   "}) + "\n")
+    (root / "gen.jsonl").write_text("\n".join(json.dumps({"id": f"g{i}", "text": t}) for i, t in enumerate(gen)) + "\n")
+    (root / "eval.jsonl").write_text("\n".join(json.dumps({"text": random_doc(rng, 80)}) for _ in range(6)) + "\n")
+    (root / "piqa.jsonl").write_text("\n".join(json.dumps({"goal": random_doc(rng, 8), "sol1": random_doc(rng, 5), "sol2": random_doc(rng, 6),
+                                                           "label": i % 2}) for i in range(6)) + "\n")
+    model = root / "model"
+    vocab = write_tokenizer(model, bio + gen)
+    make_tiny_llama(model, layers=2, hidden=64, inter=128, vocab=vocab)
+    job = {
+        "name": "tiny", "model": str(model),
+        "select": {"method": "zipcal", "sources": {"bio": {"path": str(root / "bio.jsonl")}, "gen": {"path": str(root / "gen.jsonl")}},
+                   "mix": {"bio": 0.75, "gen": 0.25}, "n_samples": 8, "seq_len": 32, "seed": 0},
+        "compress": {"algorithm": "sparsegpt", "sparsity": 0.5},
+        "evaluate": {"batch_tokens": 512, "task_dirs": [str(REPO / "jobs" / "tasks")], "tasks": [
+            {"name": "ppl", "kind": "perplexity", "path": str(root / "eval.jsonl"), "max_length": 32},
+            {"name": "piqa", "path": str(root / "piqa.jsonl")}]},  # the shipped piqa task on this file
+        "ray": {"compress_actors": 2, "eval_actors": 2, "cpus_per_actor": 0.5, "torch_threads": 1},
+    }
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_job_run(tiny_job_dir, ray_local):
+    """The tiny job run once, in this process, into tiny_job_dir/out (tests build on it, in any order)."""
+    from raycompress.config import load_config
+    from raycompress.distributed.orchestrator import ORDER, run_job
+
+    out = tiny_job_dir / "out"
+    run_job(load_config(tiny_job_dir / "job.yaml"), out, ORDER, tiny_job_dir / "model")
+    return out

@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns any failure into a message
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        from raycompress.distributed.restarts import StageFailed
+
+        what = str(exc) if isinstance(exc, StageFailed) else f"{type(exc).__name__}: {exc}"  # it names the type
+        print(f"error: {what}\n(run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

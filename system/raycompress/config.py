@@ -297,6 +297,9 @@ class RayConfig(_Strict):
 
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a cluster")
     num_cpus: int | None = Field(None, gt=0, description="local Ray only: CPUs to offer")
+    object_store_memory: int | None = Field(
+        None, ge=78643200, description="local Ray only: bytes of shared memory for the object store (at least "
+        "75 MiB, Ray's minimum); objects beyond it spill to disk. Default: Ray's (30 percent of memory)")
     compress_actors: int = Field(1, gt=0)
     eval_actors: int = Field(1, gt=0)
     select_actors: int = Field(1, gt=0, description="tokenize/score actors of the select stage")

@@ -68,3 +68,20 @@ def test_join_keeps_query_and_display_drops_it():
 def test_unknown_scheme_is_named():
     with pytest.raises(uri.StorageError, match="nosuch://b/x"):
         uri.read_bytes("nosuch://b/x")
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC while writing (stubbed at fsync, where a real disk reports it last): DiskFull names the
+    file and the bytes it needed; neither the file nor its temporary remains."""
+    import errno
+
+    from raycompress.storage import uri
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(uri.os, "fsync", full)
+    target = tmp_path / "model" / "model-00001-of-00003.safetensors"
+    with pytest.raises(uri.DiskFull, match=r"model-00001-of-00003\.safetensors while writing it: it needs 1000 bytes"):
+        uri.write_bytes(target, b"x" * 1000)
+    assert list((tmp_path / "model").iterdir()) == []

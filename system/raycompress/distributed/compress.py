@@ -15,8 +15,10 @@ import ray
 import torch
 
 from raycompress.config import JobConfig
+from raycompress import chaos
 from raycompress.distributed import metrics
 from raycompress.distributed.resources import actor_options, torch_threads
+from raycompress.distributed.restarts import RestartBudget
 from raycompress.distributed.select import load_calibration
 from raycompress.engine.budget import layer_floors
 from raycompress.engine.pipeline import Plan, Progress, compress_layers, reduce_to
@@ -28,7 +30,6 @@ from raycompress.models.weights import OffloadedModel
 from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
-CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_LAYER", "RAYCOMPRESS_CHAOS_MARKER", "RAYCOMPRESS_CHAOS_SLOW_LAYER_S")
 
 
 def choose_device(gpu_ids: list, visible: str | None, cuda_available: bool) -> str:
@@ -55,8 +56,20 @@ class _Shell(LayerWorker):
         super().__init__(*args, device=device, **kwargs)
 
     def begin_layer(self, idx: int) -> int:
-        _chaos(idx)
+        chaos.layer_point(idx, "begin")
         return super().begin_layer(idx)
+
+    def accumulate(self, groups: dict, split: bool = False) -> dict[str, int]:
+        chaos.layer_point(self.layer_idx, "stats")
+        return super().accumulate(groups, split)
+
+    def solve_group(self, *args, **kwargs):
+        chaos.layer_point(self.layer_idx, "solve")
+        return super().solve_group(*args, **kwargs)
+
+    def solve_layer(self, *args, **kwargs):
+        chaos.layer_point(self.layer_idx, "solve")
+        return super().solve_layer(*args, **kwargs)
 
     def reduce_stats(self, partial: dict) -> None:
         super().reduce_stats(partial)
@@ -75,6 +88,7 @@ class _Shell(LayerWorker):
 
     def write_layer(self, path: str, quant=None) -> dict:
         out = super().write_layer(path, quant)
+        chaos.layer_point(self.layer_idx, "write")  # the shard is durable, the driver has not marked it
         metrics.record("raycompress_bytes_written", out["bytes"], self.job_name, stage="compress")
         return out
 
@@ -90,22 +104,6 @@ class _Shell(LayerWorker):
 
 CompressionActor = ray.remote(_Shell)
 
-
-def _chaos(layer_idx: int) -> None:
-    """Failure injection for tests: the first actor to begin layer N (RAYCOMPRESS_CHAOS_KILL_LAYER)
-    dies at once, leaving a marker file (RAYCOMPRESS_CHAOS_MARKER) so that it happens once; with
-    RAYCOMPRESS_CHAOS_SLOW_LAYER_S every layer starts that many seconds late (a slow model, so a
-    test can stop a job mid-compress)."""
-    layer, marker, slow = (os.environ.get(k) for k in CHAOS_ENV)
-    if slow:
-        time.sleep(float(slow))
-    if layer and marker and int(layer_idx) == int(layer):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(1)
 
 
 class _Remote:
@@ -144,7 +142,7 @@ def _spawn(job: JobConfig, model: ModelRef, shards, subsets, attempt: int = 0) -
     dying name. If one cannot be created, those already made are killed before the error rises."""
     from raycompress.distributed.naming import name_options
 
-    env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
+    env = chaos.env_vars()
     opts = {**actor_options(job.ray), "runtime_env": {"env_vars": env}} if env else actor_options(job.ray)
     c = job.compress
     kw = {"micro_batch": c.micro_batch, "torch_threads": torch_threads(job.ray),
@@ -218,14 +216,6 @@ def _summary(job: JobConfig, model: OffloadedModel, out_dir: str, fingerprint: s
     }
 
 
-def _lost_worker(exc: BaseException) -> bool:
-    """True when `exc` says an actor, its worker process or its node died, or an object it held was
-    lost with it (directly or as the cause of a task error): what a restart recovers from."""
-    from ray import exceptions as rex
-
-    lost = (rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError, rex.WorkerCrashedError)
-    return isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost)
-
 
 def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str, fingerprint: str,
                  max_restarts: int = 3) -> dict:
@@ -240,6 +230,8 @@ def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str,
     Raises:
         ray.exceptions.RayError: actors kept dying (or their results were lost with their node)
             after `max_restarts` restarts.
+        restarts.StageFailed: an actor's own code raised (a bad weight file, a full disk, a NaN):
+            not retried, since a replacement would raise it again.
     """
 
     ids, table = load_calibration(calib_path)
@@ -252,24 +244,22 @@ def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str,
     offloaded = OffloadedModel(model)
     metrics.record("raycompress_layers_total", offloaded.num_layers, job.name)
     metrics.record("raycompress_layers_done", 0, job.name)
-    restarts = 0
+    budget = RestartBudget("compress", max_restarts)
     while True:
-        actors = _spawn(job, model, shards, subsets, restarts)
+        actors = _spawn(job, model, shards, subsets, budget.used)
         try:
-            backend = _backend(job, actors, restarts)
+            backend = _backend(job, actors, budget.used)
             records = compress_layers(backend, offloaded, job.compress, out_dir, fingerprint, sorted(masks),
                                       on_layer=_layer_metrics(job, int(ids.numel())))
             reports = ray.get([a.report.remote() for a in actors])
             break
         except ray.exceptions.RayError as exc:
-            if not _lost_worker(exc) or restarts >= max_restarts:
-                raise
-            restarts += 1
-            log.warning("a compression actor died (%s); restart %d/%d, resuming from %s",
-                        type(exc).__name__, restarts, max_restarts, uri.display(uri.join(out_dir, "progress.json")))
+            budget.absorb(exc)  # raises unless an actor died and a restart is left
+            log.info("resuming from %s", uri.display(uri.join(out_dir, "progress.json")))
         finally:
             for a in actors:
                 ray.kill(a)
+    restarts = budget.used
     result = {"algorithm": job.compress.algorithm, "config": job.compress.model_dump(mode="json"),
               "actors": k, "restarts": restarts, "statistics_transport": backend.transport,
               **_summary(job, offloaded, out_dir, fingerprint, [len(s) for s in shards], ids.shape[1], len(masks), reports),

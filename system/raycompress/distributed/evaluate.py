@@ -22,10 +22,12 @@ from pathlib import Path
 import ray
 
 from raycompress.config import JobConfig
+from raycompress import chaos
 from raycompress.distributed import metrics
 from raycompress.distributed.naming import name_options
 from raycompress.distributed.progress import ProgressLog
 from raycompress.distributed.resources import actor_options, torch_threads
+from raycompress.distributed.restarts import RestartBudget
 from raycompress.evaluation.local import finalize_all, prepare_all
 from raycompress.evaluation.scoring import Request, model_input
 from raycompress.evaluation.taskfiles import resolve_tasks
@@ -34,20 +36,7 @@ from raycompress.storage import uri
 
 log = logging.getLogger(__name__)
 
-CHAOS_ENV = ("RAYCOMPRESS_CHAOS_KILL_EVAL_UNIT", "RAYCOMPRESS_CHAOS_MARKER")
 
-
-def _chaos(unit: int) -> None:
-    """Failure injection for tests: the first actor to start unit N (RAYCOMPRESS_CHAOS_KILL_EVAL_UNIT)
-    dies at once, leaving a marker file (RAYCOMPRESS_CHAOS_MARKER) so that it happens once."""
-    target, marker = (os.environ.get(k) for k in CHAOS_ENV)
-    if not (target and marker and unit == int(target)):
-        return
-    try:
-        Path(marker).touch(exist_ok=False)
-    except FileExistsError:
-        return
-    os._exit(1)
 
 
 class EvalActor:
@@ -77,7 +66,7 @@ class EvalActor:
         """((log-likelihood, greedy) per request, the seconds this actor spent scoring them)."""
         from raycompress.evaluation.scoring import loglikelihoods
 
-        _chaos(unit)
+        chaos.eval_point(unit)
         t0 = time.perf_counter()
         results = loglikelihoods(self.model, requests, max_len, batch_tokens)
         return results, time.perf_counter() - t0
@@ -110,13 +99,15 @@ def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restart
 
     Raises:
         ray.exceptions.RayActorError: actors died more than `max_restarts` times.
+        restarts.StageFailed: an actor's own code raised (a model that does not load, a bad
+            request): not retried, since a replacement would raise it again.
     """
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayError
 
     actors = [spawn(slot, 0) for slot in range(min(n_actors, len(units)))]
     todo, inflight = deque(range(len(units))), {}
     results: list = [None] * len(units)
-    restarts = 0
+    budget = RestartBudget("evaluate", max_restarts)
     try:
         while todo or inflight:
             busy = {slot for slot, _ in inflight.values()}
@@ -130,19 +121,15 @@ def run_pool(spawn, units: list[list[Request]], n_actors: int, call, max_restart
                 results[k] = ray.get(ref)
                 if on_unit:
                     on_unit(k, results[k])
-            except RayActorError as exc:
-                if restarts >= max_restarts:
-                    raise
-                restarts += 1
-                log.warning("eval actor %d died on unit %d (%s); replacing it (%d/%d)", slot, k,
-                            type(exc).__name__, restarts, max_restarts)
+            except RayError as exc:
+                budget.absorb(exc, f"eval-{slot} unit {k}")  # raises unless the actor died and a restart is left
                 ray.kill(actors[slot])
-                actors[slot] = spawn(slot, restarts)
+                actors[slot] = spawn(slot, budget.used)
                 todo.appendleft(k)
     finally:
         for a in actors:
             ray.kill(a)
-    return results, restarts
+    return results, budget.used
 
 
 def _context_length(model_dir: Path, tokenizer) -> int:
@@ -167,7 +154,7 @@ def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len:
     """
     ev = job.evaluate
     order = make_units(requests, max_len, ev.unit_tokens)
-    env = {k: os.environ[k] for k in CHAOS_ENV if k in os.environ}
+    env = chaos.env_vars()
     opts = {**actor_options(job.ray), **({"runtime_env": {"env_vars": env}} if env else {})}
     actor_cls = ray.remote(EvalActor)
 

@@ -25,14 +25,18 @@ def init_ray(cfg: RayConfig) -> None:
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True} if env else {"log_to_driver": True}
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set by Ray for a submitted job
     if address:
-        if cfg.num_cpus is not None:
-            log.info("joining the Ray cluster at %s: ray.num_cpus=%s (a local-cluster setting) is ignored",
-                     address, cfg.num_cpus)
+        for key in ("num_cpus", "object_store_memory"):
+            if getattr(cfg, key) is not None:
+                log.info("joining the Ray cluster at %s: ray.%s=%s (a local-cluster setting) is ignored",
+                         address, key, getattr(cfg, key))
         ray.init(address=address, **kwargs)
     else:
         # "local": always a fresh local Ray, never one found through /tmp/ray/ray_current_cluster
         # (a `ray start` head or a test's Cluster on this machine); `ray.address: auto` joins that.
-        ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
+        from raycompress.distributed.reaper import start
+
+        start(os.getpid())  # a SIGKILLed driver takes its local Ray's processes with it
     log.info("ray resources: %s", ray.cluster_resources())
 
 

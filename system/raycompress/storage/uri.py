@@ -32,6 +32,11 @@ class StorageError(OSError):
     """A location that cannot be opened (unknown scheme, missing file, no permission); names it."""
 
 
+class DiskFull(StorageError):
+    """The disk filled while writing a file: names the file, the bytes it needed and the space that
+    was free. Nothing was left at the file's name (the partial temporary file is removed)."""
+
+
 def is_uri(location: str | os.PathLike) -> bool:
     """True for ``scheme://...`` (file:// included), False for a plain path."""
     return "://" in str(location)
@@ -143,7 +148,7 @@ def write_bytes(location: str | os.PathLike, data: bytes | memoryview) -> int:
     """Write `data` atomically (see the module docstring); parents are created. Returns bytes written."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        return _write_local(Path(path), [data])
+        return _write_local(Path(path), [data], len(data))
     _make_parent(fs, path)
     with fs.open_output_stream(path) as f:
         f.write(data)
@@ -155,7 +160,15 @@ def _make_parent(fs: pafs.FileSystem, path: str) -> None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
 
 
-def _write_local(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+def _write_local(path: Path, chunks: Iterable[bytes | memoryview], size: int | None = None) -> int:
+    """Write `chunks` (`size` bytes in all, when known) to `path` through a temporary file.
+
+    Raises:
+        DiskFull: the disk filled (ENOSPC, EDQUOT); the temporary file is removed.
+    """
+    import errno
+    import shutil
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     n = 0
@@ -166,6 +179,14 @@ def _write_local(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        need = f"{size} bytes" if size is not None else f"more than {n} bytes"
+        raise DiskFull(exc.errno, f"no space left on the device of {path} while writing it: it needs {need}, "
+                       f"{free} bytes are free; free space (or choose another --output) and rerun the same "
+                       "command: finished work is kept") from exc
     finally:
         tmp.unlink(missing_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
