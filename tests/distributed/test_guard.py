@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,9 +42,12 @@ def test_a_killed_runs_lock_expires(tmp_path, holder, busy):
             assert json.loads((tmp_path / ".lock").read_text())["token"] != "x"
 
 
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpora" / "biomed_pubmedqa_pool.jsonl"
+
+
 def _job(tiny_llama_dir, **compress) -> JobConfig:
     return JobConfig.model_validate({
-        "model": str(tiny_llama_dir), "base_dir": ".", "select": {"sources": {"a": {"path": "a.jsonl"}}},
+        "model": str(tiny_llama_dir), "base_dir": ".", "select": {"sources": {"a": {"path": str(CORPUS)}}},
         "compress": {"algorithm": "sparsegpt", "sparsity": 0.5, **compress}, "evaluate": {"tasks": []}})
 
 
@@ -61,6 +65,7 @@ def test_a_changed_job_does_not_reuse_finished_stages(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("changes,field", [
+    ({"select": {"sources": {"a": {"path": "/nonexistent/*.jsonl"}}}}, r"select.sources.a.path: no file matches /nonexistent/\*.jsonl"),
     ({"compress": {"algorithm": "sparsegtp"}}, r"compress.algorithm: unknown compression algorithm 'sparsegtp'"),
     ({"select": {"method": "zipcall"}}, r"select.method: unknown selection method 'zipcall'"),
     ({"compress": {"targets": ["mlp.nope"]}}, r"compress.targets: \['mlp.nope'\]"),

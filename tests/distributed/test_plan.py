@@ -68,7 +68,7 @@ def llama70b(tmp_path_factory) -> Path:
 def _job(model: Path, **ray) -> JobConfig:
     return JobConfig.model_validate({
         "model": str(model), "base_dir": str(REPO / "jobs"),
-        "select": {"sources": {"bio": {"path": "x.jsonl"}}, "n_samples": 128, "seq_len": 2048},
+        "select": {"sources": {"bio": {"path": "../data/corpora/biomed_pubmedqa_pool.jsonl"}}, "n_samples": 128, "seq_len": 2048},
         "compress": {"algorithm": "sparsegpt", "sparsity": 0.5}, "evaluate": {"tasks": ["piqa"]},
         "ray": {"compress_actors": 8, "eval_actors": 8, "cpus_per_actor": 8, **ray}})
 

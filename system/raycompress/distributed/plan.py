@@ -23,19 +23,32 @@ class PreflightError(ValueError):
     """A job that would fail later; the message names the job field and what would be right."""
 
 
+def _check_sources(job: JobConfig) -> None:
+    """Every corpus source the select stage will read matches at least one file (a listing, no reads)."""
+    from raycompress.data.readers import CorpusPathError, expand_paths
+
+    for name, src in sorted(job.select.sources.items()):
+        try:
+            expand_paths(src.path, job.base_dir)
+        except (CorpusPathError, OSError) as exc:
+            raise PreflightError(f"select.sources.{name}.path: {exc}") from exc
+
+
 def preflight(job: JobConfig, model: ModelRef):
     """Check what the job names against the registries, the model's config and the task files.
     Returns the model's `OffloadedModel` (config and weight map only, no weights).
 
     Raises:
-        PreflightError: naming the field (select.method, compress.algorithm, compress.targets,
-            compress.sparsity, compress.quant.group_size, model, evaluate.tasks).
+        PreflightError: naming the field (select.sources.<name>.path, select.method,
+            compress.algorithm, compress.targets, compress.sparsity, compress.quant.group_size,
+            model, evaluate.tasks).
     """
     from raycompress.engine.pipeline import Plan
     from raycompress.evaluation.taskfiles import TaskError, resolve_tasks
     from raycompress.models.weights import OffloadedModel
     from raycompress.registry import ALGORITHMS, SELECTORS
 
+    _check_sources(job)
     c = job.compress
     for field, name, reg in (("select.method", job.select.method, SELECTORS), ("compress.algorithm", c.algorithm, ALGORITHMS)):
         if name not in reg:
