@@ -30,3 +30,12 @@ def test_missing_architectures():
     cfg.architectures = None
     with pytest.raises(UnsupportedArchitectureError, match="missing"):
         arch_spec(cfg)
+
+
+def test_model_types_agree_with_transformers_and_cover_the_table():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from raycompress.models.arch import MODEL_TYPES
+
+    assert set(MODEL_TYPES.values()) == set(ARCHITECTURES)
+    assert all(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] == cls for t, cls in MODEL_TYPES.items())

@@ -54,7 +54,8 @@ def preflight(job: JobConfig, model: ModelRef):
         if name not in reg:
             raise PreflightError(f"{field}: unknown {reg.kind} '{name}'; known: {reg.names()}")
     try:
-        om = OffloadedModel(model)
+        om = OffloadedModel(model)  # config.json refused if it asks for remote code or names no supported model
+        om.check_files()  # every weight file's safetensors header against its size (no tensor data)
     except (OSError, ValueError, KeyError) as exc:
         raise PreflightError(f"model: {exc}") from exc
     try:

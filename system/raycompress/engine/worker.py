@@ -53,6 +53,10 @@ class LayerWorker:
         device: where weights, activations, statistics and solves live (default CPU).
         hessian_dtype: accumulator dtype of the statistics (float32 or float64).
         rank: this worker's index among the data-parallel workers.
+
+    Raises (constructor):
+        models.validate.CheckpointError: the model folder is refused, or an embedding weight
+            holds NaN/Inf (named with its file and count), found as the embeddings are loaded.
     """
 
     def __init__(self, model_dir, input_ids: torch.Tensor, micro_batch: int = 4, torch_threads: int | None = None,
@@ -136,6 +140,13 @@ class LayerWorker:
 
     # -- lifecycle -------------------------------------------------------------------------
     def begin_layer(self, idx: int) -> int:
+        """Load decoder layer `idx`; returns this shard's row count. Every weight is checked for
+        NaN/Inf as it is loaded (`OffloadedModel.read_tensors`, no second read).
+
+        Raises:
+            models.validate.CheckpointError: a weight holds NaN/Inf (its name, file and count), or
+                its file is missing or malformed. Deterministic: a retry fails the same way.
+        """
         t0 = time.perf_counter()
         self.layer = self.model.load_layer(idx)
         self.layer_idx = idx

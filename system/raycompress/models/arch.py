@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raycompress.models.validate import CheckpointError
 
-class UnsupportedArchitectureError(ValueError):
-    """The checkpoint's `config.architectures` is not in the table."""
+
+class UnsupportedArchitectureError(CheckpointError):
+    """The checkpoint's `config.architectures` (or `model_type`) is not in the table."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp_down="fc2",
         intermediate_key="ffn_dim",
     ),
+}
+
+# config.json `model_type` -> the class transformers' AutoModelForCausalLM builds for it; the
+# skeleton is built from the model type, so it must agree with `architectures`
+MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "opt": "OPTForCausalLM",
 }
 
 

@@ -7,6 +7,11 @@ The reader is memory-mapped (`safetensors.safe_open`), so only the tensors asked
 straight to the model's device, in the checkpoint's own dtype unless another is asked for.
 A model in object storage is read through the node-local cache (`models.fetch.ModelRef`): each
 node fetches the metadata files, then only the safetensors files holding the layers it loads.
+
+The folder is untrusted data (`models.validate`): config.json is refused when it asks for remote
+code or names an unsupported model; every safetensors header is checked against its file before
+the file is opened (`check_files` checks them all, for preflight); every tensor loaded by
+`read_tensors` / `read_outside_layers` is checked for NaN/Inf. All raise `CheckpointError`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from torch import nn
 
 from raycompress.models.arch import ArchSpec, arch_spec
 from raycompress.models.fetch import ModelRef
+from raycompress.models.validate import (PICKLE_SUFFIXES, CheckpointError, Header, check_config, check_finite,
+                                        read_header)
 from raycompress.storage import uri
 
 
@@ -38,7 +45,11 @@ class OffloadedModel:
 
     Raises:
         FileNotFoundError: the folder has no config.json or no safetensors file.
-        UnsupportedArchitectureError: the architecture is not in `models.arch.ARCHITECTURES`.
+        CheckpointError: config.json (or tokenizer_config.json) asks for remote code, the index
+            names files outside the folder or pickles, the folder holds only pickle weights, or a
+            safetensors header read here (the single file's, layer 0's) is malformed.
+        UnsupportedArchitectureError (a CheckpointError): the model type or architecture is not
+            in `models.arch.ARCHITECTURES`.
     """
 
     def __init__(self, model: ModelRef | str | Path, dtype: torch.dtype | None = None,
@@ -49,6 +60,9 @@ class OffloadedModel:
         self.model_dir = self.ref.local(weights=False)  # config, tokenizer and index on this node
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{uri.display(self.ref.location)}: no config.json")
+        self._check_configs()
+        self._headers: dict[str, Header] = {}
+        self._checked: set[str] = set()  # weight files whose local copy's header was checked here
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = "sdpa"  # attention_mask=None then means causal
         self.spec: ArchSpec = arch_spec(self.config)
@@ -60,6 +74,18 @@ class OffloadedModel:
         self.num_layers = len(_get_submodule(self.skeleton, self.spec.layers))
         self._inputs_ready = False
 
+    def _check_configs(self) -> None:
+        """config.json and tokenizer_config.json as JSON, before transformers reads them."""
+        for name in ("config.json", "tokenizer_config.json"):
+            path = self.model_dir / name
+            if path.is_file():
+                try:
+                    cfg = json.loads(path.read_bytes())
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise CheckpointError(f"model folder {uri.display(self.ref.location)}: {name} is not JSON "
+                                          f"({exc})") from exc
+                check_config(cfg, uri.display(self.ref.location), name)
+
     def _read_weight_map(self) -> dict[str, str]:
         index = self.model_dir / "model.safetensors.index.json"
         if index.is_file():
@@ -67,38 +93,101 @@ class OffloadedModel:
             bad = sorted({f for f in weight_map.values() if "/" in f or "\\" in f or f.startswith(".")
                           or not f.endswith(".safetensors")})
             if bad:  # a shard outside the folder, or not safetensors (pickle), is never opened
-                raise ValueError(f"{uri.display(self.ref.location)}: model.safetensors.index.json names files "
-                                 f"outside the model folder or not .safetensors: {bad[:3]}")
+                raise CheckpointError(f"{uri.display(self.ref.location)}: model.safetensors.index.json names files "
+                                      f"outside the model folder or not .safetensors: {bad[:3]}")
             return weight_map
-        try:
-            single = self._file("model.safetensors")
-        except FileNotFoundError:
-            single = None
-        if single is None or not single.is_file():
+        if not uri.is_file(self._location("model.safetensors")):
+            self._refuse_pickles()
             raise FileNotFoundError(f"{uri.display(self.ref.location)}: no model.safetensors or index")
-        with safe_open(str(single), framework="pt") as f:
-            return {k: "model.safetensors" for k in f.keys()}
+        return {k: "model.safetensors" for k in self._header("model.safetensors").tensors}
+
+    def _refuse_pickles(self) -> None:
+        """A folder whose weights are only pickles (pytorch_model.bin, *.pt ...) is refused by name."""
+        root = self.model_dir if self._root_is_local() else self.ref.location
+        names = sorted(n for n in uri.listdir(str(root)) if n.endswith(PICKLE_SUFFIXES))
+        if names:
+            raise CheckpointError(f"{uri.display(self.ref.location)}: weights only as pickle files {names[:3]}; "
+                                  "raycompress reads only safetensors (unpickling can run code); convert the "
+                                  "checkpoint to safetensors with a tool you trust")
+
+    def _root_is_local(self) -> bool:
+        return self.ref.is_alias or uri.is_local(self.ref.location)
+
+    def _location(self, name: str) -> str:
+        """Where weight file `name` is stored (a local path, or a URI read by range reads)."""
+        return str(self.model_dir / name) if self._root_is_local() else uri.join(self.ref.location, name)
+
+    def _header(self, name: str) -> Header:
+        """The checked safetensors header of weight file `name` where it is stored (cached).
+
+        Raises:
+            CheckpointError: the file is missing (naming the index) or its header is malformed.
+        """
+        if name not in self._headers:
+            loc = self._location(name)
+            try:
+                self._headers[name] = read_header(loc, uri.display(loc))
+            except OSError as exc:
+                if uri.exists(loc):
+                    raise
+                users = sorted(k for k, f in getattr(self, "weight_map", {}).items() if f == name)
+                raise CheckpointError(f"{uri.display(self.ref.location)}: model.safetensors.index.json names {name} "
+                                      f"(for {len(users)} tensors, e.g. {users[:2]}) but there is no such file; "
+                                      "restore the file or fix the index") from exc
+        return self._headers[name]
+
+    def check_files(self) -> None:
+        """Check every weight file the index names, by its header alone (two range reads each, no
+        tensor data): it exists, its header agrees with its size, it holds the tensors the index
+        sends to it. Meant for preflight.
+
+        Raises:
+            CheckpointError: naming the file (and the tensor) and what would be right.
+        """
+        by_file: dict[str, list[str]] = {}
+        for k, fname in self.weight_map.items():
+            by_file.setdefault(fname, []).append(k)
+        for fname, names in sorted(by_file.items()):
+            absent = sorted(set(names) - set(self._header(fname).tensors))
+            if absent:
+                raise CheckpointError(f"{uri.display(self._location(fname))}: model.safetensors.index.json puts tensor "
+                                      f"'{absent[0]}' ({len(absent)} in all) in this file, but its header has no such "
+                                      "tensor; fix the index or restore the file")
 
     def _file(self, name: str) -> Path:
-        """A weight file of the checkpoint on this node (fetched into the node cache if remote)."""
-        return self.ref.weight_file(name)
+        """A weight file of the checkpoint on this node (fetched into the node cache if remote), its
+        header checked once per process before safetensors opens it.
+
+        Raises:
+            CheckpointError: the file is missing or its header is malformed.
+        """
+        if self._root_is_local():
+            self._header(name)  # the stored file is the local one
+            return self.model_dir / name
+        path = self.ref.weight_file(name)
+        if name not in self._checked:
+            read_header(str(path), f"{uri.display(self._location(name))} (cached at {path})")
+            self._checked.add(name)
+        return path
 
     def _stored_dtype(self) -> torch.dtype:
-        """The dtype of the first floating-point tensor of a decoder layer (else of any tensor)."""
+        """The dtype of the first floating-point tensor of a decoder layer (else of any tensor),
+        from the safetensors headers (no tensor data read)."""
         layer0 = [k for k in self.weight_map if k.startswith(self.spec.layers + ".0.")] or list(self.weight_map)
         for k in sorted(layer0):
-            with safe_open(str(self._file(self.weight_map[k])), framework="pt") as f:
-                t = f.get_slice(k)
-                dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(t.get_dtype())
+            dt = _DTYPES.get(self._header(self.weight_map[k]).tensors.get(k, {}).get("dtype"))
             if dt is not None:
                 return dt
         return torch.float32
 
     def read_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors whose name starts with `prefix + '.'`, keyed without the prefix.
+        """All tensors whose name starts with `prefix + '.'`, keyed without the prefix, each checked
+        for NaN/Inf as loaded (in memory, no second read).
 
         Raises:
             KeyError: no tensor has that prefix.
+            CheckpointError: a tensor holds NaN/Inf (naming it, its file and the count), or its
+                file is missing or malformed.
         """
         keys = [k for k in self.weight_map if k.startswith(prefix + ".")]
         if not keys:
@@ -111,7 +200,9 @@ class OffloadedModel:
             with safe_open(str(self._file(fname)), framework="pt", device=_st_device(self.device)) as f:
                 for k in names:
                     t = f.get_tensor(k)
-                    out[k[len(prefix) + 1 :]] = t.to(self.dtype) if t.is_floating_point() else t
+                    cast = t.to(self.dtype) if t.is_floating_point() else t
+                    check_finite(k, cast, uri.display(self._location(fname)), cast_from=t if cast is not t else None)
+                    out[k[len(prefix) + 1 :]] = cast
         return out
 
     def layer_prefix(self, idx: int) -> str:
@@ -163,7 +254,11 @@ class OffloadedModel:
         return module.eval()
 
     def read_outside_layers(self) -> dict[str, torch.Tensor]:
-        """Every checkpoint tensor not under the decoder layers, with its full name, in its stored dtype."""
+        """Every checkpoint tensor not under the decoder layers, with its full name, in its stored dtype.
+
+        Raises:
+            CheckpointError: a tensor holds NaN/Inf (naming it, its file and the count).
+        """
         prefix = self.spec.layers + "."
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
@@ -174,6 +269,7 @@ class OffloadedModel:
             with safe_open(str(self._file(fname)), framework="pt") as f:
                 for k in names:
                     out[k] = f.get_tensor(k)
+                    check_finite(k, out[k], uri.display(self._location(fname)))
         return out
 
     @torch.no_grad()
@@ -221,6 +317,9 @@ class OffloadedModel:
             return None
         meta = _get_submodule(self.skeleton, self.spec.rotary)
         return type(meta)(config=self.config)
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def _st_device(device: torch.device) -> str:
