@@ -1,11 +1,14 @@
 """Benchmark of the compression engine; prints ONE JSON line.
 
+    make model && make peer-env   # from a fresh clone: .venv with the default model, and .venv-peer
     .venv/bin/python jobs/benchmarks/compression.py [--parts peer,depth,scale]
 
 - peer: ours vs llm-compressor `oneshot` (in `.venv-peer`, `make peer-env`) on SmolLM2 with the
   same calibration set, for Wanda 50%, SparseGPT 50% and GPTQ int4 group 64 (symmetric, static
   activation order): wall_ratio and peak_rss_ratio (ours / peer, whole process trees) and
-  perplexity of both on the job's perplexity tasks.
+  perplexity of both on the job's perplexity tasks, scored in this process
+  (`peer_llmcompressor.perplexities`; both GPTQ checkpoints are compressed-tensors pack-quantized
+  and are dequantized as they load, `peer_llmcompressor.load_dense`).
 - depth: peak RSS of our compress stage on random Llama configs of SmolLM2's width with 4 and 32
   decoder layers (same calibration ids), and their ratio.
 - scale: compress wall time with 1 and 2 actors, and the share of actor time spent in statistics,
@@ -103,6 +106,9 @@ def main() -> int:
     ap.add_argument("--algorithms", default="wanda,sparsegpt,gptq_w4g64")
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peer/bin/python")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if "peer" in parts and not args.peer_python.exists():
+        raise SystemExit(f"{args.peer_python} missing: run `make peer-env` first (or --parts depth,scale)")
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     from raycompress.config import load_config
     from raycompress.models.fetch import resolve_model
@@ -114,7 +120,6 @@ def main() -> int:
     base = args.output / "select-run"
     if not (base / "select" / "calibration.parquet").exists():
         run_measured([cli, "select", str(args.job), "--output", str(base)], args.output / "select.log")
-    parts = set(args.parts.split(","))
     result: dict = {"model": job.model, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len}}
     if "peer" in parts:
         result["peer"] = peer_part(args, job, raw, cli, model_dir, base / "select")

@@ -60,17 +60,53 @@ def _watch(proc, cmd, log, t0) -> tuple[str, float, float]:
     return out, time.perf_counter() - t0, peak[0]
 
 
+def load_dense(model_dir: Path):
+    """`model_dir` as a float32 causal LM whose linears all hold a dense `weight`.
+
+    A compressed-tensors checkpoint (our GPTQ output and llm-compressor's, format pack-quantized)
+    is dequantized while it loads. Loaded as is, transformers 5 with compressed-tensors 0.20 keeps
+    each quantized linear packed (`weight_packed`, `weight_scale`, no `weight`) and unpacks them in
+    a forward pre-hook on the top-level model only; the scorer runs the decoder body and the output
+    head separately (evaluation/scoring.py), so that hook never fires and the first packed linear
+    raises AttributeError: 'Linear' object has no attribute 'weight'.
+
+    Raises:
+        RuntimeError: a linear is still packed after loading (a transformers / compressed-tensors
+            whose loading options differ from these).
+    """
+    import inspect
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32}
+    quant = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) or {}
+    if (quant if isinstance(quant, dict) else quant.to_dict()).get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        # `dequantize` replaced `run_compressed` (its opposite) in transformers 5
+        new_api = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
+        kwargs["quantization_config"] = CompressedTensorsConfig(**({"dequantize": True} if new_api
+                                                                   else {"run_compressed": False}))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    packed = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+              and not isinstance(getattr(mod, "weight", None), torch.Tensor)]
+    if packed:
+        raise RuntimeError(f"{model_dir}: {len(packed)} linears still packed after loading (first: {packed[0]})")
+    return model
+
+
 def perplexities(job, model_dir: Path) -> dict:
     """Token perplexity of `model_dir` on the job's perplexity tasks (lm-eval's rolling windows per
-    document), scored in this process with the same code as the eval pool."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    document), scored in this process with the same code as the eval pool; a quantized checkpoint
+    is scored dequantized (`load_dense`)."""
+    from transformers import AutoTokenizer
 
     from raycompress.evaluation.local import evaluate_in_process
     from raycompress.evaluation.taskfiles import resolve_tasks
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_dense(model_dir)
     tasks = [t for t in resolve_tasks(job) if t.kind == "perplexity"]
     records = evaluate_in_process(model, tok, tasks, job.resolve, job.evaluate.batch_tokens)["tasks"]
     return {name: round(r["metrics"]["token_perplexity"], 4) for name, r in records.items()}

@@ -80,3 +80,57 @@ def test_bias_rows_follow_the_neurons():
     assert new_up["fc1"]["bias"].tolist() == [1.0, 3.0]
     assert new_up["fc1"]["weight"].tolist() == [[3.0, 4.0, 5.0], [9.0, 10.0, 11.0]]
     assert new_down["weight"].tolist() == [[1.0, 3.0], [5.0, 7.0]] and new_down["bias"].tolist() == [1.0, 1.0]
+
+
+def _solve(acts: dict[str, torch.Tensor], w_down: torch.Tensor, sparsity: float):
+    """The registered Cus-Prun layer solve on sqnorm statistics of explicit down inputs `acts`
+    (dimension -> (tokens, d_ff)); returns (rel_error, pruned neuron indices)."""
+    import raycompress.engine.solvers  # noqa: F401  (registers the algorithms)
+    from raycompress.config import CompressConfig
+    from raycompress.engine.stats import InputStats
+    from raycompress.registry import ALGORITHMS
+
+    d_model, d_ff = w_down.shape
+    stats = {}
+    for dim, a in acts.items():
+        stats[dim] = InputStats("sqnorm", d_ff)
+        stats[dim].add_batch(a)
+    cfg = CompressConfig(algorithm="cus_prun", sparsity=sparsity,
+                         cus_prun={"dimensions": {d: [d] for d in acts}, "multiple_of": 1})
+    up = {"up_proj": {"weight": torch.randn(d_ff, d_model, generator=torch.Generator().manual_seed(9))}}
+    out, info = ALGORITHMS.get("cus_prun").layer_solve(up, "down_proj", {"weight": w_down}, stats, cfg, None)
+    kept = {next(i for i in range(d_ff) if torch.equal(c, w_down[:, i])) for c in out["down_proj"]["weight"].T}
+    return info["rel_error"], [i for i in range(d_ff) if i not in kept]
+
+
+@torch.no_grad()
+def test_rel_error_is_the_pruned_share_of_neuron_impact_not_the_output_error():
+    """Known answer from explicit inputs X (tokens, d_ff) and W_down (d_model, d_ff): rel_error =
+    mean over dimensions of Σ_pruned ‖X[:, i] W_down[:, i]ᵀ‖² / Σ_i ‖X[:, i] W_down[:, i]ᵀ‖²
+    (each neuron removed alone); it is not ‖X ΔWᵀ‖² / ‖X Wᵀ‖² unless the neurons' activations
+    are uncorrelated."""
+    g = torch.Generator().manual_seed(0)
+    w_down = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    mix = torch.eye(8, dtype=torch.float64) + 0.8 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    acts = {"lang": torch.randn(40, 8, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, 8),
+            "domain": torch.randn(30, 8, generator=g, dtype=torch.float64) @ mix}  # correlated neurons
+    rel, pruned = _solve(acts, w_down, 0.5)
+    assert len(pruned) == 4
+
+    def alone(x, i):  # ‖Δh‖² summed over tokens when neuron i alone is removed
+        return float((x[:, i:i + 1] * w_down[:, i]).pow(2).sum())
+
+    shares = [sum(alone(x, i) for i in pruned) / sum(alone(x, i) for i in range(8)) for x in acts.values()]
+    assert rel == pytest.approx(sum(shares) / len(shares), rel=1e-6)  # float32 statistics
+    dw = torch.zeros_like(w_down)
+    dw[:, pruned] = w_down[:, pruned]
+    output = [float((x @ dw.T).pow(2).sum() / (x @ w_down.T).pow(2).sum()) for x in acts.values()]
+    assert abs(sum(output) / 2 - rel) > 0.01  # the cross terms matter here
+
+    # one neuron active per token: H = XᵀX is diagonal and the two quantities coincide
+    x = torch.zeros(16, 8, dtype=torch.float64)
+    x[torch.arange(16), torch.arange(16) % 8] = torch.linspace(0.5, 3.0, 16, dtype=torch.float64)
+    rel, pruned = _solve({"only": x}, w_down, 0.5)
+    dw = torch.zeros_like(w_down)
+    dw[:, pruned] = w_down[:, pruned]
+    assert rel == pytest.approx(float((x @ dw.T).pow(2).sum() / (x @ w_down.T).pow(2).sum()), rel=1e-6)

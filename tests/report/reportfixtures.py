@@ -55,8 +55,12 @@ def _calibration(out: Path, tokenizer_dir: Path) -> None:
                      "uid": f"u{i}", "score": float(i), "n_concepts": len(set(ids))})
     (out / "select").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), out / "select" / "calibration.parquet")
-    manifest = {"method": "zipcal", "quotas": {"biomed": 6, "general": 2}, "usable_documents": {"biomed": 50, "general": 9},
-                "candidate_windows": {"biomed": 60, "general": 20}, "skipped": {"biomed": {"a.jsonl": {"malformed_json": 2}}}}
+    # the keys the select stage writes (distributed/select.py `_write_outputs`), none it does not
+    manifest = {"fingerprint": "f" * 64, "method": "zipcal", "method_source": "ZipCal", "inputs": [],
+                "config": {"select": {"method": "zipcal"}}, "seed": 0, "quotas": {"biomed": 6, "general": 2},
+                "usable_documents": {"biomed": 50, "general": 9},
+                "skipped": {"biomed": {"a.jsonl": {"malformed_json": 2}}}, "file_errors": {"biomed": {}, "general": {}},
+                "selected": [], "calibration_sha256": "c" * 64}
     (out / "select" / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -31,9 +31,10 @@ def test_comparison_has_one_column_per_run(two_runs):
     assert header == ["row", "domain", "metric", "dense", "demo (method=zipcal)", "demo (method=random)"]
     by_name = {r[0]: r for r in rows}
     assert set(TASKS) | {"group: mmlu_biomed", "group: domain:general", "retention: general", "retention: biomed",
-                         "compression: mean sparsity", "compression: mean rel. error",
+                         "compression: mean sparsity", "compression: mean relative reconstruction error",
                          "wall time: all stages"} == set(by_name)
     assert by_name["compression: mean sparsity"][4:] == ["0.5000", "0.5000"]
+    assert by_name["compression: mean relative reconstruction error"][2] == "‖ΔWX‖²/‖WX‖²"
     # piqa acc_norm: dense 0.66, runs lose 5 % and 20 %
     assert by_name["piqa"][3:] == ["0.6600 ± 0.0300", "0.6270 ± 0.0300", "0.5280 ± 0.0300"]
     assert by_name["retention: general"][4] != by_name["retention: general"][5]
@@ -81,4 +82,21 @@ def test_a_run_not_yet_evaluated_reports_compression_and_calibration(tmp_path, c
     assert "No evaluation results in this run" in capsys.readouterr().out
     html = (run / "report.html").read_text()
     assert "No evaluation results in this run" in html and "Per-layer sparsity" not in html  # alt text only
-    assert 'alt="per-layer sparsity and reconstruction error"' in html
+    assert 'alt="per-layer sparsity and relative reconstruction error"' in html
+
+
+def test_a_cus_prun_error_gets_its_own_row_and_unit(two_runs, tmp_path):
+    """Cus-Prun's rel_error is a pruned share of neuron impact, not ‖ΔWX‖²/‖WX‖²: it is never put in
+    the SparseGPT runs' row."""
+    import shutil
+
+    cus = tmp_path / "cus"
+    shutil.copytree(two_runs[0], cus)
+    mods = [{"layer": i, "module": "mlp", "sparsity": 0.25, "rel_error": 0.1 * (i + 1), "seconds": 0.1}
+            for i in range(2)]
+    (cus / "compress" / "compression.json").write_text(json.dumps({"algorithm": "cus_prun", "modules": mods}))
+    header, rows = comparison_table(load_runs([two_runs[0], cus]))
+    by_name = {r[0]: r for r in rows}
+    assert by_name["compression: mean relative reconstruction error"][2:] == ["‖ΔWX‖²/‖WX‖²", "–", "0.0200", "–"]
+    assert by_name["compression: mean pruned share of neuron impact"][2:] == ["Σ pruned / Σ all impacts", "–", "–",
+                                                                              "0.1500"]

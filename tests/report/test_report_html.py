@@ -86,3 +86,46 @@ def test_without_tokenizer_concepts_are_skipped_with_a_note(tmp_path, tok_dir):
     concepts = json.loads((out / "report.json").read_text())["calibration"]["top_concepts"]
     assert concepts["items"] == [] and "no tokenizer.json" in concepts["note"]
     assert "no tokenizer.json" in (out / "report.html").read_text()
+
+
+def _table_after(html: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the first table after `heading`, cell text unescaped."""
+    from html import unescape
+
+    part = html.split(heading, 1)[1].split("</table>", 1)[0]
+    header = [unescape(h) for h in re.findall(r"<th>(.*?)</th>", part)]
+    rows = [[unescape(c) for c in re.findall(r"<td>(.*?)</td>", tr)] for tr in re.findall(r"<tr>(.*?)</tr>", part)]
+    return header, [r for r in rows if r]
+
+
+def test_calibration_table_has_a_value_in_every_column(run_dir):
+    """Every column of the calibration table is filled from what the select stage writes (the
+    fixture's manifest has exactly its keys): no column that is "–" for every source."""
+    header, rows = _table_after((run_dir / "report.html").read_text(), "<h2>Calibration set</h2>")
+    assert header == ["source", "sequences", "quota", "usable docs", "tokens", "median length", "docs / sequence",
+                      "skipped"]
+    assert [r[0] for r in rows] == ["biomed", "general"] and all(len(r) == len(header) for r in rows)
+    for col, name in enumerate(header):
+        assert any(r[col] != "–" for r in rows), f"column {name!r} is empty for every source"
+    assert rows[0][1:4] == ["6", "6", "50"] and rows[0][-1] == "malformed_json: 2"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["calibration"]["sources"]["biomed"]) == {
+        "sequences", "quota", "usable_documents", "tokens", "lengths", "docs_per_sequence", "distinct_tokens",
+        "median_length"}
+
+
+def test_error_is_labelled_with_what_the_algorithm_measures(run_dir):
+    """SparseGPT's rel_error is ‖WX − ŴX‖²/‖WX‖²; Cus-Prun's is the pruned share of neuron impact,
+    and no part of the report calls it a reconstruction error."""
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["compression"]["rel_error_measure"]["unit"] == "‖ΔWX‖²/‖WX‖²"
+    assert "‖WX − ŴX‖² / ‖WX‖²" in (run_dir / "report.html").read_text()
+    mods = [{"layer": i, "module": "mlp", "sparsity": 0.25, "rel_error": 0.1, "seconds": 0.1} for i in range(3)]
+    (run_dir / "compress" / "compression.json").write_text(json.dumps({"algorithm": "cus_prun", "modules": mods}))
+    write_report(None, run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["compression"]["rel_error_measure"]["name"] == "pruned share of neuron impact"
+    html, md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
+    for text in (html, md):
+        assert "mean pruned share of neuron impact 0.1000" in text and "E[a_i²]·‖W_down[:, i]‖²" in text
+        assert "reconstruction error" not in text and "‖WX − ŴX‖²" not in text

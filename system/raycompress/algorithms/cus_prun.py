@@ -11,6 +11,14 @@ For FFN neuron i of a decoder layer (SwiGLU or plain MLP), the layer output carr
 a_i(x) · W_down[:, i]; removing the neuron removes exactly that term, so per token
 ||Δh||² = a_i(x)² · ||W_down[:, i]||², and over a corpus E[a_i²] · ||W_down[:, i]||². E[a_i²] is
 the down projection's per-input mean square, the statistic Wanda also uses. Pure tensor maths.
+
+What a layer reports as `rel_error` (engine/solvers.py): per dimension, the pruned neurons' share
+of the summed impacts, Σ_pruned E[a_i²]·‖W_down[:, i]‖² / Σ_i E[a_i²]·‖W_down[:, i]‖², averaged
+over the dimensions. It is *not* the relative output error ‖ΔW_down X‖² / ‖W_down X‖² (X the
+down projection's inputs, ΔW_down the pruned columns): with H = X Xᵀ that is
+tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), whose cross terms H_ij·W_down[:, i]ᵀW_down[:, j] (i ≠ j) need the
+full (d_ff, d_ff) Hessian; the per-input squared norms collected here are only its diagonal. The
+two agree when different neurons' activations are uncorrelated over the tokens (H diagonal).
 """
 from __future__ import annotations
 

@@ -6,9 +6,19 @@ update from the upper Cholesky factor of H^-1 and lazy batch updates). Reference
 github.com/IST-DASLab/gptq `gptq.py` (`GPTQ.fasterquant`). Activation order (quantize columns
 by decreasing diag(H)) uses *static* groups: group scales come from the original weight in its
 natural column order, so the checkpoint needs no group index (llm-compressor's actorder="static").
-Without activation order, group parameters are computed when the sweep reaches each group, from
-the error-compensated weights (as the reference does); per-channel parameters come from the
-original weight. Pure tensor maths on whatever device the tensors are on.
+
+Group parameters without activation order follow the reference: at column i with
+i % group_size == 0 it fits them with `find_params(W[:, i:i + group_size])` on the outer W, which
+the lazy batch update changes only at block ends. A group's scale and zero therefore come from its
+weights as they are when its block starts: compensated for the errors of every earlier block, not
+for those of the earlier columns of its own block. The two states differ only for a group that
+does not start its block (group_size < block_size); group_size must divide block_size, so no
+group straddles two blocks. Here the parameters of all groups of a block are fitted when the
+block starts, which gives the same values.
+
+Per-channel parameters come from the original weight with the dead inputs' columns zeroed (the
+reference fits them before zeroing; the two differ only when an input is always 0). Pure tensor
+maths on whatever device the tensors are on.
 """
 from __future__ import annotations
 
@@ -16,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raycompress.algorithms.obs import OBSFactor, columns_from, obs_factor_, obs_sweep_
+from raycompress.algorithms.obs import OBSFactor, obs_factor_, obs_sweep_
 from raycompress.algorithms.quant import QuantSpec, qparams, quantize_column
 
 
@@ -33,19 +43,21 @@ class GPTQResult:
 
 
 class _QuantRounder:
-    """Rounding = quantize the column on its group's grid (natural-order group of the column)."""
+    """Rounding = quantize the column on its group's grid (natural-order group of the column).
+    `dynamic`: fit the parameters of the groups of each block (natural order; g divides the
+    block size) from the block's weights as they are when it starts (see the module docstring)."""
 
     def __init__(self, spec: QuantSpec, perm: torch.Tensor, g: int, scale, zero, dynamic: bool) -> None:
         self.spec, self.perm, self.g, self.scale, self.zero, self.dynamic = spec, perm.tolist(), g, scale, zero, dynamic
 
     def begin_block(self, b0, b1, w1, u1, rest):
-        self._rest = rest
+        if self.dynamic:  # w1 is untouched by this block's sweep yet: the reference's W[:, i:i + g]
+            for c in range(0, b1 - b0, self.g):
+                grp = (b0 + c) // self.g
+                self.scale[:, grp], self.zero[:, grp] = qparams(w1[:, c:c + self.g], self.spec)
 
     def round(self, j, col, w1, jj, u1):
-        grp = self.perm[j] // self.g
-        if self.dynamic and j % self.g == 0:  # parameters from the error-compensated group
-            self.scale[:, grp], self.zero[:, grp] = qparams(columns_from(w1, jj, self._rest, self.g), self.spec)
-        return quantize_column(col, self.scale, self.zero, grp, self.spec)
+        return quantize_column(col, self.scale, self.zero, self.perm[j] // self.g, self.spec)
 
 
 def gptq_quantize(

@@ -61,8 +61,23 @@ def quantize_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest baseline: (dequantized w, scale (d_out, n_groups), zero (d_out, n_groups))."""
+    """Round-to-nearest baseline (the GPTQ paper's RTN): each group of `spec.group_size`
+    consecutive input columns (all d_in columns when None) gets its own `qparams`.
+
+    Args:
+        w: (d_out, d_in) weight, any float dtype.
+    Returns:
+        (dequantized w (d_out, d_in) float32, scale (d_out, n_groups), zero (d_out, n_groups)),
+        n_groups = d_in / group_size; every value is within half a step (scale / 2) of w.
+    Raises:
+        ValueError: w is not 2-D, or group_size does not divide d_in (no partial last group:
+            a checkpoint's group count is d_in / group_size).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (d_out, d_in), got shape {tuple(w.shape)}")
     g = spec.group_size or w.shape[1]
+    if w.shape[1] % g:
+        raise ValueError(f"group size {g} does not divide d_in={w.shape[1]}")
     out, scales, zeros = torch.empty_like(w, dtype=torch.float32), [], []
     for c in range(0, w.shape[1], g):
         s, z = qparams(w[:, c : c + g], spec)

@@ -113,7 +113,6 @@ def _per_source(rows: list[dict], manifest: dict) -> dict:
         out[src] = {
             "sequences": len(seqs), "quota": (manifest.get("quotas") or {}).get(src),
             "usable_documents": (manifest.get("usable_documents") or {}).get(src),
-            "candidate_windows": (manifest.get("candidate_windows") or {}).get(src),
             "tokens": sum(lengths), "lengths": lengths, "docs_per_sequence": docs,
             "distinct_tokens": concepts,
             "median_length": statistics.median(lengths) if lengths else None,

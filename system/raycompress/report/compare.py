@@ -14,10 +14,11 @@ import json
 import os
 import posixpath
 from html import escape
+from typing import Callable
 
 from raycompress.report import plots
 from raycompress.report.html import image, page, table
-from raycompress.report.markdown import RETENTION_NOTE, metric_label
+from raycompress.report.markdown import RETENTION_NOTE, error_measure, metric_label
 from raycompress.report.report import load_report
 from raycompress.report.results import fmt_value, primary
 from raycompress.storage import uri
@@ -105,15 +106,26 @@ def comparison_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 # rows describing each run itself: (row name, unit, value from the report dict)
 RUN_ROWS = [
     ("compression: mean sparsity", "fraction", lambda rep: (rep.get("compression") or {}).get("mean_sparsity")),
-    ("compression: mean rel. error", "‖ΔWX‖²/‖WX‖²", lambda rep: (rep.get("compression") or {}).get("mean_rel_error")),
     ("wall time: all stages", "s", lambda rep: sum(st.get("wall_s", 0) for st in (rep.get("stages") or {}).values())
      or None),
 ]
 
 
+def _error_rows(runs: list[dict]) -> list[tuple[str, str, Callable[[dict], float | None]]]:
+    """One row per kind of `rel_error` among the runs (it measures different things for OBS
+    methods and Cus-Prun, `report.REL_ERROR_MEASURES`): each run fills only the row of its own."""
+    measures = [error_measure(r["report"].get("compression") or {}) for r in runs]
+    rows = []
+    for m in list({json.dumps(m, sort_keys=True): m for m in measures if m}.values()):
+        rows.append((f"compression: mean {m['name']}", m["unit"],
+                     lambda rep, m=m: (rep.get("compression") or {}).get("mean_rel_error")
+                     if error_measure(rep.get("compression") or {}) == m else None))
+    return rows
+
+
 def _run_rows(runs: list[dict], with_dense: bool) -> list[list[str]]:
     return [[name, "", unit] + (["–"] if with_dense else []) + [fmt_value(get(r["report"])) for r in runs]
-            for name, unit, get in RUN_ROWS]
+            for name, unit, get in RUN_ROWS[:1] + _error_rows(runs) + RUN_ROWS[1:]]
 
 
 def load_runs(dirs: list[str | os.PathLike]) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Opens from disk with no server: no scripts, no external links. Sections: tasks and groups tables
 (dense and compressed, delta and standard error), retention per domain, per-layer sparsity and
-reconstruction error, calibration composition, stage times, the job config.
+`rel_error` (labelled with what it measures for the algorithm, `report.REL_ERROR_MEASURES`),
+calibration composition, stage times, the job config.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 from html import escape
 
 from raycompress.report import plots
-from raycompress.report.markdown import NO_RESULTS, RETENTION_NOTE, na, result_rows
+from raycompress.report.markdown import NO_RESULTS, RETENTION_NOTE, error_measure, na, result_rows
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; background: #f6f7f9;
@@ -98,10 +99,14 @@ def _compression_section(comp: dict) -> str:
     if not comp.get("algorithm"):
         return html + "<p class=note>No compress/compression.json in this run.</p>"
     text = f"{comp['algorithm']}: {comp['modules']} modules, mean sparsity {comp['mean_sparsity']:.4f}"
-    if comp.get("mean_rel_error") is not None:
-        text += f", mean relative reconstruction error {comp['mean_rel_error']:.4f}"
-    html += f"<p class=note>{escape(text)}. Relative error = ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs.</p>"
-    return html + image(plots.layer_chart(comp.get("layers") or []), "per-layer sparsity and reconstruction error")
+    measure = error_measure(comp)
+    if measure is not None:
+        text += f", mean {measure['name']} {comp['mean_rel_error']:.4f}. {measure['name'].capitalize()} = " \
+                f"{measure['definition']}"
+    html += f"<p class=note>{escape(text)}.</p>"
+    label = f"{measure['name']} ({measure['unit']})" if measure else None
+    return html + image(plots.layer_chart(comp.get("layers") or [], label),
+                        f"per-layer sparsity and {measure['name'] if measure else 'error'}")
 
 
 def _calibration_section(cal: dict) -> str:
@@ -111,11 +116,10 @@ def _calibration_section(cal: dict) -> str:
     for src, s in (cal.get("sources") or {}).items():
         skipped = ", ".join(f"{r}: {n}" for r, n in sorted((cal.get("skipped") or {}).get(src, {}).items())) or "none"
         mean_docs = sum(s["docs_per_sequence"]) / len(s["docs_per_sequence"]) if s["docs_per_sequence"] else None
-        rows.append([src, s["sequences"], na(s.get("quota")), na(s.get("usable_documents")),
-                     na(s.get("candidate_windows")), s["tokens"], na(s.get("median_length")),
-                     "–" if mean_docs is None else f"{mean_docs:.2f}", skipped])
-    html += table(["source", "sequences", "quota", "usable docs", "candidate windows", "tokens", "median length",
-                   "docs / sequence", "skipped"], rows)
+        rows.append([src, s["sequences"], na(s.get("quota")), na(s.get("usable_documents")), s["tokens"],
+                     na(s.get("median_length")), "–" if mean_docs is None else f"{mean_docs:.2f}", skipped])
+    html += table(["source", "sequences", "quota", "usable docs", "tokens", "median length", "docs / sequence",
+                   "skipped"], rows)
     html += image(plots.calibration_chart(cal.get("sources") or {}), "calibration composition")
     concepts = cal.get("top_concepts") or {}
     html += f"<h3>Top concepts</h3><p class=note>{escape(concepts.get('note', ''))}</p>"

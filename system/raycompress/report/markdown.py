@@ -1,6 +1,7 @@
 """report.md: the report dict of one job as Markdown tables (tasks, groups, retention, stages, calibration)."""
 from __future__ import annotations
 
+from raycompress.report.report import rel_error_measure
 from raycompress.report.results import fmt_value, primary, reference_label
 
 RETENTION_NOTE = ("Retention: the compressed metric relative to the dense one, oriented so that 1.0 = no loss "
@@ -72,9 +73,20 @@ def _compression_lines(c: dict) -> list[str]:
     if not c.get("algorithm"):
         return []
     text = f"Compression: {c['algorithm']}, {c['modules']} modules, mean sparsity {c['mean_sparsity']:.4f}"
-    if c.get("mean_rel_error") is not None:
-        text += f", mean relative reconstruction error {c['mean_rel_error']:.4f}"
-    return ["", "## Compression", "", text]
+    measure = error_measure(c)
+    if measure is None:
+        return ["", "## Compression", "", text]
+    text += f", mean {measure['name']} {c['mean_rel_error']:.4f}"
+    return ["", "## Compression", "", text, "", f"{measure['name'].capitalize()} = {measure['definition']}."]
+
+
+def error_measure(comp: dict) -> dict | None:
+    """What the compression summary's `mean_rel_error` measures ({"name", "unit", "definition"}),
+    None when there is no error; a report.json written before the measure was recorded gets it
+    from its algorithm."""
+    if comp.get("mean_rel_error") is None:
+        return None
+    return comp.get("rel_error_measure") or rel_error_measure(comp.get("algorithm"))
 
 
 def calibration_lines(cal: dict) -> list[str]:

@@ -78,10 +78,12 @@ def task_retention_chart(tasks: dict[str, dict]) -> str | None:
     return _png(fig)
 
 
-def layer_chart(layers: list[dict]) -> str | None:
-    """Per decoder layer: mean sparsity (bars) and relative reconstruction error per module (lines).
+def layer_chart(layers: list[dict], error_label: str | None = None) -> str | None:
+    """Per decoder layer: mean sparsity (bars) and each module's `rel_error` (lines).
 
     layers: [{"layer", "sparsity", "modules": {module: {"sparsity", "rel_error"}}}] sorted by layer.
+    error_label: what rel_error measures (the y axis label; it differs by algorithm, see
+        `report.REL_ERROR_MEASURES`); default "error".
     """
     if not layers:
         return None
@@ -100,9 +102,9 @@ def layer_chart(layers: list[dict]) -> str | None:
     if ax2.lines:
         ax2.set_yscale("log")
         ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax2.set_ylabel("relative reconstruction error")
+    ax2.set_ylabel(error_label or "error", fontsize=8)
     ax2.set_xlabel("decoder layer")
-    fig.suptitle("Per-layer sparsity and reconstruction error", fontsize=10)
+    fig.suptitle(f"Per-layer sparsity and {error_label or 'error'}", fontsize=10)
     return _png(fig)
 
 

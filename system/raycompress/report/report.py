@@ -59,8 +59,28 @@ def layer_summary(modules: list[dict]) -> list[dict]:
     return [layers[k] for k in sorted(layers)]
 
 
+# What compression.json's per-module `rel_error` measures, by algorithm (engine/worker.py divides
+# the OBS sweep's loss by the outputs' squared norm; engine/solvers.py `_cus_prun` sums impacts).
+# Magnitude and Wanda record none.
+_OBS_ERROR = {
+    "name": "relative reconstruction error", "unit": "‖ΔWX‖²/‖WX‖²",
+    "definition": "‖WX − ŴX‖² / ‖WX‖² of each linear on the calibration inputs X, from the OBS sweep's error "
+                  "tr(ΔW H_λ ΔWᵀ) with H = XXᵀ damped by compress.damping · mean(diag H) (so at or slightly "
+                  "above the undamped value)"}
+_CUS_PRUN_SHARE = {
+    "name": "pruned share of neuron impact", "unit": "Σ pruned / Σ all impacts",
+    "definition": "Cus-Prun, per FFN: the sum over the pruned neurons of the impact E[a_i²]·‖W_down[:, i]‖² "
+                  "divided by the sum over all neurons, averaged over the dimensions (a: the down projection's "
+                  "input, E: mean over a dimension's calibration tokens). The cross-neuron terms "
+                  "E[a_i a_j]·W_down[:, i]ᵀW_down[:, j] are left out, so this is not ‖ΔWX‖²/‖WX‖² of the down "
+                  "projection; the two are equal only when different neurons' activations are uncorrelated"}
+REL_ERROR_MEASURES = {"sparsegpt": _OBS_ERROR, "gptq": _OBS_ERROR, "cus_prun": _CUS_PRUN_SHARE}
+
+
 def compression_summary(compression: dict) -> dict:
-    """Algorithm, recipe, mean sparsity and reconstruction error, and the per-layer table."""
+    """Algorithm, recipe, mean sparsity and `rel_error`, what that error measures for the algorithm
+    (`rel_error_measure`: {"name", "unit", "definition"} from `REL_ERROR_MEASURES`, None when no
+    module has one), and the per-layer table."""
     mods = compression.get("modules", [])
     errs = [m["rel_error"] for m in mods if m.get("rel_error") is not None]
     return {
@@ -68,9 +88,18 @@ def compression_summary(compression: dict) -> dict:
         "recipe": compression.get("config"),
         "mean_sparsity": sum(m["sparsity"] for m in mods) / len(mods) if mods else None,
         "mean_rel_error": sum(errs) / len(errs) if errs else None,
+        "rel_error_measure": rel_error_measure(compression.get("algorithm")) if errs else None,
         "modules": len(mods),
         "layers": layer_summary(mods),
     }
+
+
+def rel_error_measure(algorithm: str | None) -> dict:
+    """{"name", "unit", "definition"} of `rel_error` for `algorithm`; for an algorithm not in
+    `REL_ERROR_MEASURES` (a plugin), a generic entry that says the measure is not known here."""
+    return REL_ERROR_MEASURES.get(algorithm or "", {
+        "name": "reported error", "unit": f"as defined by {algorithm}",
+        "definition": f"the `rel_error` that algorithm {algorithm!r} records; its measure is not known to the report"})
 
 
 def build_report(out_dir: str | os.PathLike, config: dict | None = None) -> dict:
