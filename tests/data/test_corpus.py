@@ -2,7 +2,7 @@
 import hashlib
 import json
 
-from raycompress.data.corpus import SKIP_REASONS, parse_records
+from raycompress.data.corpus import READER_REASONS, SKIP_REASONS, parse_records
 
 
 def _batch(raws, pre=None, path="f.jsonl"):
@@ -25,7 +25,7 @@ def test_every_bad_kind_gets_its_reason():
     out = parse_records(_batch(raws), "biomed", "jsonl", "text", 10)
     assert out["reason"] == ["", "malformed_json", "not_an_object", "missing_field", "not_text", "empty",
                              "too_long", "not_utf8", ""]
-    assert set(out["reason"]) - {""} == set(SKIP_REASONS) - {"duplicate"}
+    assert set(out["reason"]) - {""} == set(SKIP_REASONS) - {"duplicate"} - set(READER_REASONS)
     assert out["doc_id"][:2] == ["a", "f.jsonl:1"] and out["doc_id"][-1] == "7"
     assert out["text"][0] == "good doc" and out["text"][-1] == "x" * 10
     assert out["hash"][0] == hashlib.sha256(b"good doc").hexdigest()[:16]
@@ -42,3 +42,13 @@ def test_plain_text_and_reader_reasons():
 def test_custom_text_field():
     out = parse_records(_batch([json.dumps({"abstract": "abc", "text": 1}).encode()]), "s", "jsonl", "abstract", 100)
     assert out["text"] == ["abc"] and out["reason"] == [""]
+
+
+def test_reader_reasons_per_row_format_and_error_detail():
+    batch = _batch([b'{"text": "json doc"}', b"plain doc", b"OSError: Truncated compressed stream", b""],
+                   pre=["", "", "unreadable_file", "blank_line"])
+    batch["fmt"] = ["jsonl", "text", "jsonl", "jsonl"]  # a glob of mixed formats: each row its file's
+    out = parse_records(batch, "s", "auto", "text", 100)
+    assert out["reason"] == ["", "", "unreadable_file", "blank_line"]
+    assert out["text"][:2] == ["json doc", "plain doc"]
+    assert out["detail"] == ["", "", "OSError: Truncated compressed stream", ""]

@@ -1,14 +1,17 @@
 """Select stage on Ray Data, streaming: the driver never holds the corpus.
 
 Per source:
-  pass 1 (survey): read -> parse; only small columns (path, row, reason, hash) are kept, to count
-    skipped records by reason and file, find exact duplicates (all but the first by (path, row)),
-    and, for `zipf`, count words.
+  pass 1 (survey): read -> parse; only small columns (path, row, reason, hash, detail) are kept, to
+    count skipped records by reason and file (a file that cannot be read is one "unreadable_file"
+    and its error text, never a failed run), find exact duplicates (all but the first by
+    (path, row)), and, for `zipf`, count words.
   pass 2 (round 1): read -> parse -> keep usable, non-duplicate documents -> `ShardSelector`
     actors tokenize, pack and select k winners per shard.
 Then the driver merges the winners (round 2), mixes the sources (or, in `kcenter` mode, cuts the
 union with k-center greedy on sentence embeddings) and writes `calibration.parquet` and
-`manifest.json` with a fingerprint of inputs, method, config and seed.
+`manifest.json` with a fingerprint of inputs, method, config and seed, the skip counts
+(`skipped`: source -> file -> reason -> n) and the read errors (`file_errors`: source -> file ->
+error text).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from tqdm import tqdm
 from raycompress.config import JobConfig
 from raycompress.distributed import metrics
 from raycompress.data.corpus import parse_records
-from raycompress.data.readers import CorpusDatasource, expand_paths, infer_format, read_plan
+from raycompress.data.readers import (FILE_ERRORS, CorpusDatasource, CorpusPathError, chaos_env, expand_paths,
+                                      infer_format, read_plan, record_byte_limit)
 from raycompress.models.fetch import ModelRef
 from raycompress.registry import SELECTORS
 from raycompress.selection.base import SelectContext, Window
@@ -41,24 +45,41 @@ class SelectionError(ValueError):
 
 
 def _docs(job: JobConfig, name: str, files: dict[str, str]):
-    """Parsed documents of one source; `files` is location -> label (`expand_paths`)."""
+    """Parsed documents of one source; `files` is location -> label (`expand_paths`). With
+    `format: auto` each file is read in its own format (inferred from its name), so a glob may mix
+    formats; a file whose format cannot be inferred is counted "unreadable_file".
+
+    Raises:
+        CorpusPathError: `format: auto` and no file's format can be inferred (the first is named).
+    """
     import ray.data
 
     src = job.select.sources[name]
-    locations = list(files)
-    fmt = infer_format(uri.name(locations[0])) if src.format == "auto" else src.format
-    fs, paths = read_plan(locations)
-    source = CorpusDatasource(paths, fmt=fmt, text_field=src.text_field, shard_docs=job.select.shard_docs,
-                              labels=dict(zip(paths, files.values())), filesystem=fs)
+    if src.format == "auto" and not any(_inferable(label) for label in files.values()):
+        infer_format(uri.name(next(iter(files))))  # raises, naming the file
+    fs, paths = read_plan(list(files))
+    source = CorpusDatasource(paths, fmt=src.format, text_field=src.text_field, shard_docs=job.select.shard_docs,
+                              labels=dict(zip(paths, files.values())), filesystem=fs,
+                              max_bytes=record_byte_limit(src.max_doc_chars))
+    env = chaos_env()  # failure injection (tests) reaches the read tasks; none in a normal run
     # One read task per file, never split (a block is a shard: results must not depend on the
     # cluster size). Reads take no CPU slot, so they never starve behind the actors, and at most
     # `select_actors` run at once (no more than there are files, or Ray Data warns), so they do
     # not flood the node with worker processes.
     ds = ray.data.read_datasource(source, override_num_blocks=len(paths), num_cpus=0,
-                                  concurrency=min(job.ray.select_actors, len(paths)))
+                                  concurrency=min(job.ray.select_actors, len(paths)),
+                                  **({"runtime_env": {"env_vars": env}} if env else {}))
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
-                          fn_kwargs={"source": name, "fmt": "jsonl" if fmt == "jsonl" else "text",
-                                     "text_field": src.text_field, "max_chars": src.max_doc_chars})
+                          fn_kwargs={"source": name, "fmt": src.format, "text_field": src.text_field,
+                                     "max_chars": src.max_doc_chars})
+
+
+def _inferable(label: str) -> bool:
+    try:
+        infer_format(label)
+    except CorpusPathError:
+        return False
+    return True
 
 
 def _first_of_group(batch: dict) -> dict:
@@ -67,9 +88,12 @@ def _first_of_group(batch: dict) -> dict:
     return {"path": [p for p, _ in order[1:]], "row": [int(r) for _, r in order[1:]]}
 
 
-def _survey(docs, dedup: bool) -> tuple[dict, set, int]:
-    """(skip counts {file: {reason: n}}, duplicate (path, row) keys, usable documents)."""
-    small = docs.select_columns(["path", "row", "reason", "hash"]).materialize()
+def _survey(docs, dedup: bool) -> tuple[dict, dict, set, int]:
+    """(skip counts {file: {reason: n}}, errors {file: error text} of the files that could not be
+    read, duplicate (path, row) keys, usable documents)."""
+    from ray.data.expressions import col
+
+    small = docs.select_columns(["path", "row", "reason", "hash", "detail"]).materialize()
     skipped: dict[str, dict[str, int]] = {}
     usable = 0
     # as many hash partitions as blocks (Ray's default is 200, whose tasks dominate a small job)
@@ -79,16 +103,18 @@ def _survey(docs, dedup: bool) -> tuple[dict, set, int]:
             skipped.setdefault(r["path"], {})[r["reason"]] = int(r["count()"])
         else:
             usable += int(r["count()"])
+    errors: dict[str, str] = {}
+    if any("unreadable_file" in reasons for reasons in skipped.values()):
+        for r in small.filter(expr=col("reason") == "unreadable_file").take_all():
+            errors[str(r["path"])] = str(r["detail"])
     drop: set = set()
     if dedup and usable:
-        from ray.data.expressions import col
-
         good = small.filter(expr=col("reason") == "")
         for r in good.groupby("hash", num_partitions=parts).map_groups(_first_of_group, batch_format="numpy").take_all():
             drop.add((str(r["path"]), int(r["row"])))
         for path, _ in drop:
             skipped.setdefault(path, {})["duplicate"] = skipped.get(path, {}).get("duplicate", 0) + 1
-    return skipped, drop, usable - len(drop)
+    return skipped, dict(sorted(errors.items())), drop, usable - len(drop)
 
 
 def _word_freq(docs, parts: int) -> dict[str, int]:
@@ -127,8 +153,29 @@ def _round1(job: JobConfig, docs, drop: set, model: ModelRef, k: int, ctx: Selec
     return rows_to_windows(winners.take_all())
 
 
-def _hash_file(location: str) -> tuple[str, int]:
-    return uri.sha256(location)
+def _hash_file(location: str, retried: tuple[str, ...] = ()) -> tuple[str, int]:
+    """(hex SHA-256, bytes) of a file's content as `storage.uri.sha256` reads it (a compressed
+    file decompressed); of its raw bytes when it cannot be read so (a gzip cut short), and
+    ("", 0) when it cannot be opened at all: its read counts it "unreadable_file".
+
+    Raises:
+        only an error whose message holds one of `retried` (a storage hiccup, not the file's).
+    """
+    for attempt in range(2):
+        try:
+            if attempt == 0:
+                return uri.sha256(location)
+            fs, path = uri.resolve(location)
+            digest, n = hashlib.sha256(), 0
+            with fs.open_input_stream(path, compression=None) as f:
+                while block := f.read(8 << 20):
+                    digest.update(block)
+                    n += len(block)
+            return digest.hexdigest(), n
+        except FILE_ERRORS as exc:
+            if any(p in str(exc) for p in retried):
+                raise
+    return "", 0
 
 
 def _input_records(name: str, files: dict[str, str]) -> list[dict]:
@@ -136,8 +183,11 @@ def _input_records(name: str, files: dict[str, str]) -> list[dict]:
     parallel as Ray tasks, on whichever nodes have room, reading from where the files are."""
     import ray
 
+    import ray.data
+
+    retried = tuple(ray.data.DataContext.get_current().retried_io_errors or ())
     task = ray.remote(num_cpus=0.25)(_hash_file)
-    hashes = ray.get([task.remote(loc) for loc in files])
+    hashes = ray.get([task.remote(loc, retried) for loc in files])
     return [{"source": name, "path": label, "location": uri.display(loc), "bytes": n, "sha256": digest}
             for (loc, label), (digest, n) in zip(files.items(), hashes)]
 
@@ -159,18 +209,21 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
     method = SELECTORS.get(sel.method)
     want = quotas(sel.n_samples, sel.mix) if sel.multi_source == "mix" else {s: sel.n_samples for s in sel.sources}
     chosen: list[Window] = []
-    inputs, skipped, usable = [], {}, {}
+    inputs, skipped, errors, usable = [], {}, {}, {}
     for i, name in enumerate(tqdm(sorted(sel.sources), desc="select", unit="source", disable=None)):
         if want.get(name, 0) == 0:
             continue
         files = expand_paths(sel.sources[name].path, base)
         inputs += _input_records(name, files)
         docs = _docs(job, name, files)
-        skipped[name], drop, usable[name] = _survey(docs, sel.dedup)
+        skipped[name], errors[name], drop, usable[name] = _survey(docs, sel.dedup)
         n_skipped = sum(n for reasons in skipped[name].values() for n in reasons.values())
         metrics.record("raycompress_documents", usable[name] + n_skipped, job.name, source=name, state="read")
         metrics.record("raycompress_documents", n_skipped, job.name, source=name, state="skipped")
         log.info("select[%s]: %d documents usable, %d skipped", name, usable[name], n_skipped)
+        for label, error in errors[name].items():
+            log.warning("select[%s]: %s could not be read to its end (counted unreadable_file; the records "
+                        "before the error are kept): %s", name, label, error)
         if usable[name] == 0:
             raise SelectionError(f"select.sources.{name}: no usable documents in {sorted(files.values())} "
                                  f"(skipped: {skipped[name]})")
@@ -186,7 +239,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
     for name in sel.sources:
         metrics.record("raycompress_documents", sum(w.source == name for w in chosen), job.name, source=name,
                        state="selected")
-    return _write_outputs(job, str(out_dir), chosen, inputs, skipped, usable, want)
+    return _write_outputs(job, str(out_dir), chosen, inputs, {"skipped": skipped, "file_errors": errors}, usable, want)
 
 
 class _DropFalseHangWarning(logging.Filter):
@@ -240,7 +293,8 @@ def _fingerprint(inputs: list[dict], config: dict) -> str:
     return hashlib.sha256(src.encode()).hexdigest()
 
 
-def _write_outputs(job, out_dir: str, chosen, inputs, skipped, usable, want) -> dict:
+def _write_outputs(job, out_dir: str, chosen, inputs, rejects: dict, usable, want) -> dict:
+    """`rejects`: {"skipped": {source: {file: {reason: n}}}, "file_errors": {source: {file: error}}}."""
     rows = [{"input_ids": w.input_ids.tolist(), "source": w.source, "doc_id": w.doc_ids[0], "doc_ids": w.doc_ids,
              "uid": w.uid, "score": float(w.score), "n_concepts": int(len(w.concepts))} for w in chosen]
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("source", pa.string()), ("doc_id", pa.string()),
@@ -255,7 +309,7 @@ def _write_outputs(job, out_dir: str, chosen, inputs, skipped, usable, want) -> 
     manifest = {
         "fingerprint": _fingerprint(inputs, config), "method": job.select.method,
         "method_source": SELECTORS.get(job.select.method).source, "inputs": inputs, "config": config,
-        "seed": job.select.seed, "quotas": want, "usable_documents": usable, "skipped": skipped,
+        "seed": job.select.seed, "quotas": want, "usable_documents": usable, **rejects,
         "selected": [{"source": r["source"], "uid": r["uid"], "doc_id": r["doc_id"], "score": r["score"]} for r in rows],
         "calibration_sha256": hashlib.sha256(parquet).hexdigest(),
     }
