@@ -61,39 +61,13 @@ def _watch(proc, cmd, log, t0) -> tuple[str, float, float]:
 
 
 def load_dense(model_dir: Path):
-    """`model_dir` as a float32 causal LM whose linears all hold a dense `weight`.
-
-    A compressed-tensors checkpoint (our GPTQ output and llm-compressor's, format pack-quantized)
-    is dequantized while it loads. Loaded as is, transformers 5 with compressed-tensors 0.20 keeps
-    each quantized linear packed (`weight_packed`, `weight_scale`, no `weight`) and unpacks them in
-    a forward pre-hook on the top-level model only; the scorer runs the decoder body and the output
-    head separately (evaluation/scoring.py), so that hook never fires and the first packed linear
-    raises AttributeError: 'Linear' object has no attribute 'weight'.
-
-    Raises:
-        RuntimeError: a linear is still packed after loading (a transformers / compressed-tensors
-            whose loading options differ from these).
-    """
-    import inspect
-
+    """`model_dir` as a float32 causal LM whose linears all hold a dense `weight`: a
+    compressed-tensors checkpoint is dequantized as it loads (`models.quantized.load_causal_lm`)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32}
-    quant = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) or {}
-    if (quant if isinstance(quant, dict) else quant.to_dict()).get("quant_method") == "compressed-tensors":
-        from transformers import CompressedTensorsConfig
+    from raycompress.models.quantized import load_causal_lm
 
-        # `dequantize` replaced `run_compressed` (its opposite) in transformers 5
-        new_api = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
-        kwargs["quantization_config"] = CompressedTensorsConfig(**({"dequantize": True} if new_api
-                                                                   else {"run_compressed": False}))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
-    packed = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-              and not isinstance(getattr(mod, "weight", None), torch.Tensor)]
-    if packed:
-        raise RuntimeError(f"{model_dir}: {len(packed)} linears still packed after loading (first: {packed[0]})")
-    return model
+    return load_causal_lm(model_dir, torch.float32)
 
 
 def perplexities(job, model_dir: Path) -> dict:

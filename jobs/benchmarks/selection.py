@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,15 +41,14 @@ def synth_pool(out_dir: Path, megabytes: float, files: int = 16, seed: int = 0) 
     sents = [s.strip() + "." for p in REAL for line in p.read_text().split("\n") if line.strip()
              for s in json.loads(line)["text"].split(". ") if s.strip()]
     target, written, i = megabytes * 1e6, 0, 0
-    handles = [open(out_dir / f"part-{j:03d}.jsonl", "w") for j in range(files)]
-    while written < target:
-        doc = " ".join(rng.choice(sents) for _ in range(rng.randint(5, 15)))
-        line = json.dumps({"id": f"s{i}", "text": doc}) + "\n"
-        handles[i % files].write(line)
-        written += len(line)
-        i += 1
-    for h in handles:
-        h.close()
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(out_dir / f"part-{j:03d}.jsonl", "w")) for j in range(files)]
+        while written < target:
+            doc = " ".join(rng.choice(sents) for _ in range(rng.randint(5, 15)))
+            line = json.dumps({"id": f"s{i}", "text": doc}) + "\n"
+            handles[i % files].write(line)
+            written += len(line)
+            i += 1
     (out_dir / "DONE").write_text(str(i))
     return out_dir
 
@@ -62,8 +62,9 @@ def run_select(name: str, path: str, method: str, cpus: int, out: Path, n: int =
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(yaml.safe_dump(job))
     if not (out / "run/state.json").exists():  # finished runs are reused (the benchmark resumes)
-        subprocess.run([str(Path(sys.executable).parent / "raycompress"), "select", str(out / "job.yaml"), "--output", str(out / "run")],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(out / "log.txt", "w"))
+        with open(out / "log.txt", "w") as log:
+            subprocess.run([str(Path(sys.executable).parent / "raycompress"), "select", str(out / "job.yaml"),
+                            "--output", str(out / "run")], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     stage = json.loads((out / "run/state.json").read_text())["stages"]["select"]
     manifest = json.loads((out / "run/select/manifest.json").read_text())
     docs = sum(manifest["usable_documents"].values())

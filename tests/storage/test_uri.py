@@ -85,3 +85,18 @@ def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(uri.DiskFull, match=r"model-00001-of-00003\.safetensors while writing it: it needs 1000 bytes"):
         uri.write_bytes(target, b"x" * 1000)
     assert list((tmp_path / "model").iterdir()) == []
+
+
+def test_compressed_files_are_bytes_as_stored(tmp_path):
+    """read_bytes, copy and sha256 see a .gz file's own bytes (pyarrow would decompress by extension)."""
+    import gzip
+
+    from raycompress.storage import uri
+
+    raw = gzip.compress(b'{"text": "a"}\n' * 100)
+    src = tmp_path / "c.jsonl.gz"
+    src.write_bytes(raw)
+    assert uri.read_bytes(src) == raw
+    uri.copy(src, tmp_path / "copy.jsonl.gz")
+    assert (tmp_path / "copy.jsonl.gz").read_bytes() == raw
+    assert uri.sha256(src) == (hashlib.sha256(raw).hexdigest(), len(raw))

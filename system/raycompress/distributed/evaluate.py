@@ -48,16 +48,17 @@ class EvalActor:
 
     def __init__(self, ref: ModelRef, threads: int, dtype: str, device_map: str | None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from raycompress.models.quantized import load_causal_lm
 
         torch.set_num_threads(threads)
         folder = ref.local()  # this node's copy: read in place if local, else fetched into the node cache
-        kwargs: dict = {"dtype": getattr(torch, dtype), "trust_remote_code": False}
+        kwargs: dict = {}
         if device_map:
             import tempfile
 
             kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="raycompress-offload-"))
-        self.model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+        self.model = load_causal_lm(folder, getattr(torch, dtype), **kwargs)  # quantized: dequantized
         if not device_map and torch.cuda.is_available():
             self.model.to("cuda")
 

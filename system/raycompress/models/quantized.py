@@ -50,3 +50,38 @@ def unpack_quantized(state: dict[str, torch.Tensor], q: QuantConfig) -> dict[str
         local = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".weight_")}
         out[f"{name}.weight"] = PackedQuantizationCompressor.decompress(local, scheme(q))["weight"]
     return out
+
+
+def load_causal_lm(folder, dtype: torch.dtype, **kwargs):
+    """`folder` as an eval-mode transformers causal LM in `dtype` whose linears all hold a dense
+    `weight` (what `evaluation.scoring` runs: the decoder body and the output head apart).
+
+    A compressed-tensors checkpoint (our `pack-quantized` output, or llm-compressor's) is
+    dequantized as it loads. Loaded as is, transformers 5 with compressed-tensors keeps each
+    quantized linear packed (`weight_packed`, `weight_scale`, no `weight`) and unpacks them in a
+    forward pre-hook of the top-level model only, which the scorer never calls. `kwargs` go to
+    `from_pretrained` (device_map, offload_folder); `trust_remote_code` is always False.
+
+    Raises:
+        RuntimeError: a linear is still packed after loading (a transformers / compressed-tensors
+            pair whose loading options differ from these).
+    """
+    import inspect
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**kwargs, "dtype": dtype, "trust_remote_code": False}
+    quant = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "quantization_config", None) or {}
+    if (quant if isinstance(quant, dict) else quant.to_dict()).get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        # `dequantize` replaced `run_compressed` (its opposite) in transformers 5
+        new_api = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
+        kwargs["quantization_config"] = CompressedTensorsConfig(**({"dequantize": True} if new_api
+                                                                   else {"run_compressed": False}))
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    packed = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+              and not isinstance(getattr(mod, "weight", None), torch.Tensor)]
+    if packed:
+        raise RuntimeError(f"{folder}: {len(packed)} linears still packed after loading (first: {packed[0]})")
+    return model

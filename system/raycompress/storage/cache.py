@@ -96,7 +96,7 @@ class NodeCache:
         h, n = hashlib.sha256(), 0
         fs, path = uri.resolve(location)
         try:
-            with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            with fs.open_input_stream(path, compression=None) as src, open(tmp, "wb") as dst:
                 while block := src.read(_CHUNK):
                     h.update(block)
                     dst.write(block)

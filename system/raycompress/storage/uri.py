@@ -134,7 +134,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
     """
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:  # bytes as stored, never decompressed
             return f.read()
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{display(location)}: no such file") from exc
@@ -205,7 +205,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     """Copy one file, across filesystems if need be (streamed; atomic at `dst`). Returns bytes."""
     sfs, spath = resolve(src)
     dfs, dpath = resolve(dst)
-    with sfs.open_input_stream(spath) as f:
+    with sfs.open_input_stream(spath, compression=None) as f:
         blocks = iter(lambda: f.read(_CHUNK), b"")
         if isinstance(dfs, pafs.LocalFileSystem):
             return _write_local(Path(dpath), blocks)
@@ -272,7 +272,7 @@ def sha256(location: str | os.PathLike) -> tuple[str, int]:
     """(hex SHA-256, size in bytes) of a file's contents, streamed."""
     fs, path = resolve(location)
     h, n = hashlib.sha256(), 0
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:  # bytes as stored, never decompressed
         while block := f.read(_CHUNK):
             h.update(block)
             n += len(block)

@@ -1,5 +1,5 @@
-"""jobs/benchmarks: a GPTQ checkpoint (compressed-tensors pack-quantized, ours or llm-compressor's)
-is scored dequantized. Loaded as is, transformers keeps its linears packed until the top-level
+"""models.quantized.load_causal_lm (the eval pool's and the benchmarks' loader): a GPTQ checkpoint
+(compressed-tensors pack-quantized, ours or llm-compressor's) is scored dequantized. Loaded as is, transformers keeps its linears packed until the top-level
 model's first forward, which the scorer (decoder body and head run apart) never calls: the
 benchmark's perplexity step failed with "'Linear' object has no attribute 'weight'"."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs" / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,14 @@ def test_a_dense_checkpoint_loads_unchanged(tiny_llama_dir):
     ours, plain = load_dense(tiny_llama_dir), AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     for (name, a), (_, b) in zip(ours.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@torch.no_grad()
+def test_the_eval_actor_scores_a_gptq_checkpoint(gptq_dir):
+    """The eval pool's actor (run here without Ray) loads the quantized checkpoint and scores it."""
+    from raycompress.distributed.evaluate import EvalActor
+    from raycompress.models.fetch import ModelRef
+
+    actor = EvalActor(ModelRef(str(gptq_dir)), 1, "float32", None)
+    results, seconds = actor.score(0, [((1, 2, 3), (4, 5))], 64, 256)
+    assert len(results) == 1 and results[0][0] < 0 and seconds >= 0
