@@ -3,10 +3,9 @@ value either loads unchanged (as a number: 2.0 may load as the int 2) or is refu
 ConfigError naming the field; never another exception, and a YAML boolean is never taken as a
 number.
 
-Two strict xfails record what the loader does not do yet (config.py): booleans *inside* a list or
-mapping (compress.n_m, compress.sparsity as a list, select.mix) and in ray.gpus_per_actor (a float
-or "auto") are coerced to 1 / 0, and a quoted number ("5") loads as the number. Each turns into
-a failure (XPASS) once fixed, so the marker is removed then.
+Booleans *inside* a list or mapping (compress.n_m, compress.sparsity as a list, select.mix) and in
+ray.gpus_per_actor (a float or "auto") are refused too, and so is a quoted number ("5"): the
+models validate in pydantic's strict mode.
 """
 from __future__ import annotations
 
@@ -120,7 +119,7 @@ def _check(field: str, extra: dict | None, value) -> None:
 def test_numeric_field_loads_unchanged_or_raises_config_error(field_extra, value):
     field, extra = field_extra
     if field == "ray.gpus_per_actor" and isinstance(value, bool):
-        value = 2  # its boolean case is the xfail below
+        value = 2  # its boolean case: test_a_boolean_inside_a_list_or_mapping_is_never_a_number
     _check(field, extra, value)
 
 
@@ -129,7 +128,7 @@ def test_numeric_field_loads_unchanged_or_raises_config_error(field_extra, value
 def test_a_boolean_is_never_a_number(field_extra, value):
     field, extra = field_extra
     if field == "ray.gpus_per_actor":
-        return  # the xfail below
+        return  # covered by test_a_boolean_inside_a_list_or_mapping_is_never_a_number
     with pytest.raises(ConfigError, match=field.rsplit(".", 1)[-1]):
         _load(_job(field, value, extra))
 
@@ -154,23 +153,18 @@ NESTED_BOOLEANS = [("compress.n_m", lambda b: [b, 4]), ("compress.sparsity", lam
                    ("select.mix", lambda b: {"a": b, "b": 1 - b}), ("ray.gpus_per_actor", lambda b: b)]
 
 
-@pytest.mark.xfail(strict=True, reason="config.py coerces a boolean inside a list or mapping, and in the "
-                   "float-or-'auto' ray.gpus_per_actor, to 1 / 0 (e.g. n_m: [true, 4] -> (1, 4), sparsity: "
-                   "[false] -> [0.0], gpus_per_actor: true -> 1.0)")
 @SETTINGS
 @given(st.sampled_from(NESTED_BOOLEANS), st.booleans())
-@example(NESTED_BOOLEANS[0], True)  # fails for certain, so the strict xfail never flips by chance
+@example(NESTED_BOOLEANS[0], True)
 def test_a_boolean_inside_a_list_or_mapping_is_never_a_number(case, value):
     field, make = case
     with pytest.raises(ConfigError, match=field.rsplit(".", 1)[-1]):
         _load(_job(field, make(value), None))
 
 
-@pytest.mark.xfail(strict=True, reason="config.py (pydantic's lax mode) loads a quoted number such as "
-                   "n_samples: '5' as the number 5")
 @SETTINGS
 @given(st.sampled_from(NUMERIC_FIELDS), NUMBERS)
-@example(("select.n_samples", None), 5)  # fails for certain, so the strict xfail never flips by chance
+@example(("select.n_samples", None), 5)
 def test_a_quoted_number_is_not_taken_as_a_number(field_extra, number):
     field, extra = field_extra
     _check(field, extra, str(number))

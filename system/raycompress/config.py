@@ -19,7 +19,10 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields are errors, and values are never coerced across types: YAML `true` or `"5"`
+    is not a number, anywhere (inside lists and mappings too); an int is a valid float."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +146,11 @@ class CompressConfig(_Strict):
         "whatever the number of actors, at twice the memory")
     micro_batch: int = Field(4, gt=0, description="calibration sequences per forward pass of a decoder layer")
     targets: list[str] | None = Field(None, description="module names inside a decoder layer; default: all linears")
+
+    @field_validator("n_m", mode="before")
+    @classmethod
+    def _nm_as_tuple(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML has lists; the items stay strictly ints
 
     @field_validator("n_m")
     @classmethod
