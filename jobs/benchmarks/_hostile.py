@@ -61,25 +61,26 @@ def bad_configs(job: dict) -> dict[str, dict]:
 
 
 def hostile_tasks(work: Path, job: dict) -> dict[str, dict]:
-    """Task files that try to run code through a template or read files outside their folder."""
-    tasks = work / "tasks"
-    tasks.mkdir(parents=True, exist_ok=True)
-    data = tasks / "items.jsonl"
-    data.write_text("\n".join(json.dumps({"q": f"question {i}", "a": "yes", "b": "no", "label": 0}) for i in range(4)) + "\n")
+    """Task files that try to run code through a template or read files outside their folder, each
+    in its own task folder (with its own copy of the items)."""
     m = marker_dir(work)
-    base = {"kind": "multiple_choice", "path": str(data), "choices": ["{{a}}", "{{b}}"], "target": "{{label}}"}
+    items = "\n".join(json.dumps({"q": f"question {i}", "a": "yes", "b": "no", "label": 0}) for i in range(4)) + "\n"
+    base = {"kind": "multiple_choice", "path": "items.jsonl", "choices": ["{{a}}", "{{b}}"], "target": "{{label}}"}
     files = {
         "template_runs_os_system": {**base, "prompt": "{{ cycler.__init__.__globals__.os.system('touch %s/jinja') }}" % m},
         "choice_runs_os_system": {**base, "prompt": "{{q}}", "choices": ["{{ joiner.__init__.__globals__.os.system('touch %s/choice') }}" % m, "{{b}}"]},
-        "template_reads_etc_hostname": {**base, "prompt": "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ lipsum.__globals__['__builtins__'].open('/etc/hostname').read() }}"},
+        "template_reads_etc_hostname": {**base, "prompt": "{{ lipsum.__globals__['__builtins__'].open('/etc/hostname').read() }}"},
         "path_outside_folder": {**base, "prompt": "{{q}}", "path": "../../../../../../etc/passwd"},
         "include_outside_folder": {"include": "../../../../../../etc/passwd", "prompt": "{{q}}"},
         "include_loop": {"include": "include_loop.yaml", "prompt": "{{q}}"},
     }
     out = {}
     for name, body in files.items():
-        (tasks / f"{name}.yaml").write_text(json.dumps({"name": name, **body}))
-        out[f"task_{name}"] = _set(job, "evaluate", {**job["evaluate"], "task_dirs": [str(tasks)], "tasks": [{"name": name}]})
+        folder = work / "tasks" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "items.jsonl").write_text(items)
+        (folder / f"{name}.yaml").write_text(json.dumps({"name": name, **body}))
+        out[f"task_{name}"] = _set(job, "evaluate", {**job["evaluate"], "task_dirs": [str(folder)], "tasks": [{"name": name}]})
     return out
 
 

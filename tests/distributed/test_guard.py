@@ -86,3 +86,17 @@ def test_preflight_names_the_field_before_ray_starts(tiny_llama_dir, changes, fi
     with pytest.raises(PreflightError, match=field):
         preflight(JobConfig.model_validate(raw), ModelRef(str(tiny_llama_dir)))
     assert ray.is_initialized() == was_up
+
+
+def test_preflight_renders_task_templates_in_the_sandbox(tiny_llama_dir, tmp_path):
+    """A template that reaches for os.system is refused before Ray starts; the command never runs."""
+    marker = tmp_path / "ran"
+    data = tmp_path / "items.jsonl"
+    data.write_text(json.dumps({"q": "x", "a": "y", "b": "n", "label": 0}) + "\n")
+    raw = _job(tiny_llama_dir).model_dump(mode="json")
+    raw["evaluate"] = {**raw["evaluate"], "tasks": [{
+        "name": "evil", "kind": "multiple_choice", "path": str(data), "choices": ["{{a}}", "{{b}}"], "target": "{{label}}",
+        "prompt": "{{ cycler.__init__.__globals__.os.system('touch %s') }}" % marker}]}
+    with pytest.raises(PreflightError, match=r"evaluate.tasks: task 'evil': .*items.jsonl item 0: field 'prompt'"):
+        preflight(JobConfig.model_validate(raw), ModelRef(str(tiny_llama_dir)))
+    assert not marker.exists()

@@ -45,6 +45,7 @@ def preflight(job: JobConfig, model: ModelRef):
     """
     from raycompress.engine.pipeline import Plan
     from raycompress.evaluation.taskfiles import TaskError, resolve_tasks
+    from raycompress.evaluation.tasks import check_templates
     from raycompress.models.weights import OffloadedModel
     from raycompress.registry import ALGORITHMS, SELECTORS
 
@@ -80,6 +81,10 @@ def preflight(job: JobConfig, model: ModelRef):
             if loc and not uri.is_file(job.resolve(loc)):
                 raise PreflightError(f"evaluate.tasks: task '{t.name}': field '{field}': "
                                      f"{uri.display(job.resolve(loc))} not found")
+        try:
+            check_templates(t, job.resolve)
+        except (TaskError, ValueError) as exc:
+            raise PreflightError(f"evaluate.tasks: {exc}") from exc
     return om
 
 

@@ -126,6 +126,24 @@ def _prepare_ppl(task: TaskConfig, rows: list[dict], where_file: str, tokenizer,
     return prep
 
 
+def check_templates(task: TaskConfig, resolve) -> None:
+    """Render every template of `task` on the first item of its data file (before any work starts:
+    a template that reaches for Python internals, a syntax error or a field the items lack).
+
+    Raises:
+        TaskError: naming the task file's field and the item.
+    """
+    location = str(resolve(task.path))
+    rows = READERS.get(task.format)(location)[:1]
+    where = f"task '{task.name}': {uri.display(location)} item 0"
+    for row in rows:
+        for field in ("description", "prompt", "target"):
+            if getattr(task, field, None):
+                render(getattr(task, field), row, f"{where}: field '{field}'")
+        for c in task.choices or []:
+            render(c, row, f"{where}: field 'choices'")
+
+
 def prepare_task(task: TaskConfig, tokenizer, max_length: int, resolve) -> PreparedTask:
     """Read the task's data file and turn its items into requests.
 
