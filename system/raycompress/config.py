@@ -387,3 +387,53 @@ def load_config(path: str | Path) -> JobConfig:
             loc = ".".join(str(x) for x in err["loc"]) or "<top>"
             lines.append(f"  field '{loc}': {err['msg']}")
         raise ConfigError("\n".join(lines)) from exc
+
+
+class GMPScheduleConfig(_Strict):
+    """Gradual magnitude pruning during `train` (Zhu & Gupta 2017, eq. 1; `algorithms.gmp`):
+    sparsity rises from `initial_sparsity` to `final_sparsity` on the cubic schedule, pruning at
+    steps start_step, start_step + interval, ..., start_step + n_prunes * interval."""
+
+    initial_sparsity: float | None = Field(None, ge=0.0, lt=1.0,
+                                           description="s_i; null = the checkpoint's measured sparsity")
+    final_sparsity: float = Field(..., ge=0.0, lt=1.0, description="s_f, reached exactly at the last pruning step")
+    start_step: int = Field(0, ge=0, description="t0, the first pruning step (optimizer steps)")
+    n_prunes: int = Field(10, ge=1, description="n, the number of pruning intervals")
+    interval: int = Field(10, ge=1, description="Δt, optimizer steps between pruning steps")
+    scope: Literal["global", "layer"] = Field("global", description="one threshold over all linears, or per linear")
+
+    @model_validator(mode="after")
+    def _rising(self) -> "GMPScheduleConfig":
+        if self.initial_sparsity is not None and self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"train.gmp: initial_sparsity {self.initial_sparsity} > final_sparsity "
+                             f"{self.final_sparsity}; GMP only increases sparsity")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The optional `train` stage: sparse-preserving continued causal-LM pretraining (Sparse*BERT
+    style sparse transfer) with Ray Train; pruned weights stay exactly zero."""
+
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed only: ZeRO stage")
+    offload: bool = Field(False, description="deepspeed only: offload optimizer state (and stage-3 params) to CPU")
+    steps: int = Field(..., gt=0, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (keeps 0 at 0)")
+    seq_len: int = Field(512, gt=1, description="tokens per packed training sequence")
+    batch_size: int = Field(4, gt=0, description="sequences per worker per step")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers")
+    checkpoint_every: int = Field(0, ge=0, description="report a Ray Train checkpoint every N steps; 0 = at the end only")
+    seed: int = 0
+    gmp: GMPScheduleConfig | None = Field(None, description="null: keep the compressed checkpoint's mask fixed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.strategy == "ddp" and self.offload:
+            raise ValueError("train.offload needs train.strategy: deepspeed (DDP has no CPU offload)")
+        if self.gmp is not None:
+            end = self.gmp.start_step + self.gmp.n_prunes * self.gmp.interval
+            if end >= self.steps:
+                raise ValueError(f"train.gmp ends at step start_step + n_prunes * interval = {end}, outside "
+                                 f"train.steps = {self.steps} (steps 0..{self.steps - 1}); raise steps or shorten the schedule")
+        return self
