@@ -54,7 +54,7 @@ class OutputLock:
     """
 
     def __init__(self, out_dir: str, settle_s: float = 0.5) -> None:
-        self.path = uri.join(out_dir, ".lock")
+        self.out_dir, self.path = out_dir, uri.join(out_dir, ".lock")
         self.token = uuid.uuid4().hex
         self.settle_s = settle_s
         self._stop = threading.Event()
@@ -82,7 +82,7 @@ class OutputLock:
             held = self._holder()
             if held:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
-                raise OutputBusy(f"{uri.display(uri.join(self.path, '..'))} is in use by another run (host "
+                raise OutputBusy(f"{uri.display(self.out_dir)} is in use by another run (host "
                                  f"{held.get('host')}, pid {held.get('pid')}, started {when}); wait for it, "
                                  f"stop it, or use another --output (a dead run's lock expires after {STALE_S:.0f} s)")
             uri.write_text(self.path, json.dumps(self._record()))
