@@ -39,7 +39,7 @@ def test_whole_job(tiny_job_dir, tiny_job_run):
     assert "ppl" in (out / "report.md").read_text()
 
 
-def test_rerun_skips_tiny_job_run_stages(tiny_job_dir, tiny_job_run, caplog):
+def test_rerun_skips_finished_stages(tiny_job_dir, tiny_job_run, caplog):
     import logging
 
     from raycompress.config import load_config
@@ -52,5 +52,5 @@ def test_rerun_skips_tiny_job_run_stages(tiny_job_dir, tiny_job_run, caplog):
         state = run_job(load_config(tiny_job_dir / "job.yaml"), out, ORDER, tiny_job_dir / "model")
     for stage in ("select", "compress", "evaluate"):  # read back from state.json, not rerun
         assert state.stages[stage] == recorded[stage]
-        assert f"stage {stage} already tiny_job_run" in caplog.text
+        assert f"stage {stage} already finished" in caplog.text
     assert (out / "compress" / "model" / "manifest.sha256.json").read_text() == before

@@ -72,7 +72,7 @@ def _load(model_dir: str, ckpt_dir: Path | None):
 
     source = ckpt_dir / "model" if ckpt_dir else Path(model_dir)
     refuse_quantized(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=False)
     mask = WeightMask.from_zeros(model)
     if ckpt_dir is None:
         return model, mask, None, 0
