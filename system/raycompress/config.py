@@ -328,6 +328,65 @@ class StorageConfig(_Strict):
         "default: $RAYCOMPRESS_CACHE_DIR on each node, else /tmp/raycompress/cache. Never a shared or home folder")
 
 
+class GMPScheduleConfig(_Strict):
+    """Gradual magnitude pruning during `train` (Zhu & Gupta 2017, eq. 1; `algorithms.gmp`):
+    sparsity rises from `initial_sparsity` to `final_sparsity` on the cubic schedule, pruning at
+    steps start_step, start_step + interval, ..., start_step + n_prunes * interval."""
+
+    initial_sparsity: float | None = Field(None, ge=0.0, lt=1.0,
+                                           description="s_i; null = the checkpoint's measured sparsity")
+    final_sparsity: float = Field(..., ge=0.0, lt=1.0, description="s_f, reached exactly at the last pruning step")
+    start_step: int = Field(0, ge=0, description="t0, the first pruning step (optimizer steps)")
+    n_prunes: int = Field(10, ge=1, description="n, the number of pruning intervals")
+    interval: int = Field(10, ge=1, description="Δt, optimizer steps between pruning steps")
+    scope: Literal["global", "layer"] = Field("global", description="one threshold over all linears, or per linear")
+
+    @model_validator(mode="after")
+    def _rising(self) -> "GMPScheduleConfig":
+        if self.initial_sparsity is not None and self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"train.gmp: initial_sparsity {self.initial_sparsity} > final_sparsity "
+                             f"{self.final_sparsity}; GMP only increases sparsity")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The optional `train` stage: sparse-preserving continued causal-LM pretraining (Sparse*BERT
+    style sparse transfer) with Ray Train; pruned weights stay exactly zero."""
+
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed only: ZeRO stage")
+    offload: bool = Field(False, description="deepspeed only: offload optimizer state (and stage-3 params) to CPU")
+    steps: int = Field(..., gt=0, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (keeps 0 at 0)")
+    seq_len: int = Field(512, gt=1, description="tokens per packed training sequence")
+    batch_size: int = Field(4, gt=0, description="sequences per worker per step")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
+    gpus_per_worker: float = Field(0.0, ge=0, le=1, description="GPUs per Ray Train worker (0: CPU, gloo; 1: one GPU each, nccl)")
+    torch_threads: int = Field(1, gt=0, description="intra-op threads per worker (fixed: runs are reproducible)")
+    sources: list[str] = Field(default_factory=list, description="select.sources whose documents form the "
+                               "training stream (read with the select readers, packed to seq_len); empty: all")
+    max_docs: int | None = Field(None, gt=0, description="read at most this many documents per source (in file order)")
+    init: Literal["compressed", "dense"] = Field("compressed", description="start from the compress stage's "
+                                                 "checkpoint (its zeros become the fixed mask) or from the dense model (GMP)")
+    activation_checkpointing: bool = Field(False, description="recompute decoder-layer activations in backward")
+    checkpoint_every: int = Field(0, ge=0, description="report a Ray Train checkpoint every N steps; 0 = at the end only")
+    seed: int = 0
+    gmp: GMPScheduleConfig | None = Field(None, description="null: keep the compressed checkpoint's mask fixed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.strategy == "ddp" and self.offload:
+            raise ValueError("train.offload needs train.strategy: deepspeed (DDP has no CPU offload)")
+        if self.gmp is not None:
+            end = self.gmp.start_step + self.gmp.n_prunes * self.gmp.interval
+            if end >= self.steps:
+                raise ValueError(f"train.gmp ends at step start_step + n_prunes * interval = {end}, outside "
+                                 f"train.steps = {self.steps} (steps 0..{self.steps - 1}); raise steps or shorten the schedule")
+        return self
+
+
 class JobConfig(_Strict):
     """A whole job: model plus the three stages and the Ray placement."""
 
@@ -337,6 +396,7 @@ class JobConfig(_Strict):
     select: SelectConfig
     compress: CompressConfig
     evaluate: EvaluateConfig
+    train: TrainConfig | None = Field(None, description="optional sparse-preserving domain pretraining after compress")
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     base_dir: str = Field(".", description="relative paths in the job file resolve against this: the job "
@@ -347,9 +407,10 @@ class JobConfig(_Strict):
         c = self.compress
         named = list(c.mixcal.general_sources) if c.mixcal else []
         named += [s for srcs in (c.cus_prun.dimensions.values() if c.cus_prun else []) for s in srcs]
+        named += list(self.train.sources) if self.train else []
         unknown = sorted(set(named) - set(self.select.sources))
         if unknown:
-            raise ValueError(f"compress names calibration sources {unknown} that select.sources does not "
+            raise ValueError(f"compress / train name calibration sources {unknown} that select.sources does not "
                              f"define; sources are {sorted(self.select.sources)}")
         return self
 
@@ -387,53 +448,3 @@ def load_config(path: str | Path) -> JobConfig:
             loc = ".".join(str(x) for x in err["loc"]) or "<top>"
             lines.append(f"  field '{loc}': {err['msg']}")
         raise ConfigError("\n".join(lines)) from exc
-
-
-class GMPScheduleConfig(_Strict):
-    """Gradual magnitude pruning during `train` (Zhu & Gupta 2017, eq. 1; `algorithms.gmp`):
-    sparsity rises from `initial_sparsity` to `final_sparsity` on the cubic schedule, pruning at
-    steps start_step, start_step + interval, ..., start_step + n_prunes * interval."""
-
-    initial_sparsity: float | None = Field(None, ge=0.0, lt=1.0,
-                                           description="s_i; null = the checkpoint's measured sparsity")
-    final_sparsity: float = Field(..., ge=0.0, lt=1.0, description="s_f, reached exactly at the last pruning step")
-    start_step: int = Field(0, ge=0, description="t0, the first pruning step (optimizer steps)")
-    n_prunes: int = Field(10, ge=1, description="n, the number of pruning intervals")
-    interval: int = Field(10, ge=1, description="Δt, optimizer steps between pruning steps")
-    scope: Literal["global", "layer"] = Field("global", description="one threshold over all linears, or per linear")
-
-    @model_validator(mode="after")
-    def _rising(self) -> "GMPScheduleConfig":
-        if self.initial_sparsity is not None and self.initial_sparsity > self.final_sparsity:
-            raise ValueError(f"train.gmp: initial_sparsity {self.initial_sparsity} > final_sparsity "
-                             f"{self.final_sparsity}; GMP only increases sparsity")
-        return self
-
-
-class TrainConfig(_Strict):
-    """The optional `train` stage: sparse-preserving continued causal-LM pretraining (Sparse*BERT
-    style sparse transfer) with Ray Train; pruned weights stay exactly zero."""
-
-    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO")
-    zero_stage: Literal[2, 3] = Field(2, description="deepspeed only: ZeRO stage")
-    offload: bool = Field(False, description="deepspeed only: offload optimizer state (and stage-3 params) to CPU")
-    steps: int = Field(..., gt=0, description="optimizer steps")
-    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (keeps 0 at 0)")
-    seq_len: int = Field(512, gt=1, description="tokens per packed training sequence")
-    batch_size: int = Field(4, gt=0, description="sequences per worker per step")
-    num_workers: int = Field(2, gt=0, description="Ray Train workers")
-    checkpoint_every: int = Field(0, ge=0, description="report a Ray Train checkpoint every N steps; 0 = at the end only")
-    seed: int = 0
-    gmp: GMPScheduleConfig | None = Field(None, description="null: keep the compressed checkpoint's mask fixed")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
-        if self.strategy == "ddp" and self.offload:
-            raise ValueError("train.offload needs train.strategy: deepspeed (DDP has no CPU offload)")
-        if self.gmp is not None:
-            end = self.gmp.start_step + self.gmp.n_prunes * self.gmp.interval
-            if end >= self.steps:
-                raise ValueError(f"train.gmp ends at step start_step + n_prunes * interval = {end}, outside "
-                                 f"train.steps = {self.steps} (steps 0..{self.steps - 1}); raise steps or shorten the schedule")
-        return self
