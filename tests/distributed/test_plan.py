@@ -115,3 +115,55 @@ def test_cli_dry_run_on_the_smoke_job(ray_local, tmp_path, capsys, monkeypatch):
                                                    .replace("random:models", f"random:{REPO}/jobs/models"))
     assert main(["run", str(REPO_JOB), "--output", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "cannot run: evaluate: 5 actors" in capsys.readouterr().out
+
+
+def _train_job(model: Path, **train) -> JobConfig:
+    """The 70B job with a train stage: 64 one-GPU Ray Train workers, batch 1, seq 4096."""
+    from raycompress.config import TrainConfig
+
+    t = {"steps": 10, "num_workers": 64, "gpus_per_worker": 1.0, "batch_size": 1, "seq_len": 4096, **train}
+    return _job(model).model_copy(update={"train": TrainConfig(**t)})
+
+
+H100_NODE = {"CPU": 192.0, "GPU": 8.0, "memory": 2e12}
+
+
+def test_plan_sizes_the_train_stage_and_zero3_fits_eight_8_gpu_nodes(llama70b):
+    job = _train_job(llama70b, strategy="deepspeed", zero_stage=3, activation_checkpointing=True)
+    plan = build_plan(job, ModelRef(str(llama70b)), cluster_gpus=64)
+    assert [st["stage"] for st in plan["stages"]] == ["select", "compress", "train", "evaluate", "report"]
+    tr = plan["stages"][2]
+    assert (tr["strategy"], tr["zero_stage"], tr["offload"], tr["num_workers"]) == ("deepspeed", 3, False, 64)
+    assert (tr["cpus_per_worker"], tr["gpus_per_worker"]) == (1.0, 1.0)
+    gib = tr["memory_gib_per_worker"]
+    assert tr["memory_estimate"]["n_params"] == plan["model"]["parameters"]  # the skeleton's count
+    assert abs(gib["optimizer"] - 12 * 70_553_706_496 / 64 / GIB) < 0.01 and gib["device_total"] < 80e9 / GIB
+    assert check_fits(plan, [H100_NODE] * 8) == []
+    # a GPU smaller than the estimate, as the node reports it, is refused
+    small = check_fits(plan, [{**H100_NODE, "accelerator_memory_bytes": 24 * GIB}] * 8)
+    assert len(small) == 1 and small[0].startswith("train: ") and "the GPU has 24.0 GiB" in small[0], small
+    text = format_plan(plan, [])
+    assert "train: strategy=deepspeed, zero_stage=3" in text and "memory_estimate" not in text
+
+
+def test_fit_check_refuses_ddp_training_of_a_70b_and_names_the_strategy(llama70b):
+    plan = build_plan(_train_job(llama70b), ModelRef(str(llama70b)), cluster_gpus=64)
+    tr = plan["stages"][2]
+    assert tr["zero_stage"] is None and tr["memory_gib_per_worker"]["device_total"] > 1000
+    problems = check_fits(plan, [H100_NODE] * 8)
+    assert len(problems) == 1 and "GiB per GPU needed with ddp, the GPU has 80.0 GiB" in problems[0], problems
+    assert "use train.strategy: deepspeed, train.zero_stage: 3, train.activation_checkpointing: true" in problems[0]
+    assert f"cannot run: {problems[0]}" in format_plan(plan, problems)
+    # too few CPUs and GPUs for the workers: named with the train fields
+    few = check_fits(plan, [H100_NODE] * 2)
+    assert any(p.startswith("train: 64 workers x 1 GPU = 64 GPU, the cluster has 16") for p in few), few
+
+
+def test_fit_check_of_cpu_train_workers_uses_node_memory(llama70b):
+    plan = build_plan(_train_job(llama70b, gpus_per_worker=0.0, num_workers=4, cpus_per_worker=8.0, seq_len=16),
+                      ModelRef(str(llama70b)), cluster_gpus=0)
+    problems = check_fits(plan, [{"CPU": 16.0, "memory": 64 * GIB}])
+    assert any(p.startswith("train: 4 workers x 8.0 CPU = 32 CPU, the cluster has 16 (lower train.num_workers "
+                            "or train.cpus_per_worker)") for p in problems), problems
+    assert any(p.startswith("train: ") and "per CPU worker needed with ddp, the largest node has 64.0 GiB" in p
+               and "no strategy fits" in p for p in problems), problems

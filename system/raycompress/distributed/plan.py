@@ -3,8 +3,10 @@
 The plan: the stages in order, the model's sizes (parameters, decoder layers, bytes on storage),
 the calibration set's size, the analytic memory floor of each compression actor and the bytes it
 moves per decoder layer (`engine.budget.layer_floors`, from the model's config and the checkpoint
-header alone), and the resources each stage asks Ray for. `check_fits` compares those requests
-with what the cluster offers (total and per node) and names every request it cannot give.
+header alone), the optional train stage's memory per worker for its strategy (DDP / ZeRO-2 / ZeRO-3,
+offload; `training.memory`), and the resources each stage asks Ray for. `check_fits` compares
+those requests with what the cluster offers (total and per node, GPU memory per worker) and names
+every request it cannot give.
 
 `preflight` runs before Ray starts, on every run: everything the job names that can be checked
 without data (selection method, algorithm, targets, per-layer sparsity count, group sizes against
@@ -133,6 +135,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
              "gpus_per_actor": gpus,
              "memory_floor_gib_per_actor": [round(m / GIB, 3) for m in floors["memory_bytes_per_worker"]],
              "bytes_moved_per_layer": floors["bytes_moved_per_layer"]},
+            *([_train_entry(job.train, om)] if job.train is not None else []),
             {"stage": "evaluate", "tasks": tasks, "models": models, "actors": r.eval_actors,
              "cpus_per_actor": r.cpus_per_actor, "gpus_per_actor": gpus},
             {"stage": "report"},
@@ -140,33 +143,89 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
     }
 
 
-def check_fits(plan: dict, nodes: list[dict]) -> list[str]:
+def _train_entry(t, om) -> dict:
+    """The train stage's plan entry: its Ray Train workers and the memory estimate per worker
+    (`training.memory.train_memory` over `om`'s skeleton config, in GiB per component).
+
+    Raises:
+        ValueError: the model's config lacks a field the estimate needs (named).
+    """
+    from raycompress.training.memory import COMPONENTS, train_memory
+
+    est = train_memory(om.config, t, t.num_workers, dtype=str(om.dtype).removeprefix("torch."))
+    gib = {k: round(est[k] / GIB, 3) for k in (*COMPONENTS, "total", "device_total", "host_total")}
+    return {"stage": "train", "strategy": t.strategy, "zero_stage": t.zero_stage if t.strategy == "deepspeed" else None,
+            "offload": t.offload, "activation_checkpointing": t.activation_checkpointing,
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "num_workers": t.num_workers,
+            "cpus_per_worker": t.cpus_per_worker, "gpus_per_worker": t.gpus_per_worker,
+            "memory_gib_per_worker": gib, "memory_estimate": est}
+
+
+_FIELDS = {"select": ("actors", "ray.select_actors", "ray.cpus_per_actor"),
+           "compress": ("actors", "ray.compress_actors", "ray.cpus_per_actor"),
+           "evaluate": ("actors", "ray.eval_actors", "ray.cpus_per_actor"),
+           "train": ("workers", "train.num_workers", "train.cpus_per_worker")}
+
+
+def _request(st: dict) -> tuple[float, float, float] | None:
+    """(count, CPUs each, GPUs each) of a stage's actors or Ray Train workers; None: it asks for none."""
+    if "actors" in st:
+        return st["actors"], st["cpus_per_actor"], st["gpus_per_actor"]
+    if "num_workers" in st:
+        return st["num_workers"], st["cpus_per_worker"], st["gpus_per_worker"]
+    return None
+
+
+def _train_memory_problems(st: dict, nodes: list[dict], gpu_memory_gib: float) -> list[str]:
+    """The train estimate against one worker's memory: a GPU worker's device is its share of the
+    smallest GPU (`accelerator_memory_bytes` per GPU where a node dict has it, else
+    `gpu_memory_gib`) and its host share the node's RAM over the workers the node holds; a CPU
+    worker's device is the largest node's RAM (bytes)."""
+    from raycompress.training.memory import check_train_fits
+
+    est, gpu = st["memory_estimate"], st["gpus_per_worker"]
+    if gpu == 0:
+        biggest = max((n.get("memory", 0.0) for n in nodes), default=0.0)
+        return check_train_fits(est, biggest, None)
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0.0) >= gpu] or [{}]
+    per_gpu = min(n.get("accelerator_memory_bytes", gpu_memory_gib * GIB) for n in gpu_nodes)
+    shares = [n["memory"] / max(1.0, n.get("GPU", 0.0) // gpu) for n in gpu_nodes if "memory" in n]
+    return check_train_fits(est, per_gpu * gpu, min(shares) if shares else None)
+
+
+def check_fits(plan: dict, nodes: list[dict], gpu_memory_gib: float = 80.0) -> list[str]:
     """Every request of `plan` the cluster cannot give; empty when it fits.
 
-    `nodes`: the alive nodes' resources (`ray.nodes()[i]["Resources"]`: CPU, GPU, memory in bytes).
-    Stages run one after another, so each stage's actors must fit together, each on some node;
-    a CPU compression actor's memory floor must fit one node's memory.
+    `nodes`: the alive nodes' resources (`ray.nodes()[i]["Resources"]`: CPU, GPU, memory in bytes;
+    optionally "accelerator_memory_bytes", bytes per GPU, which Ray does not report by itself).
+    Stages run one after another, so each stage's actors (train: Ray Train workers) must fit
+    together, each on some node; a CPU compression actor's memory floor must fit one node's memory;
+    the train estimate must fit one worker's GPU (`gpu_memory_gib` GiB where a node gives no
+    accelerator_memory_bytes) and its host share, or a CPU worker the largest node's memory.
     """
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     problems = []
     for st in plan["stages"]:
-        if "actors" not in st:
+        req = _request(st)
+        if req is None:
             continue
-        name, k, cpu, gpu = st["stage"], st["actors"], st["cpus_per_actor"], st["gpus_per_actor"]
+        name, (k, cpu, gpu) = st["stage"], req
+        noun, count_field, cpu_field = _FIELDS[name]
         if k * cpu > total["CPU"]:
-            field = {"select": "select_actors", "compress": "compress_actors", "evaluate": "eval_actors"}[name]
-            problems.append(f"{name}: {k} actors x {cpu} CPU = {k * cpu:g} CPU, the cluster has {total['CPU']:g} "
-                            f"(lower ray.{field} or ray.cpus_per_actor)")
+            problems.append(f"{name}: {k} {noun} x {cpu} CPU = {k * cpu:g} CPU, the cluster has {total['CPU']:g} "
+                            f"(lower {count_field} or {cpu_field})")
         if k * gpu > total["GPU"]:
-            problems.append(f"{name}: {k} actors x {gpu:g} GPU = {k * gpu:g} GPU, the cluster has {total['GPU']:g}")
+            problems.append(f"{name}: {k} {noun} x {gpu:g} GPU = {k * gpu:g} GPU, the cluster has {total['GPU']:g}")
         if not any(n.get("CPU", 0.0) >= cpu and n.get("GPU", 0.0) >= gpu for n in nodes):
-            problems.append(f"{name}: no node offers {cpu:g} CPU and {gpu:g} GPU for one actor")
+            problems.append(f"{name}: no node offers {cpu:g} CPU and {gpu:g} GPU for one {noun[:-1]}")
         floors = st.get("memory_floor_gib_per_actor")
         if floors and gpu == 0:
             biggest = max((n.get("memory", 0.0) for n in nodes), default=0.0) / GIB
             if max(floors) > biggest:
                 problems.append(f"{name}: an actor needs at least {max(floors):.2f} GiB, the largest node offers "
                                 f"{biggest:.2f} GiB (add compress actors or nodes, or use GPUs)")
+        if "memory_estimate" in st:
+            problems += _train_memory_problems(st, nodes, gpu_memory_gib)
     return problems
 
 
@@ -184,7 +243,7 @@ def format_plan(plan: dict, problems: list[str]) -> str:
     lines = [f"job {plan['job']}: model {m['location']} ({m['architecture']}, {_count(m['parameters'])} parameters, "
              f"{m['decoder_layers']} decoder layers, {m['dtype']}, {m['bytes_on_storage'] / GIB:.1f} GiB on storage)"]
     for st in plan["stages"]:
-        facts = ", ".join(f"{k}={v}" for k, v in st.items() if k != "stage")
+        facts = ", ".join(f"{k}={v}" for k, v in st.items() if k not in ("stage", "memory_estimate"))
         lines.append(f"  {st['stage']}: {facts or 'writes report.md / .html / .json'}")
     lines += [f"  cannot run: {p}" for p in problems] or ["  the cluster can give every stage what it asks"]
     return "\n".join(lines)
