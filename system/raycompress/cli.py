@@ -2,7 +2,7 @@
 
     raycompress run CONFIG.yaml --output DIR          all stages
     raycompress run CONFIG.yaml --output DIR --dry-run   print the plan; refuse if the cluster is too small
-    raycompress select|compress|evaluate CONFIG.yaml --output DIR   one stage
+    raycompress select|compress|train|evaluate CONFIG.yaml --output DIR   one stage
     raycompress submit CONFIG.yaml --output URI [--address http://HEAD:8265] [--wait]   as a Ray job
     raycompress status|logs [--follow]|stop JOB_ID [--address ...]   watch or stop a submitted job
     raycompress report DIR                            (re)write DIR's report.json / .md / .html
@@ -25,13 +25,13 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raycompress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("run", "select", "compress", "evaluate"):
+    for name in ("run", "select", "compress", "train", "evaluate"):
         s = sub.add_parser(name, help=f"{name} stage" if name != "run" else "all stages")
         s.add_argument("config", type=Path, help="job YAML file")
         s.add_argument("--output", "-o", required=True, help="job output folder: a path or URI")
         s.add_argument("--dry-run", action="store_true", help="print the plan and the resources it asks for; "
                        "exit 2 if the cluster cannot give them")
-        s.add_argument("--force-stage", action="append", default=[], choices=["select", "compress", "evaluate"],
+        s.add_argument("--force-stage", action="append", default=[], choices=["select", "compress", "train", "evaluate"],
                        help="redo this stage (and the ones after it) even though the folder holds it from another job")
     j = sub.add_parser("submit", help="submit a job file to a Ray cluster's Job Submission server")
     j.add_argument("config", type=Path, help="job YAML file")
@@ -120,6 +120,10 @@ def _main(args) -> int:
         output = _output(args.output)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "train" and job.train is None:
+        print(f"error: {args.config}: the job has no train section; add one (train: {{steps: N, ...}}) to run the train stage",
+              file=sys.stderr)
         return 2
     stages = ORDER if args.command == "run" else [Stage(args.command)]
     try:

@@ -111,7 +111,10 @@ def stage_inputs(job: JobConfig, model_fingerprint: str) -> dict[str, dict]:
     select = {"model": model_fingerprint, "select": job.select.model_dump(mode="json")}
     compress = {**select, "compress": job.compress.model_dump(mode="json")}
     ev = job.evaluate.model_dump(mode="json", include={"tasks", "include_dense", "dtype"})
-    return {"select": select, "compress": compress, "evaluate": {**compress, "evaluate": ev}}
+    if job.train is None:
+        return {"select": select, "compress": compress, "evaluate": {**compress, "evaluate": ev}}
+    train = {**compress, "train": job.train.model_dump(mode="json")}
+    return {"select": select, "compress": compress, "train": train, "evaluate": {**train, "evaluate": ev}}
 
 
 def _leaves(d, prefix: str = "") -> dict[str, object]:

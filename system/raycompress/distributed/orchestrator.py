@@ -1,4 +1,5 @@
-"""The job as an explicit state machine: PENDING -> SELECTED -> COMPRESSED -> EVALUATED -> REPORTED.
+"""The job as an explicit state machine: PENDING -> SELECTED -> COMPRESSED [-> TRAINED] -> EVALUATED
+-> REPORTED (TRAINED only when the job has a `train` section).
 
 Each stage reads what the earlier one wrote in the output folder and writes its own sub-folder;
 `state.json` records, per finished stage, its wall seconds and peak memory, so a rerun skips
@@ -24,11 +25,17 @@ log = logging.getLogger(__name__)
 class Stage(str, Enum):
     SELECT = "select"
     COMPRESS = "compress"
+    TRAIN = "train"
     EVALUATE = "evaluate"
     REPORT = "report"
 
 
-ORDER = [Stage.SELECT, Stage.COMPRESS, Stage.EVALUATE, Stage.REPORT]
+ORDER = [Stage.SELECT, Stage.COMPRESS, Stage.TRAIN, Stage.EVALUATE, Stage.REPORT]
+
+
+def job_stages(job: JobConfig, stages: list[Stage]) -> list[Stage]:
+    """`stages` less `train` when the job has no `train` section."""
+    return [s for s in stages if s is not Stage.TRAIN or job.train is not None]
 
 
 class JobState:
@@ -57,12 +64,13 @@ def _fingerprint(job: JobConfig, model: ModelRef, out_dir: str) -> str:
     return hashlib.sha256(src.encode()).hexdigest()
 
 
-def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef) -> dict:
+def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef, inputs: dict | None = None) -> dict:
     """Run one stage (Ray already initialised); returns the stage's own summary."""
     from raycompress.distributed import metrics
     from raycompress.distributed.compress import run_compress
     from raycompress.distributed.evaluate import evaluate_models
     from raycompress.distributed.select import run_select
+    from raycompress.distributed.train import run_train
     from raycompress.report.report import write_report
 
     if stage is Stage.SELECT:
@@ -72,8 +80,12 @@ def run_stage(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef) -> di
         r = run_compress(job, model, uri.join(out_dir, "select", "calibration.parquet"), uri.join(out_dir, "compress"),
                          _fingerprint(job, model, out_dir))
         return {"modules": len(r["modules"])}
+    if stage is Stage.TRAIN:
+        return run_train(job, model, out_dir, inputs)
     if stage is Stage.EVALUATE:
         models = {"compressed": ModelRef(uri.join(out_dir, "compress", "model"), job.storage.cache_dir)}
+        if job.train is not None:
+            models["recovered"] = ModelRef(uri.join(out_dir, "train", "model"), job.storage.cache_dir)
         if job.evaluate.include_dense:
             models = {"dense": model, **models}
         res = evaluate_models(job, models)
@@ -103,12 +115,17 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
         plan.PreflightError, guard.OutputBusy, guard.StageMismatch: before any work.
     """
     from raycompress.distributed.guard import OutputLock, check_stages, stage_inputs
-    from raycompress.distributed.plan import preflight
+    from raycompress.distributed.plan import PreflightError, preflight
+    from raycompress.distributed.train import check_train
     from raycompress.distributed.resources import init_ray
 
     out_dir = str(out_dir)
     model = model if isinstance(model, ModelRef) else ModelRef(str(model), job.storage.cache_dir)
     preflight(job, model)
+    try:
+        check_train(job)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from exc
     inputs = stage_inputs(job, model.fingerprint())
     with OutputLock(out_dir):
         state = JobState(out_dir)
@@ -118,10 +135,12 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
             del state.stages[name]
         if Stage.COMPRESS.value in forced:
             uri.delete(uri.join(out_dir, "compress", "progress.json"))
+        if Stage.TRAIN.value in forced:
+            uri.delete_dir(uri.join(out_dir, "train", "runs"))
         # the validated config, so that `raycompress report DIR` needs nothing but the folder
         uri.write_text(uri.join(out_dir, "job.json"), json.dumps(job.model_dump(mode="json"), indent=2))
         init_ray(job.ray)
-        for stage in stages:
+        for stage in job_stages(job, stages):
             _run_one(stage, job, out_dir, model, state, inputs.get(stage.value))
     return state
 
@@ -137,7 +156,7 @@ def _run_one(stage: Stage, job: JobConfig, out_dir: str, model: ModelRef, state:
     metrics.record("raycompress_stage", 1, job.name, stage=stage.value)
     try:
         with StageMonitor() as mon:
-            summary = run_stage(stage, job, out_dir, model)
+            summary = run_stage(stage, job, out_dir, model, inputs)
     finally:
         metrics.record("raycompress_stage", 0, job.name, stage=stage.value)
     record = {"wall_s": round(mon.seconds, 2), "peak_rss_mb": round(mon.peak_rss_mb, 1), **summary}

@@ -44,8 +44,9 @@ class SelectionError(ValueError):
     """A source has no usable documents, or fewer candidate windows than asked for."""
 
 
-def _docs(job: JobConfig, name: str, files: dict[str, str]):
-    """Parsed documents of one source; `files` is location -> label (`expand_paths`). With
+def source_docs(job: JobConfig, name: str, files: dict[str, str], parse_cpus: float | None = None):
+    """Parsed documents of one source; `files` is location -> label (`expand_paths`); `parse_cpus`:
+    CPUs each parse task reserves (None: Ray Data's default of 1). With
     `format: auto` each file is read in its own format (inferred from its name), so a glob may mix
     formats; a file whose format cannot be inferred is counted "unreadable_file".
 
@@ -70,7 +71,7 @@ def _docs(job: JobConfig, name: str, files: dict[str, str]):
                                   concurrency=min(job.ray.select_actors, len(paths)),
                                   **({"runtime_env": {"env_vars": env}} if env else {}))
     return ds.map_batches(parse_records, batch_format="numpy", batch_size=None,
-                          fn_kwargs={"source": name, "fmt": src.format, "text_field": src.text_field,
+                          **({} if parse_cpus is None else {"num_cpus": parse_cpus}), fn_kwargs={"source": name, "fmt": src.format, "text_field": src.text_field,
                                      "max_chars": src.max_doc_chars})
 
 
@@ -215,7 +216,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
             continue
         files = expand_paths(sel.sources[name].path, base)
         inputs += _input_records(name, files)
-        docs = _docs(job, name, files)
+        docs = source_docs(job, name, files)
         skipped[name], errors[name], drop, usable[name] = _survey(docs, sel.dedup)
         n_skipped = sum(n for reasons in skipped[name].values() for n in reasons.values())
         metrics.record("raycompress_documents", usable[name] + n_skipped, job.name, source=name, state="read")

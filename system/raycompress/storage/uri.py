@@ -122,6 +122,15 @@ def delete(location: str | os.PathLike) -> bool:
     return True
 
 
+def delete_dir(location: str | os.PathLike) -> bool:
+    """Remove a folder and everything under it; returns whether it was there."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
 def is_file(location: str | os.PathLike) -> bool:
     return info(location).type == pafs.FileType.File
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,8 @@ log = logging.getLogger(__name__)
 # train_loop_config keys read by `train_func`: the required ones, and the rest with defaults
 REQUIRED = ("model_dir", "steps")
 DEFAULTS = {"output_dir": None, "batch_size": 4, "lr": 1e-4, "weight_decay": 0.0, "seed": 0,
-            "checkpoint_every": 0, "gmp": None, "torch_threads": 1, "resume_from": None}
+            "checkpoint_every": 0, "gmp": None, "torch_threads": 1, "resume_from": None,
+            "activation_checkpointing": False}
 
 
 def _config(config: dict) -> dict:
@@ -55,18 +54,20 @@ def _batches(shard, batch_size: int, skip: int) -> Iterator[torch.Tensor]:
             raise ValueError(f"this worker's data shard has fewer than batch_size={batch_size} rows")
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, mask: WeightMask, step: int) -> None:
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, mask: WeightMask, step: int,
+                    sparsity_start: float | None = None) -> None:
     """Write the checkpoint files described in the module docstring into `folder` (I/O only)."""
     from safetensors.torch import save_file
 
     model.save_pretrained(folder / "model")  # transformers >= 5 writes safetensors only
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     save_file(mask.state_dict(), str(folder / "masks.safetensors"))
-    (folder / "state.json").write_text(json.dumps({"step": step}))
+    (folder / "state.json").write_text(json.dumps({"step": step, "sparsity_start": sparsity_start}))
 
 
 def _load(model_dir: str, ckpt_dir: Path | None):
-    """(model in its checkpoint dtype, mask, optimizer state or None, start step)."""
+    """(model in its checkpoint dtype, mask, optimizer state or None, start step, the run's starting
+    sparsity or None when starting now)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -75,12 +76,12 @@ def _load(model_dir: str, ckpt_dir: Path | None):
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=False)
     mask = WeightMask.from_zeros(model)
     if ckpt_dir is None:
-        return model, mask, None, 0
+        return model, mask, None, 0, None
     mask.load_state_dict(load_file(str(ckpt_dir / "masks.safetensors")))
     opt_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
-    step = json.loads((ckpt_dir / "state.json").read_text())["step"]
-    log.info("resuming at step %d from %s", step, ckpt_dir)
-    return model, mask, opt_state, step
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    log.info("resuming at step %d from %s", state["step"], ckpt_dir)
+    return model, mask, opt_state, state["step"], state.get("sparsity_start")
 
 
 def _resume_state(model_dir: str, resume_from: str | None):
@@ -98,8 +99,10 @@ def _resume_state(model_dir: str, resume_from: str | None):
         return _load(model_dir, Path(d))
 
 
-def _reporter(model, optimizer, mask: WeightMask, steps: int, every: int, rank: int):
-    """on_step callback: at checkpoint steps every rank reports; rank 0 attaches the checkpoint."""
+def _reporter(model, optimizer, mask: WeightMask, steps: int, every: int, rank: int, sparsity_start: float):
+    """on_step callback: at checkpoint steps every rank reports; rank 0 attaches the checkpoint.
+    Metrics: step, loss (nats/token), sparsity and sparsity_start (fractions of the target
+    linears' weights), masked and target_weights (counts)."""
     import ray.train
 
     def on_step(step: int, loss: float) -> None:
@@ -107,12 +110,13 @@ def _reporter(model, optimizer, mask: WeightMask, steps: int, every: int, rank: 
         if done != steps and not (every and done % every == 0):
             return
         zeros, total = mask.zeros()
-        metrics = {"step": done, "loss": loss, "sparsity": zeros / total, "masked": mask.counts()[0]}
+        metrics = {"step": done, "loss": loss, "sparsity": zeros / total, "masked": mask.counts()[0],
+                   "target_weights": total, "sparsity_start": sparsity_start}
         if rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), model, optimizer, mask, done)
+            save_checkpoint(Path(tmp), model, optimizer, mask, done, sparsity_start)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     return on_step
 
@@ -131,36 +135,58 @@ def train_func(config: dict) -> None:
     import ray.train.torch
 
     cfg = _config(config)
-    gmp = GMPSchedule(**cfg["gmp"]) if cfg["gmp"] else None
-    check_budget(gmp, cfg["steps"])
+    model_dir = cfg["model_dir"] if isinstance(cfg["model_dir"], str) else str(cfg["model_dir"].local())
     torch.set_num_threads(cfg["torch_threads"])
     torch.manual_seed(cfg["seed"])
     rank = ray.train.get_context().get_world_rank()
-    model, mask, opt_state, start = _resume_state(cfg["model_dir"], cfg["resume_from"])
+    model, mask, opt_state, start, s0 = _resume_state(model_dir, cfg["resume_from"])
+    if s0 is None:
+        zeros, total = mask.zeros()
+        s0 = zeros / total
+    gmp = _schedule(cfg["gmp"], mask)
+    check_budget(gmp, cfg["steps"])
+    if cfg["activation_checkpointing"]:
+        model.gradient_checkpointing_enable()
     mask.attach()
     inner = model
-    model = ray.train.torch.prepare_model(model)  # DDP when world size > 1
+    model = ray.train.torch.prepare_model(model)  # moves to this worker's device; DDP when world size > 1
     optimizer = torch.optim.AdamW(inner.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg["batch_size"], skip=start)
-    on_step = _reporter(inner, optimizer, mask, cfg["steps"], cfg["checkpoint_every"], rank)
+    device = ray.train.torch.get_device()
+    batches = (b.to(device) for b in _batches(ray.train.get_dataset_shard("train"), cfg["batch_size"], skip=start))
+    on_step = _reporter(inner, optimizer, mask, cfg["steps"], cfg["checkpoint_every"], rank, s0)
     train_loop(model, batches, optimizer, mask, cfg["steps"], start_step=start, gmp=gmp, on_step=on_step)
     if rank == 0 and cfg["output_dir"]:
-        save_final(inner, cfg["model_dir"], cfg["output_dir"])
+        save_final(inner, model_dir, cfg["output_dir"])
 
 
-def save_final(model: torch.nn.Module, model_dir: str, output_dir: str | os.PathLike) -> None:
-    """save_pretrained (safetensors, the model's own dtype) into `output_dir`, plus the tokenizer
-    and generation files of `model_dir` (I/O only)."""
-    from raycompress.models.checkpoint import SIDECAR_FILES
+def _schedule(gmp: dict | None, mask: WeightMask) -> GMPSchedule | None:
+    """The GMP schedule of `train_loop_config["gmp"]`; s_i None = the loaded checkpoint's measured sparsity."""
+    if not gmp:
+        return None
+    if gmp.get("s_i") is None:
+        zeros, total = mask.zeros()
+        gmp = {**gmp, "s_i": zeros / total}
+    return GMPSchedule(**gmp)
 
-    out = Path(output_dir)
-    model.save_pretrained(out)
-    for name in SIDECAR_FILES:
-        if name != "config.json" and (Path(model_dir) / name).is_file():
-            shutil.copyfile(Path(model_dir) / name, out / name)
-    log.info("saved the trained model to %s", out)
+
+def save_final(model: torch.nn.Module, model_dir: str, output_dir: str) -> dict:
+    """Publish the trained model at `output_dir` (local path or URI) in the compress stage's format:
+    safetensors shards in the model's own dtype, the index, config and tokenizer files of
+    `model_dir`, and last `manifest.sha256.json` (`models.checkpoint.finalize_checkpoint`).
+    Returns the manifest (I/O only)."""
+    from raycompress.models.checkpoint import finalize_checkpoint
+    from raycompress.storage import uri
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        shards = sorted(p.name for p in Path(tmp).glob("*.safetensors"))
+        for name in shards:
+            uri.copy(str(Path(tmp) / name), uri.join(output_dir, name))
+    manifest = finalize_checkpoint(output_dir, model_dir, shards)
+    log.info("saved the trained model to %s", uri.display(output_dir))
+    return manifest
 
 
 def packed_dataset(rows: torch.Tensor):
@@ -175,8 +201,9 @@ def packed_dataset(rows: torch.Tensor):
 
 
 def make_trainer(train_config: dict, dataset, num_workers: int, storage_path: str, name: str,
-                 cpus_per_worker: float = 1.0):
-    """A CPU `TorchTrainer` (gloo DDP) running `train_func` over `dataset`, every reported checkpoint kept.
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0):
+    """A `TorchTrainer` running `train_func` over `dataset`, every reported checkpoint kept: DDP over
+    gloo on CPU workers (`gpus_per_worker` 0), over nccl with one GPU per worker otherwise.
 
     Args:
         train_config: `train_func`'s config (REQUIRED and DEFAULTS keys).
@@ -188,10 +215,11 @@ def make_trainer(train_config: dict, dataset, num_workers: int, storage_path: st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _config(train_config)
+    gpu = gpus_per_worker > 0
     return TorchTrainer(
-        train_func, train_loop_config=train_config, torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        train_func, train_loop_config=train_config, torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker={
+            "CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path, checkpoint_config=CheckpointConfig()),
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
