@@ -13,7 +13,7 @@ $(VENV)/.installed-test: pyproject.toml infra/constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned, so that no later step resolves the CUDA build.
 	$(PIP) install -q $(CONSTRAIN) torch==2.13.0
-	$(PIP) install -q $(CONSTRAIN) -e '.[test,convert]'
+	$(PIP) install -q $(CONSTRAIN) -e '.[test,convert,train]'
 	touch $@
 
 venv: $(VENV)/.installed-test

@@ -69,7 +69,10 @@ def test_recovered_model_is_evaluated_and_reported(trained):
     results = json.loads((out / "evaluate" / "results.json").read_text())
     assert {"dense", "compressed", "recovered"} <= set(results)
     assert results["recovered"]["tasks"]["ppl"]["metrics"]["word_perplexity"] > 0
-    assert "recovered" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "recovered" in md and "## Recovery (train)" in md
+    assert "trained with its mask fixed, ddp on 2 workers, 3 steps, 192 tokens" in md
+    assert "Recovery (train)" in (out / "report.html").read_text()
 
 
 def test_checkpoints_are_found_for_resume(trained):

@@ -1,8 +1,9 @@
 """report.html: one self-contained page (inline CSS, plots as base64 PNG) from a job's report dict.
 
 Opens from disk with no server: no scripts, no external links. Sections: tasks and groups tables
-(dense and compressed, delta and standard error), retention per domain, per-layer sparsity and
-`rel_error` (labelled with what it measures for the algorithm, `report.REL_ERROR_MEASURES`),
+(dense, compressed and, after a train stage, recovered; delta and standard error), retention per
+domain, per-layer sparsity and `rel_error` (labelled with what it measures for the algorithm,
+`report.REL_ERROR_MEASURES`), the train stage's figures,
 calibration composition, stage times, the job config.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from html import escape
 
 from raycompress.report import plots
-from raycompress.report.markdown import NO_RESULTS, RETENTION_NOTE, error_measure, na, result_rows
+from raycompress.report.markdown import NO_RESULTS, RETENTION_NOTE, error_measure, na, result_rows, training_text
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; background: #f6f7f9;
@@ -145,6 +146,8 @@ def render_html(report: dict) -> str:
             f"<div class=meta>run folder {escape(str(report.get('run_dir', '')))}</div>" + _cards(report)
             + _results_section(report) + _retention_section(report)
             + _compression_section(report.get("compression") or {})
+            + (f"<h2>Recovery (train)</h2><p class=note>{escape(training_text(report['training']))}</p>"
+               if report.get("training") else "")
             + _calibration_section(report.get("calibration") or {}) + _stages_section(report.get("stages") or {})
             + "<h2>Job config</h2><details><summary>show</summary><pre>"
             + escape(json.dumps(report.get("config") or {}, indent=2)) + "</pre></details>")

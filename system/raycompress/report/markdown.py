@@ -80,6 +80,20 @@ def _compression_lines(c: dict) -> list[str]:
     return ["", "## Compression", "", text, "", f"{measure['name'].capitalize()} = {measure['definition']}."]
 
 
+def training_text(t: dict) -> str:
+    """One paragraph on the train stage (`train/summary.json`): what was trained, how long, and the
+    sparsity before and after (equal with a fixed mask; GMP raises it to its final sparsity)."""
+    if not t:
+        return ""
+    start = "the dense model" if t.get("init") == "dense" else "the compressed checkpoint"
+    gmp = t.get("gmp")
+    how = (f"gradual magnitude pruning {gmp['s_i'] if gmp['s_i'] is not None else 'from the start'} -> {gmp['s_f']} "
+           f"({gmp['scope']}, every {gmp['dt']} steps from step {gmp['t0']}, {gmp['n']} times)") if gmp else "its mask fixed"
+    return (f"The recovered model: {start} trained with {how}, {t['strategy']} on {t['num_workers']} workers, "
+            f"{t['steps']} steps, {t['tokens']} tokens, {t['seconds']:.0f} s, final loss {t['final_loss']:.4f}; "
+            f"sparsity of the target linears {t['sparsity_start']:.4f} before and {t['sparsity']:.4f} after.")
+
+
 def error_measure(comp: dict) -> dict | None:
     """What the compression summary's `mean_rel_error` measures ({"name", "unit", "definition"}),
     None when there is no error; a report.json written before the measure was recorded gets it
@@ -115,5 +129,8 @@ def render_markdown(report: dict) -> str:
     if any(m["groups"] for m in report["models"].values()):
         lines += ["", "## Groups", ""] + _table(*result_rows(report, "groups"))
     lines += _retention_lines(report) + _stage_lines(report.get("stages") or {})
-    lines += _compression_lines(report.get("compression") or {}) + calibration_lines(report.get("calibration") or {})
+    lines += _compression_lines(report.get("compression") or {})
+    if report.get("training"):
+        lines += ["", "## Recovery (train)", "", training_text(report["training"])]
+    lines += calibration_lines(report.get("calibration") or {})
     return "\n".join(lines)

@@ -122,6 +122,7 @@ def build_report(out_dir: str | os.PathLike, config: dict | None = None) -> dict
                    for name, rec in _load(uri.join(out_dir, "state.json")).get("stages", {}).items()},
         "calibration": calibration_summary(out_dir, config),
         "compression": compression_summary(_load(uri.join(out_dir, "compress", "compression.json"))),
+        "training": _load(uri.join(out_dir, "train", "summary.json")),
         "config": config,
     }
 

@@ -113,22 +113,22 @@ def exists(location: str | os.PathLike) -> bool:
     return info(location).type != pafs.FileType.NotFound
 
 
+def _remove(location: str | os.PathLike, kind: pafs.FileType) -> bool:
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != kind:
+        return False
+    (fs.delete_file if kind == pafs.FileType.File else fs.delete_dir)(path)
+    return True
+
+
 def delete(location: str | os.PathLike) -> bool:
     """Remove one file (not a folder); returns whether it was there."""
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return False
-    fs.delete_file(path)
-    return True
+    return _remove(location, pafs.FileType.File)
 
 
 def delete_dir(location: str | os.PathLike) -> bool:
     """Remove a folder and everything under it; returns whether it was there."""
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return False
-    fs.delete_dir(path)
-    return True
+    return _remove(location, pafs.FileType.Directory)
 
 
 def is_file(location: str | os.PathLike) -> bool:
