@@ -119,7 +119,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
     files = sorted(set(om.weight_map.values()))
     gpus = (1.0 if cluster_gpus >= 1 else 0.0) if r.gpus_per_actor == "auto" else float(r.gpus_per_actor)
     tasks = [t.name for t in resolve_tasks(job)]
-    models = ["dense", "compressed"] if job.evaluate.include_dense else ["compressed"]
+    models = (["dense"] if job.evaluate.include_dense else []) + ["compressed"] + (["recovered"] if job.train else [])
     return {
         "job": job.name,
         "model": {"location": uri.display(model.location), "architecture": om.config.architectures[0],
