@@ -75,7 +75,7 @@ def figures(out: Path) -> dict:
     res = json.loads((out / "evaluate" / "results.json").read_text())
     summary = json.loads((out / "train" / "summary.json").read_text())
     start = out / "compress" / "model" if summary["init"] == "compressed" else None
-    row = {"sparsity_before": round(sparsity(start), 6) if start else 0.0,
+    row = {"sparsity_before": round(sparsity(start) if start else summary["sparsity_start"], 6),
            "sparsity_after": round(sparsity(out / "train" / "model"), 6)}
     for key, task in (("domain", DOMAIN), ("general", GENERAL)):
         d, p, r = (_ppl(res, m, task) for m in ("dense", "compressed", "recovered"))

@@ -379,6 +379,9 @@ class TrainConfig(_Strict):
     def _consistent(self) -> "TrainConfig":
         if self.strategy == "ddp" and self.offload:
             raise ValueError("train.offload needs train.strategy: deepspeed (DDP has no CPU offload)")
+        if self.strategy == "deepspeed" and self.zero_stage == 3 and self.gmp is not None:
+            raise ValueError("train.gmp with train.zero_stage: 3 is not supported (masks cannot be recomputed "
+                             "from partitioned weights); use train.zero_stage: 2 or drop train.gmp")
         if self.gmp is not None:
             end = self.gmp.start_step + self.gmp.n_prunes * self.gmp.interval
             if end >= self.steps:

@@ -3,27 +3,8 @@ and resuming from the step-2 checkpoint ends with the same weights as the uninte
 import pytest
 import torch
 
-from raycompress.training.masks import target_linears
 
 STEPS, EVERY = 4, 2
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tmp_path_factory, tiny_llama_dir):
-    """The 2-layer hidden-64 tiny Llama, its target linears magnitude-pruned to 50% (exact zeros)."""
-    from transformers import AutoModelForCausalLM
-
-    from raycompress.algorithms.gmp import magnitude_masks
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    lins = target_linears(model)
-    masks = magnitude_masks({n: lin.weight for n, lin in lins.items()}, 0.5, "layer")
-    with torch.no_grad():
-        for n, lin in lins.items():
-            lin.weight.masked_fill_(masks[n], 0)
-    out = tmp_path_factory.mktemp("pruned")
-    model.save_pretrained(out)
-    return out, {n: m.clone() for n, m in masks.items()}
 
 
 def _run(ray_local, pruned, tmp_path, name, resume_from=None):

@@ -22,6 +22,7 @@ def test_defaults_and_gmp():
     (dict(steps=10, strategy="fsdp"), "strategy"),
     (dict(steps=10, lr=0.0), "lr"),
     (dict(steps=10, typo=1), "typo"),
+    (dict(steps=100, strategy="deepspeed", zero_stage=3, gmp={"final_sparsity": 0.5, "n_prunes": 2}), "zero_stage: 3"),
 ])
 def test_rejects(bad, match):
     with pytest.raises(ValidationError, match=match):

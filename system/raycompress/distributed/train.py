@@ -157,7 +157,8 @@ def run_train(job: JobConfig, model: ModelRef, out_dir: str, inputs: dict | None
            "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
            "seed": t.seed, "checkpoint_every": t.checkpoint_every, "gmp": _gmp(job),
            "torch_threads": t.torch_threads, "resume_from": resume,
-           "activation_checkpointing": t.activation_checkpointing}
+           "activation_checkpointing": t.activation_checkpointing, "strategy": t.strategy,
+           "zero_stage": t.zero_stage, "offload": t.offload}
     started = time.perf_counter()
     trainer = make_trainer(cfg, training_dataset(job, model), t.num_workers, runs, RUN_NAME,
                            cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 REQUIRED = ("model_dir", "steps")
 DEFAULTS = {"output_dir": None, "batch_size": 4, "lr": 1e-4, "weight_decay": 0.0, "seed": 0,
             "checkpoint_every": 0, "gmp": None, "torch_threads": 1, "resume_from": None,
-            "activation_checkpointing": False}
+            "activation_checkpointing": False, "strategy": "ddp", "zero_stage": 2, "offload": False}
 
 
 def _config(config: dict) -> dict:
@@ -78,7 +78,8 @@ def _load(model_dir: str, ckpt_dir: Path | None):
     if ckpt_dir is None:
         return model, mask, None, 0, None
     mask.load_state_dict(load_file(str(ckpt_dir / "masks.safetensors")))
-    opt_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+    opt = ckpt_dir / "optimizer.pt"  # absent in a DeepSpeed checkpoint (its optimizer state is in ds/)
+    opt_state = torch.load(opt, weights_only=True) if opt.is_file() else None
     state = json.loads((ckpt_dir / "state.json").read_text())
     log.info("resuming at step %d from %s", state["step"], ckpt_dir)
     return model, mask, opt_state, state["step"], state.get("sparsity_start")
@@ -138,6 +139,11 @@ def train_func(config: dict) -> None:
     model_dir = cfg["model_dir"] if isinstance(cfg["model_dir"], str) else str(cfg["model_dir"].local())
     torch.set_num_threads(cfg["torch_threads"])
     torch.manual_seed(cfg["seed"])
+    if cfg["strategy"] == "deepspeed":
+        from raycompress.training.ray_train_deepspeed import train_deepspeed
+
+        shard = ray.train.get_dataset_shard("train")
+        return train_deepspeed(cfg, model_dir, lambda skip: _batches(shard, cfg["batch_size"], skip), _load)
     rank = ray.train.get_context().get_world_rank()
     model, mask, opt_state, start, s0 = _resume_state(model_dir, cfg["resume_from"])
     if s0 is None:
@@ -171,16 +177,17 @@ def _schedule(gmp: dict | None, mask: WeightMask) -> GMPSchedule | None:
     return GMPSchedule(**gmp)
 
 
-def save_final(model: torch.nn.Module, model_dir: str, output_dir: str) -> dict:
+def save_final(model: torch.nn.Module, model_dir: str, output_dir: str, state_dict: dict | None = None) -> dict:
     """Publish the trained model at `output_dir` (local path or URI) in the compress stage's format:
     safetensors shards in the model's own dtype, the index, config and tokenizer files of
     `model_dir`, and last `manifest.sha256.json` (`models.checkpoint.finalize_checkpoint`).
+    `state_dict`: the weights to write instead of the model's own (DeepSpeed's gathered ones).
     Returns the manifest (I/O only)."""
     from raycompress.models.checkpoint import finalize_checkpoint
     from raycompress.storage import uri
 
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         shards = sorted(p.name for p in Path(tmp).glob("*.safetensors"))
         for name in shards:
             uri.copy(str(Path(tmp) / name), uri.join(output_dir, name))
