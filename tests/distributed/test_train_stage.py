@@ -97,4 +97,3 @@ def test_training_a_quantized_checkpoint_is_refused_before_ray(tiny_job_dir, tmp
     job = _job(tiny_job_dir, tmp_path, compress={"algorithm": "gptq", "quant": {"bits": 4, "group_size": 32}})
     with pytest.raises(PreflightError, match="quantized checkpoint"):
         run_job(job, tmp_path / "q", ORDER, tiny_job_dir / "model")
-
