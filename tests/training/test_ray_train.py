@@ -2,6 +2,7 @@
 and resuming from the step-2 checkpoint ends with the same weights as the uninterrupted run."""
 import pytest
 import torch
+from trainfixtures import pruned_dir  # noqa: F401  (fixture)
 
 
 STEPS, EVERY = 4, 2

@@ -3,6 +3,7 @@ DeepSpeed's CPU accelerator, hold the mask, report checkpoints with DeepSpeed's 
 partitions, publish the model like the DDP branch, and resume from the step-2 checkpoint."""
 import pytest
 import torch
+from trainfixtures import pruned_dir  # noqa: F401  (fixture)
 
 pytest.importorskip("deepspeed")
 

@@ -1,4 +1,4 @@
-"""Fixtures of the training tests."""
+"""Fixtures shared by the training tests (imported by name: a second conftest.py would shadow the root one for `from conftest import`)."""
 import pytest
 import torch
 
