@@ -5,6 +5,7 @@
     raycompress select|compress|train|evaluate CONFIG.yaml --output DIR   one stage
     raycompress submit CONFIG.yaml --output URI [--address http://HEAD:8265] [--wait]   as a Ray job
     raycompress status|logs [--follow]|stop JOB_ID [--address ...]   watch or stop a submitted job
+    raycompress sweep SWEEP.yaml --output DIR        a grid of job variants x seeds, compared in DIR/sweep.html
     raycompress report DIR                            (re)write DIR's report.json / .md / .html
     raycompress report DIR DIR ... [--output F.html|F.md]   compare runs: one column per run
     raycompress fetch-model ALIAS_DIR_OR_URI         convert/cache a model on this node, print its folder
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     for x in (j, *(sub.choices[n] for n in ("status", "logs", "stop"))):
         x.add_argument("--address", help="the cluster's dashboard address, e.g. http://127.0.0.1:8265 "
                        "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
+    w = sub.add_parser("sweep", help="run a sweep file's points (job variants x seeds) and compare them")
+    w.add_argument("config", type=Path, help="sweep YAML file (a base job, axes, seeds)")
+    w.add_argument("--output", "-o", required=True, help="sweep output folder: a path or URI")
     r = sub.add_parser("report", help="report one run folder, or compare several side by side")
     r.add_argument("dirs", type=_location, nargs="+", metavar="DIR", help="run folder(s) written by `raycompress run`")
     r.add_argument("--output", "-o", type=_location, help="also write the report / comparison to this .html or .md file")
@@ -112,6 +116,8 @@ def _main(args) -> int:
         return _report(args.dirs, args.output)
     if args.command in ("submit", "status", "logs", "stop"):
         return _jobs(args)
+    if args.command == "sweep":
+        return _sweep(args)
     from raycompress.config import ConfigError, load_config
     from raycompress.distributed.orchestrator import ORDER, Stage, run_job
 
@@ -139,6 +145,29 @@ def _main(args) -> int:
 
         print(uri.read_text(uri.join(output, "report.md")))
     return 0
+
+
+def _sweep(args) -> int:
+    """`raycompress sweep`: exit 2 on a bad sweep or job, 1 when a point failed, else 0."""
+    from raycompress.config import ConfigError
+    from raycompress.models.fetch import resolve_model
+    from raycompress.sweep.config import load_sweep
+    from raycompress.sweep.runner import run_sweep
+
+    try:
+        sweep, points = load_sweep(args.config)
+        output = _output(args.output)
+        model = resolve_model(points[0].job.model, points[0].job.base_dir, points[0].job.storage.cache_dir)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_sweep(sweep, points, model, output)
+    from raycompress.storage import uri
+
+    print(uri.read_text(uri.join(output, "sweep.md")))
+    for unit, err in result["errors"].items():
+        print(f"error: {unit}: {err}", file=sys.stderr)
+    return 1 if result["errors"] else 0
 
 
 def _dry_run(job, model) -> int:

@@ -426,6 +426,29 @@ class JobConfig(_Strict):
         return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
 
 
+def config_error(headline: str, exc: ValidationError) -> ConfigError:
+    """One ConfigError: `headline`, then a line per wrong field with its dotted path."""
+    lines = [headline] + [f"  field '{'.'.join(str(x) for x in e['loc']) or '<top>'}': {e['msg']}" for e in exc.errors()]
+    return ConfigError("\n".join(lines))
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping.
+
+    Raises:
+        ConfigError: '<what> not found', not YAML, or not a mapping; naming the file.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read and validate a job YAML file.
 
@@ -434,20 +457,9 @@ def load_config(path: str | Path) -> JobConfig:
             the file and the dotted field path (e.g. ``compress.sparsity``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"job file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "job file")
     raw.setdefault("base_dir", str(path.resolve().parent))  # paths in a file are relative to that file
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: invalid job config"]
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "<top>"
-            lines.append(f"  field '{loc}': {err['msg']}")
-        raise ConfigError("\n".join(lines)) from exc
+        raise config_error(f"{path}: invalid job config", exc) from exc

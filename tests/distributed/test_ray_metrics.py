@@ -149,7 +149,8 @@ def test_compress_run_names_actors_and_exports_metrics(ray_local, tiny_llama_dir
     calib = tmp_path / "calibration.parquet"
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     pq.write_table(pa.table({"input_ids": pa.array(ids.tolist(), pa.list_(pa.int32()))}), calib)
-    namespace, seen = actor_namespace(), set()
+    name = f"metrics-{tmp_path.name}"
+    namespace, seen = actor_namespace(name), set()
     mark = pipeline.Progress.mark
 
     def mark_and_look(self, idx, records, layer):  # while the actors work
@@ -157,9 +158,8 @@ def test_compress_run_names_actors_and_exports_metrics(ray_local, tiny_llama_dir
         seen.update(_alive(namespace))
 
     monkeypatch.setattr(pipeline.Progress, "mark", mark_and_look)
-    name = f"metrics-{tmp_path.name}"
     run_compress(_job(tiny_llama_dir, name, compress_actors=2), tiny_llama_dir, calib, tmp_path / "out", "fp")
-    assert seen == {"compress-0", "compress-1"} and re.fullmatch(r"raycompress-[0-9a-f]+", namespace)
+    assert seen == {"compress-0", "compress-1"} and re.fullmatch(rf"raycompress-[0-9a-f]+-{name}", namespace)
     want = {"ray_raycompress_layers_done", "ray_raycompress_layers_total", "ray_raycompress_layer_seconds_bucket",
             "ray_raycompress_tokens_total", "ray_raycompress_bytes_written_total",
             "ray_raycompress_hessian_bytes_moved_total"}
@@ -172,7 +172,7 @@ def test_eval_pool_names_actors_and_reports_progress(ray_local, tiny_llama_dir, 
     from raycompress.distributed.naming import actor_namespace
     from raycompress.models.fetch import ModelRef
 
-    namespace, seen, pool = actor_namespace(), set(), evaluate.run_pool
+    namespace, seen, pool = actor_namespace("metrics-eval"), set(), evaluate.run_pool
 
     def run_pool_and_look(spawn, units, n_actors, call, max_restarts, on_unit):
         def on(k, result):

@@ -150,7 +150,7 @@ def _spawn(job: JobConfig, model: ModelRef, shards, subsets, attempt: int = 0) -
     actors: list = []
     try:
         for r, (s, g) in enumerate(zip(shards, subsets)):
-            named = CompressionActor.options(**name_options("compress", r, attempt), **opts)
+            named = CompressionActor.options(**name_options("compress", r, attempt, job.name), **opts)
             actors.append(named.remote(model, s, subsets=g, rank=r, **kw))
     except BaseException:
         for a in actors:

@@ -160,7 +160,7 @@ def score_model(job: JobConfig, ref: ModelRef, requests: list[Request], max_len:
     actor_cls = ray.remote(EvalActor)
 
     def spawn(slot: int, generation: int):  # eval-<slot> in the job's namespace, -r<n> for a replacement
-        return actor_cls.options(**name_options("eval", slot, generation), **opts).remote(
+        return actor_cls.options(**name_options("eval", slot, generation, job.name), **opts).remote(
             ref, torch_threads(job.ray), ev.dtype, ev.device_map)
 
     call = lambda a, k, unit: a.score.remote(k, unit, max_len, ev.batch_tokens)  # noqa: E731

@@ -130,3 +130,30 @@ def calibration_chart(sources: dict[str, dict]) -> str | None:
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
     return _png(fig)
+
+
+def pareto_chart(points: dict[str, dict], x_label: str, y_label: str) -> str | None:
+    """Scatter of sweep points with seed error bars (±1 sd) and the Pareto front highlighted.
+
+    points: {label: {"x", "y", "x_sd", "y_sd", "front": bool}}; larger is better on both axes.
+    """
+    pts = {k: p for k, p in points.items() if p.get("x") is not None and p.get("y") is not None}
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.4, 5.2))
+    for i, (label, p) in enumerate(sorted(pts.items())):
+        on = p.get("front")
+        ax.errorbar(p["x"], p["y"], xerr=p.get("x_sd") or 0.0, yerr=p.get("y_sd") or 0.0, fmt="o" if on else "s",
+                    markersize=7 if on else 5, capsize=3, color=_COLORS[0] if on else "#9aa3ad",
+                    markeredgecolor="black" if on else "none", zorder=3 if on else 2)
+        ax.annotate(label, (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                    fontweight="bold" if on else "normal")
+    front = sorted(((p["x"], p["y"]) for p in pts.values() if p.get("front")), key=lambda xy: xy[0])
+    if len(front) > 1:
+        ax.plot([x for x, _ in front], [y for _, y in front], color=_COLORS[0], linewidth=1.2, zorder=1)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.set_title("Calibration sweep: Pareto front (blue) and dominated points (grey), ±1 sd over seeds", fontsize=9)
+    return _png(fig)
