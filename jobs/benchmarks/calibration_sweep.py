@@ -2,11 +2,14 @@
 machine; prints ONE JSON line.
 
     .venv/bin/python jobs/benchmarks/calibration_sweep.py [--workdir /tmp/raycompress-calsweep]
-        [--seeds 0 1 2] [--n-samples 16] [--seq-len 256] [--max-tokens 4096] [--skip-serial]
+        [--seeds 0 1 2] [--n-samples 16] [--seq-len 256] [--candidate-pool 256] [--max-tokens 4096] [--skip-serial]
 
 Needs the default model converted once (`make model`). The base job is the default one
 (`jobs/smollm2-biomed-sparsegpt50.yaml`: SmolLM2-135M-Instruct, ZipCal, SparseGPT 50%) made
-small: `--n-samples` x `--seq-len` calibration tokens, evaluated on WikiText-2 and the biomedical
+small: `--n-samples` x `--seq-len` calibration tokens, ZipCal drawing `--candidate-pool` random
+candidate windows per greedy step (below the pool's window count, so that the seed changes the
+selection: with the default 2000 every window is a candidate here and all seeds select the same
+rows), evaluated on WikiText-2 and the biomedical
 abstracts (`--max-tokens` each), one actor per stage with one CPU. Points: pure biomedical, pure
 general (State of the Union), mixes 3:1 and 1:1, and MixCal on the 1:1 mix at lambda 0 and 0.25,
 each over `--seeds`. The sweep is run twice with `raycompress sweep`, as a user types it, into
@@ -53,7 +56,7 @@ def write_files(work: Path, args) -> dict[int, Path]:
     job = yaml.safe_load(BASE.read_text())
     for src in job["select"]["sources"].values():
         src["path"] = str((BASE.parent / src["path"]).resolve())
-    job["select"].update(n_samples=args.n_samples, seq_len=args.seq_len)
+    job["select"].update(n_samples=args.n_samples, seq_len=args.seq_len, candidate_pool=args.candidate_pool)
     job["evaluate"] = {"task_dirs": [str(REPO / "jobs" / "tasks")],
                        "tasks": [{"name": "wikitext2", "max_tokens": args.max_tokens},
                                  {"name": "biomed_abstracts", "max_tokens": args.max_tokens}]}
@@ -104,6 +107,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--candidate-pool", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--skip-serial", action="store_true", help="run only the 2-at-once sweep")
     args = ap.parse_args()

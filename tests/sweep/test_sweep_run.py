@@ -48,6 +48,7 @@ def test_sweep_shares_selection_and_dense_and_reports(sweep_run):
         ret = p["retention"]["general"]
         assert 0 < ret["mean"] and ret["sd"] is not None
     assert report["points"]["sparsegpt"]["tasks"]["ppl"]["sd"] > 0  # seeds select different rows
+    assert all(p["distinct_calibrations"] == 2 for p in report["points"].values())
     assert report["points"]["magnitude"]["tasks"]["ppl"]["sd"] == 0  # magnitude reads no calibration
     assert report["seed_noise"]["general_ppl"] is not None and report["verdicts"]["general"]["best"] in report["points"]
     md, html = (out / "sweep.md").read_text(), (out / "sweep.html").read_text()

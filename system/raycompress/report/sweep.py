@@ -28,7 +28,9 @@ def collect(points, out: str, domain: str | None) -> tuple[dict[str, list[dict]]
         path = uri.join(out, p.folder, "evaluate", "results.json")
         try:
             raw = json.loads(uri.read_text(path))
-            runs.setdefault(p.label, []).append({"seed": p.seed, **stats.run_figures(raw, domain)})
+            manifest = json.loads(uri.read_text(uri.join(out, p.folder, "select", "manifest.json")))
+            runs.setdefault(p.label, []).append({"seed": p.seed, "calibration": manifest.get("calibration_sha256"),
+                                                 **stats.run_figures(raw, domain)})
         except (FileNotFoundError, KeyError, ValueError) as exc:
             log.warning("sweep report: %s has no usable results (%s)", p.folder, exc)
             missing.append(p.folder)
@@ -49,7 +51,8 @@ def build(sweep, points, out: str, errors: dict, seconds: float, at_once: int) -
         "sweep": sweep.name, "domain": domain, "seconds": round(seconds, 1), "points_at_once": at_once,
         "seeds": sorted({p.seed for p in points}), "runs": len(points), "errors": errors, "missing": missing,
         "points": {lab: {"variants": variants[lab], **a, "dominated_by": dominated.get(lab),
-                         "seeds": [r["seed"] for r in runs[lab]]} for lab, a in aggs.items()},
+                         "seeds": [r["seed"] for r in runs[lab]],
+                         "distinct_calibrations": len({r["calibration"] for r in runs[lab]})} for lab, a in aggs.items()},
         "seed_noise": {"domain_ppl": stats.seed_noise(aggs, "domain_ppl"),
                        "general_ppl": stats.seed_noise(aggs, "general_ppl")},
         "verdicts": {tag: stats.verdicts(aggs, tag) for tag in ("general", domain) if tag},
@@ -90,6 +93,11 @@ def findings(report: dict) -> list[str]:
                      + ", ".join(parts) + ".")
     else:
         lines.append("One seed per point: no estimate of seed noise; no difference can be called real.")
+    same = sorted(k for k, p in report["points"].items() if p["n"] > 1 and p.get("distinct_calibrations") == 1)
+    if same:
+        lines.append(f"Every seed selected the same calibration set for {', '.join(same)}: their sd over seeds is 0 "
+                     "by construction and measures no noise (ZipCal considers every window when select.candidate_pool "
+                     "is at least the pool's window count; lower it, or use random selection, to sample).")
     for tag, v in report["verdicts"].items():
         if not v:
             continue
