@@ -16,8 +16,11 @@ def sweep_run(tiny_job_dir, ray_local, tmp_path_factory):
     from raycompress.sweep.runner import run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
+    base = yaml.safe_load((tiny_job_dir / "job.yaml").read_text())  # one actor per stage: half the actor starts
+    base["ray"].update(compress_actors=1, eval_actors=1)
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
     (root / "sw.yaml").write_text(yaml.safe_dump({
-        "base": str(tiny_job_dir / "job.yaml"), "seeds": [0, 1], "parallel": 2,
+        "base": "base.yaml", "seeds": [0, 1], "parallel": 2,
         "set": {"select.method": "random"},  # ZipCal on this 40-document pool picks the same rows for any seed
         "axes": {"algorithm": {"sparsegpt": {}, "magnitude": {"compress.algorithm": "magnitude"}}}}))
     sweep, points = load_sweep(root / "sw.yaml")
