@@ -103,6 +103,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
         FileNotFoundError, ValueError: the model cannot be read or its architecture is not in the
             table; evaluate.tasks names a task that does not exist (TaskError).
     """
+    from raycompress.distributed.resources import gpus_per_actor
     from raycompress.engine.budget import layer_floors
     from raycompress.engine.pipeline import Plan
     from raycompress.evaluation.taskfiles import resolve_tasks
@@ -117,7 +118,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
     floors = layer_floors(om, c, plan, rows, s.seq_len, c.micro_batch, n_subsets)
     root = om.model_dir if model.is_alias else model.location
     files = sorted(set(om.weight_map.values()))
-    gpus = (1.0 if cluster_gpus >= 1 else 0.0) if r.gpus_per_actor == "auto" else float(r.gpus_per_actor)
+    gpus = gpus_per_actor(r, cluster_gpus)
     tasks = [t.name for t in resolve_tasks(job)]
     models = (["dense"] if job.evaluate.include_dense else []) + ["compressed"] + (["recovered"] if job.train else [])
     return {

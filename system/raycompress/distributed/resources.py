@@ -40,14 +40,18 @@ def init_ray(cfg: RayConfig) -> None:
     log.info("ray resources: %s", ray.cluster_resources())
 
 
+def gpus_per_actor(cfg: RayConfig, cluster_gpus: float) -> float:
+    """`ray.gpus_per_actor` as a number: `auto` is one GPU when the cluster has one, else none."""
+    if cfg.gpus_per_actor == "auto":
+        return 1.0 if cluster_gpus >= 1 else 0.0
+    return float(cfg.gpus_per_actor)
+
+
 def actor_options(cfg: RayConfig) -> dict:
     """Ray `.options()` for one worker actor: GPUs where the cluster has them, else CPU."""
     import ray
 
-    gpus = cfg.gpus_per_actor
-    if gpus == "auto":
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0))}
 
 
 def torch_threads(cfg: RayConfig) -> int:

@@ -67,7 +67,6 @@ class Point:
     label: str
     seed: int
     variants: dict[str, str]
-    overrides: dict[str, Any]
     job: JobConfig = field(repr=False)
 
     @property
@@ -148,7 +147,7 @@ def expand(sweep: SweepConfig, base_raw: dict, base_dir: str, where: str) -> lis
         for seed in seeds:
             job = _point_job(base_raw, base_dir, f"{name}.{label}.s{seed}", seed, overrides,
                              f"{where}: point {label} seed {seed}")
-            points.append(Point(label, seed, {a: lab for a, lab, _ in combo}, overrides, job))
+            points.append(Point(label, seed, {a: lab for a, lab, _ in combo}, job))
     return points
 
 

@@ -42,8 +42,10 @@ def select_key(job: JobConfig, model_fingerprint: str) -> str:
 
 def point_resources(job: JobConfig, cluster_gpus: float) -> tuple[float, float]:
     """(CPUs, GPUs) one point holds at most: its largest stage's actors or Ray Train workers."""
+    from raycompress.distributed.resources import gpus_per_actor
+
     r = job.ray
-    gpa = (1.0 if cluster_gpus >= 1 else 0.0) if r.gpus_per_actor == "auto" else float(r.gpus_per_actor)
+    gpa = gpus_per_actor(r, cluster_gpus)
     n = max(r.select_actors, r.compress_actors, r.eval_actors)
     cpus, gpus = n * r.cpus_per_actor, n * gpa
     if job.train is not None:
@@ -87,15 +89,15 @@ def _dense_unit(job: JobConfig, model: ModelRef, out: str) -> None:
 def seed_selection(point_dir: str, selection_dir: str) -> bool:
     """Give a point folder a copy of a shared selection (its select/ files and state record)
     unless it already has a finished select stage. Returns whether it copied."""
-    state_path = uri.join(point_dir, "state.json")
-    state = json.loads(uri.read_text(state_path)) if uri.exists(state_path) else {"stages": {}}
-    if "select" in state["stages"]:
+    from raycompress.distributed.orchestrator import JobState, Stage
+
+    state = JobState(point_dir)
+    if state.done(Stage.SELECT):
         return False
     for loc, rel in uri.glob_relative("**", uri.join(selection_dir, "select")):
         uri.copy(loc, uri.join(point_dir, "select", rel))
-    record = json.loads(uri.read_text(uri.join(selection_dir, "state.json")))["stages"]["select"]
-    state["stages"]["select"] = {**record, "shared_from": uri.display(selection_dir)}
-    uri.write_text(state_path, json.dumps(state, indent=2))
+    record = JobState(selection_dir).stages[Stage.SELECT.value]
+    state.finish(Stage.SELECT, {**record, "shared_from": uri.display(selection_dir)})
     return True
 
 
@@ -159,24 +161,24 @@ def run_sweep(sweep: SweepConfig, points: list[Point], model: ModelRef, out: str
     for p in points:
         preflight(p.job, model)
     fp = model.fingerprint()
-    keys = {f"{p.label}/seed-{p.seed}": select_key(p.job, fp) for p in points}
+    keys = {p.folder: select_key(p.job, fp) for p in points}
     init_ray(points[0].job.ray)
     at_once = points_at_once(parallel or sweep.parallel, points, ray.cluster_resources())
     log.info("sweep %s: %d points, %d distinct selections, %d at once", sweep.name, len(points),
              len(set(keys.values())), at_once)
     first = {}
     for p in points:
-        first.setdefault(keys[f"{p.label}/seed-{p.seed}"], p)
+        first.setdefault(keys[p.folder], p)
     dense_dir = uri.join(out, "dense")
     units = [("dense", _dense_unit, (points[0].job, model, dense_dir))]
     units += [(f"select {k}", _select_unit, (p.job, model, uri.join(out, "selections", k))) for k, p in first.items()]
     errors = _run_bounded(units, at_once)
     failed = {k for k, e in errors.items() if e}
-    units = [(p.folder, _point_unit, (p.job, model, uri.join(out, p.folder),
-                                      uri.join(out, "selections", keys[f"{p.label}/seed-{p.seed}"]),
+    units = [(p.folder, _point_unit, (p.job, model, uri.join(out, p.folder), uri.join(out, "selections", keys[p.folder]),
                                       uri.join(dense_dir, "results.json")))
-             for p in points if "dense" not in failed and f"select {keys[f'{p.label}/seed-{p.seed}']}" not in failed]
+             for p in points if "dense" not in failed and f"select {keys[p.folder]}" not in failed]
     errors.update(_run_bounded(units, at_once))
+    errors = {k: e for k, e in errors.items() if e}
     seconds = time.monotonic() - t0
-    files = write_sweep_report(sweep, points, out, {k: e for k, e in errors.items() if e}, seconds, at_once)
-    return {"at_once": at_once, "seconds": seconds, "errors": {k: e for k, e in errors.items() if e}, "files": files}
+    files = write_sweep_report(sweep, points, out, errors, seconds, at_once)
+    return {"at_once": at_once, "seconds": seconds, "errors": errors, "files": files}
