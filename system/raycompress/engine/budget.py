@@ -16,7 +16,9 @@ Memory floor of worker k, tensors only (the process's own start-up RSS is added 
 Bytes moved per layer (K workers), the minimum for data-parallel statistics with one solver per
 input group: Σ over statistics keys of (K − 1) · size(key) (each partial sent once toward its
 owner) + (K − 1) · Σ over targets of d_out · d_in · bytes(checkpoint dtype) (every worker needs the
-new weights to compute the next layer's inputs).
+new weights to compute the next layer's inputs) + (K − 1) · Σ over targets of their quantization
+parameters when quantized (`models.quantized.qparam_bytes`: one scale per output row and group in
+the checkpoint's dtype, plus an int8 zero point when asymmetric; they travel as they are written).
 FLOPs per layer: statistics 2 · tokens · d_in² per Hessian group (tokens · d_in for sqnorm), two
 forward passes 2 · 2 · tokens · params, and the algorithm's solve FLOPs (`Algorithm.flops`).
 """
@@ -26,6 +28,7 @@ import torch
 
 from raycompress.config import CompressConfig
 from raycompress.engine.pipeline import Plan
+from raycompress.models.quantized import qparam_bytes
 from raycompress.models.weights import OffloadedModel
 
 
@@ -57,7 +60,9 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
                                   for j, g in enumerate(order)), default=0)
         mem.append(max(stats_phase, solve_phase))
     kk = len(rows)
-    moved = (kk - 1) * (sum(stat_bytes.values()) + sum(o * i for o, i in plan.shapes.values()) * cb)
+    new_weights = sum(o * i * cb + (qparam_bytes(o, i, cfg.quant, model.dtype) if cfg.quant else 0)
+                      for o, i in plan.shapes.values())
+    moved = (kk - 1) * (sum(stat_bytes.values()) + new_weights)
     tokens = sum(rows) * seq
     flops = 4.0 * tokens * params + sum(2.0 * tokens * n for n in numel.values())
     if not plan.structured:

@@ -6,8 +6,8 @@ branches on a name.
 (consumed: the Hessian's buffer becomes the OBS factor); `solve(W, context, cfg)` then compresses
 one linear, W (d_out, d_in) in the checkpoint's dtype on the worker's device, and returns
 (tensors, info): tensors["weight"] is the weight to run with, in W's dtype (dequantized for
-quantized methods); quantized methods add "weight_scale" and "weight_zero_point"
-(d_out, n_groups), which the checkpoint writer packs. info["loss"] (OBS methods) is the sweep's
+quantized methods); quantized methods add `models.quantized.qparams` ("weight_scale", and
+"weight_zero_point" when asymmetric, (d_out, n_groups)), which the checkpoint writer packs. info["loss"] (OBS methods) is the sweep's
 error, from which the worker reports the relative output error ||(W - Ŵ) X||² / ||W X||² with the
 outputs' squared norms recorded during the statistics pass.
 
@@ -30,6 +30,7 @@ from raycompress.algorithms.sparsegpt import sparsegpt_prune
 from raycompress.algorithms.wanda import wanda_prune
 from raycompress.config import CompressConfig
 from raycompress.engine.stats import InputStats, mean_
+from raycompress.models.quantized import qparams
 from raycompress.registry import ALGORITHMS
 
 @dataclass(frozen=True)
@@ -88,13 +89,13 @@ def _sparsegpt(w, f, cfg):
     r = sparsegpt_prune(w, None, cfg.sparsity, _nm(cfg), cfg.block_size, quant=quant, factor=f)
     tensors = {"weight": r.weight}
     if quant is not None:  # SparseGPT paper Sec. 3.5: joint sparsification and quantization
-        tensors.update(weight_scale=r.scale, weight_zero_point=r.zero)
+        tensors.update(qparams(r.scale, r.zero, cfg.quant, w.dtype))
     return tensors, {"damping": r.damping, "loss": r.loss}
 
 
 def _gptq(w, f, cfg):
     r = gptq_quantize(w, None, _spec(cfg), cfg.block_size, factor=f)
-    return {"weight": r.weight, "weight_scale": r.scale, "weight_zero_point": r.zero}, {"damping": r.damping, "loss": r.loss}
+    return {"weight": r.weight, **qparams(r.scale, r.zero, cfg.quant, w.dtype)}, {"damping": r.damping, "loss": r.loss}
 
 
 def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats], cfg: CompressConfig,

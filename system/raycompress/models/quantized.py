@@ -21,13 +21,32 @@ def scheme(q: QuantConfig):
     return QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
 
 
+def qparams(scale: torch.Tensor, zero: torch.Tensor, q: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A quantized linear's parameters as the checkpoint keeps them, so they travel between
+    workers no wider than they are written: `weight_scale` (d_out, n_groups) in the checkpoint's
+    dtype, and `weight_zero_point` (d_out, n_groups) int8 only when asymmetric (a symmetric zero
+    point is 0 and is not written)."""
+    out = {"weight_scale": scale.to(dtype)}
+    if not q.symmetric:
+        out["weight_zero_point"] = zero.to(torch.int8)
+    return out
+
+
+def qparam_bytes(d_out: int, d_in: int, q: QuantConfig, dtype: torch.dtype) -> int:
+    """Bytes of one (d_out, d_in) linear's `qparams`: per output row and group, one scale in
+    `dtype` plus one int8 zero point when asymmetric; n_groups = d_in / group_size (1 per channel)."""
+    n_groups = d_in // q.group_size if q.group_size else 1
+    return d_out * n_groups * (dtype.itemsize + (0 if q.symmetric else 1))
+
+
 def pack_quantized(tensors: dict[str, torch.Tensor], q: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """{weight (dequantized, d_out x d_in), weight_scale, weight_zero_point (d_out, n_groups)} ->
-    the packed state dict of one linear (names without the module prefix)."""
+    """{weight (dequantized, d_out x d_in), weight_scale, weight_zero_point if asymmetric
+    (d_out, n_groups)} -> the packed state dict of one linear (names without the module prefix)."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
-    state = {"weight": tensors["weight"].float(), "weight_scale": tensors["weight_scale"].to(dtype),
-             "weight_zero_point": tensors["weight_zero_point"].to(torch.int8)}
+    state = {"weight": tensors["weight"].float(), "weight_scale": tensors["weight_scale"].to(dtype)}
+    if "weight_zero_point" in tensors:
+        state["weight_zero_point"] = tensors["weight_zero_point"].to(torch.int8)
     return {k: v.contiguous() for k, v in PackedQuantizationCompressor.compress(state, scheme(q)).items()}
 
 
