@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from raycompress.algorithms.magnitude import magnitude_prune
-from raycompress.algorithms.obs import HessianNotPositiveDefinite, inverse_cholesky
+from raycompress.algorithms.obs import HessianNotPositiveDefinite, obs_factor_
 from raycompress.algorithms.sparsegpt import sparsegpt_prune as _sparsegpt_prune
 from raycompress.algorithms.wanda import wanda_prune
 
@@ -156,9 +156,15 @@ def test_dead_inputs_are_zeroed_and_shape_errors():
         sparsegpt_prune(torch.randn(4, 6), torch.eye(6), 0.5, n_m=(2, 4))
 
 
+def _factor(h: torch.Tensor, damping: float, **kwargs) -> tuple[torch.Tensor, float]:
+    """(U, damping used) of the production factor (`obs_factor_`) on a copy of h."""
+    f = obs_factor_(h.clone(), damping, **kwargs)
+    return f.u, f.damping
+
+
 def test_inverse_cholesky_factor():
     h = _spd(6, 9).float()
-    u, used = inverse_cholesky(h, 0.1)
+    u, used = _factor(h, 0.1)
     assert used == 0.1
     assert torch.equal(u, torch.triu(u))
     lam = 0.1 * float(torch.diagonal(h).mean())
@@ -167,7 +173,7 @@ def test_inverse_cholesky_factor():
 
 def test_inverse_cholesky_retries_on_indefinite():
     h = torch.tensor([[1.0, 1.5], [1.5, 1.0]])  # eigenvalues 2.5, -0.5: needs lambda > 0.5
-    u, used = inverse_cholesky(h, 0.0, max_tries=10)
+    u, used = _factor(h, 0.0, max_tries=10)
     # damping tried: 0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1 (all fail), 1 (succeeds); mean diag = 1
     assert used == pytest.approx(1.0)
     torch.testing.assert_close(u.T @ u, torch.linalg.inv(h + used * torch.eye(2)), atol=1e-5, rtol=1e-4)
@@ -176,7 +182,7 @@ def test_inverse_cholesky_retries_on_indefinite():
 def test_inverse_cholesky_retries_on_singular():
     v = torch.ones(3, 1)
     h = v @ v.T  # rank 1, PSD but singular
-    u, used = inverse_cholesky(h, 0.0)
+    u, used = _factor(h, 0.0)
     assert used > 0
     assert torch.isfinite(u).all()
 
@@ -184,9 +190,9 @@ def test_inverse_cholesky_retries_on_singular():
 def test_inverse_cholesky_gives_up():
     h = torch.tensor([[1.0, 1.5], [1.5, 1.0]])
     with pytest.raises(HessianNotPositiveDefinite):
-        inverse_cholesky(h, 0.0, max_tries=1)
+        _factor(h, 0.0, max_tries=1)
     with pytest.raises(HessianNotPositiveDefinite):
-        inverse_cholesky(h, 0.0)  # default 6 tries stop at damping 0.1 < 1
+        _factor(h, 0.0)  # default 6 tries stop at damping 0.1 < 1
 
 
 def test_2_4_block_size_not_multiple_of_m():

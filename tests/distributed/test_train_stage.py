@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from raycompress.distributed.orchestrator import ORDER, run_job
-from raycompress.models.checkpoint import sha256_file
+from raycompress.storage import uri
 
 TRAIN = {"steps": 3, "seq_len": 16, "batch_size": 2, "num_workers": 2, "cpus_per_worker": 0.5,
          "checkpoint_every": 2, "lr": 1e-2, "sources": ["bio"]}
@@ -61,7 +61,7 @@ def test_train_holds_the_mask_and_publishes_like_compress(trained):
 
     manifest = json.loads((out / "train" / "model" / "manifest.sha256.json").read_text())
     for name, digest in manifest["files"].items():
-        assert sha256_file(out / "train" / "model" / name) == digest, name
+        assert uri.sha256(out / "train" / "model" / name)[0] == digest, name
 
 
 def test_recovered_model_is_evaluated_and_reported(trained):

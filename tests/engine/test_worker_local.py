@@ -68,12 +68,12 @@ def test_solver_error_names_layer_module_and_damping(tiny_llama_dir, calib):
 
 
 def test_write_layer_hashes_in_memory_and_refuses_nan(tiny_llama_dir, calib, tmp_path):
-    from raycompress.models.checkpoint import sha256_file
+    from raycompress.storage import uri
 
     worker = LayerWorker(str(tiny_llama_dir), calib)
     worker.begin_layer(0)
     out = worker.write_layer(str(tmp_path / "s.safetensors"))
-    assert out["sha256"] == sha256_file(tmp_path / "s.safetensors") and out["bytes"] == (tmp_path / "s.safetensors").stat().st_size
+    assert out["sha256"] == uri.sha256(tmp_path / "s.safetensors")[0] and out["bytes"] == (tmp_path / "s.safetensors").stat().st_size
     worker.layer.mlp.up_proj.weight.data[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite values in .*model.layers.0.mlp.up_proj.weight"):
         worker.write_layer(str(tmp_path / "bad.safetensors"))

@@ -143,12 +143,6 @@ def _zero_lower_(h: torch.Tensor, b: int) -> None:
         h[a:z, a:z].triu_()
 
 
-def inverse_cholesky(h: torch.Tensor, damping: float, max_tries: int = 6, growth: float = 10.0) -> tuple[torch.Tensor, float]:
-    """`inverse_cholesky_` on a float32 copy of h: (U (d_in, d_in) upper, damping used); h is kept."""
-    u = h.to(torch.float32, copy=True)
-    return u, inverse_cholesky_(u, damping, max_tries, growth)
-
-
 @dataclass
 class OBSFactor:
     """What the sweep needs from a Hessian, shared by every linear that reads the same input.

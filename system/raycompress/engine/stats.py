@@ -92,18 +92,6 @@ class InputStats:
         value = None if self.value is None else self.value.to(device)
         return InputStats(self.kind, self.d_in, self.dtype, device, value, self.tokens, dict(self.out_sq))
 
-    def __add__(self, other: "InputStats") -> "InputStats":
-        out = InputStats(self.kind, self.d_in, self.dtype, self.device,
-                         None if self.value is None else self.value.clone(), self.tokens, dict(self.out_sq))
-        return out.add_(other)
-
-
-def sum_stats(parts: list[InputStats]) -> InputStats:
-    """Sum of partial statistics in the given order (callers keep the order fixed)."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
 
 
 def mean_(s: InputStats) -> InputStats:

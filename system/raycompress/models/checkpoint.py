@@ -53,11 +53,6 @@ def write_shard(tensors: dict[str, torch.Tensor], location: str | os.PathLike) -
     return {"path": uri.display(location), "sha256": digest, "bytes": size, "keys": sorted(tensors)}
 
 
-def sha256_file(location: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's contents, streamed."""
-    return uri.sha256(location)[0]
-
-
 def _read_shard(location: str) -> tuple[list[str], list[str], str, int]:
     """(tensor names, names holding NaN/Inf, sha256, bytes) of a shard we did not just write."""
     from safetensors.torch import load
