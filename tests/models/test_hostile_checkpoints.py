@@ -302,9 +302,15 @@ def test_fingerprint_sees_weights_swapped_at_equal_sizes(tmp_path):
     assert ModelRef(str(_copy(a, tmp_path / "elsewhere" / "a-copy"))).fingerprint() == fp
 
 
-def test_fingerprint_refuses_a_lying_header(tmp_path, tiny_llama_dir):
+def test_a_lying_header_changes_the_fingerprint_and_is_refused_by_preflight(tmp_path, tiny_llama_dir):
+    """The fingerprint hashes every byte; the header's agreement with the size is preflight's check
+    (`OffloadedModel.check_files`), which runs before any digest."""
+    from raycompress.models.weights import OffloadedModel
+
     model = _copy(tiny_llama_dir, tmp_path / "m")
+    fp = ModelRef(str(model)).fingerprint()
     f = _shard_of(model, "model.layers.0.mlp.up_proj.weight")
     f.write_bytes(f.read_bytes()[:-4])
+    assert ModelRef(str(model)).fingerprint() != fp
     with pytest.raises(CheckpointError, match=f.name):
-        ModelRef(str(model)).fingerprint()
+        OffloadedModel(ModelRef(str(model))).check_files()

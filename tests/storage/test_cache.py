@@ -58,3 +58,29 @@ def test_default_root_from_node_env(monkeypatch, tmp_path):
     assert NodeCache().root == tmp_path / "node"
     monkeypatch.delenv("RAYCOMPRESS_CACHE_DIR")
     assert str(NodeCache().root) == "/tmp/raycompress/cache"
+
+
+def test_digest_is_every_byte_and_reused_while_the_stamp_holds(tmp_path, monkeypatch):
+    import os
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100_000)
+    cache = NodeCache(tmp_path / "cache")
+    assert cache.digest(str(f)) == hashlib.sha256(b"a" * 100_000).hexdigest()
+    st = f.stat()
+    real = uri.sha256
+    monkeypatch.setattr(uri, "sha256", lambda *a, **k: pytest.fail("re-read an unchanged file"))
+    assert cache.digest(str(f)) == hashlib.sha256(b"a" * 100_000).hexdigest()  # stat only
+    monkeypatch.setattr(uri, "sha256", real)
+    f.write_bytes(b"a" * 50_000 + b"b" + b"a" * 49_999)  # one byte in the middle, same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))      # and the mtime put back: ctime still moves
+    assert cache.digest(str(f)) == hashlib.sha256(b"a" * 50_000 + b"b" + b"a" * 49_999).hexdigest()
+
+
+def test_digest_of_a_downloaded_object_needs_no_second_read(s3_server, tmp_path, monkeypatch):
+    loc = uri.join(s3_server(tmp_path.name), "w.bin")
+    uri.write_bytes(loc, b"weights")
+    cache = NodeCache(tmp_path / "cache")
+    cache.file(loc)
+    monkeypatch.setattr(uri, "sha256", lambda *a, **k: pytest.fail("re-read a cached object"))
+    assert cache.digest(loc) == hashlib.sha256(b"weights").hexdigest()

@@ -154,32 +154,25 @@ def _round1(job: JobConfig, docs, drop: set, model: ModelRef, k: int, ctx: Selec
     return rows_to_windows(winners.take_all())
 
 
-def _hash_file(location: str, retried: tuple[str, ...] = ()) -> tuple[str, int]:
-    """(hex SHA-256, bytes) of a file's content as `storage.uri.sha256` reads it (a compressed
-    file decompressed); of its raw bytes when it cannot be read so (a gzip cut short), and
-    ("", 0) when it cannot be opened at all: its read counts it "unreadable_file".
+def _hash_file(location: str, cache_dir: str | None, retried: tuple[str, ...] = ()) -> tuple[str, int]:
+    """(hex SHA-256 of every byte as stored, bytes) of a corpus file, through the node's digest
+    cache (`storage.cache.NodeCache.digest`, the same digest the stage guard compares); ("", 0)
+    when it cannot be opened at all: its read counts it "unreadable_file".
 
     Raises:
         only an error whose message holds one of `retried` (a storage hiccup, not the file's).
     """
-    for attempt in range(2):
-        try:
-            if attempt == 0:
-                return uri.sha256(location)
-            fs, path = uri.resolve(location)
-            digest, n = hashlib.sha256(), 0
-            with fs.open_input_stream(path, compression=None) as f:
-                while block := f.read(8 << 20):
-                    digest.update(block)
-                    n += len(block)
-            return digest.hexdigest(), n
-        except FILE_ERRORS as exc:
-            if any(p in str(exc) for p in retried):
-                raise
+    from raycompress.storage.cache import NodeCache
+
+    try:
+        return NodeCache(cache_dir).digest(location), uri.info(location).size
+    except FILE_ERRORS as exc:
+        if any(p in str(exc) for p in retried):
+            raise
     return "", 0
 
 
-def _input_records(name: str, files: dict[str, str]) -> list[dict]:
+def _input_records(name: str, files: dict[str, str], cache_dir: str | None) -> list[dict]:
     """{source, path: label, location (no query), bytes, sha256} per file; files are hashed in
     parallel as Ray tasks, on whichever nodes have room, reading from where the files are."""
     import ray
@@ -188,7 +181,7 @@ def _input_records(name: str, files: dict[str, str]) -> list[dict]:
 
     retried = tuple(ray.data.DataContext.get_current().retried_io_errors or ())
     task = ray.remote(num_cpus=0.25)(_hash_file)
-    hashes = ray.get([task.remote(loc, retried) for loc in files])
+    hashes = ray.get([task.remote(loc, cache_dir, retried) for loc in files])
     return [{"source": name, "path": label, "location": uri.display(loc), "bytes": n, "sha256": digest}
             for (loc, label), (digest, n) in zip(files.items(), hashes)]
 
@@ -215,7 +208,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
         if want.get(name, 0) == 0:
             continue
         files = expand_paths(sel.sources[name].path, base)
-        inputs += _input_records(name, files)
+        inputs += _input_records(name, files, job.storage.cache_dir)
         docs = source_docs(job, name, files)
         skipped[name], errors[name], drop, usable[name] = _survey(docs, sel.dedup)
         n_skipped = sum(n for reasons in skipped[name].values() for n in reasons.values())

@@ -8,6 +8,8 @@ node, else /tmp/raycompress/cache; never a home folder, which on a cluster is th
                                unchanged object (same size and modification time) is a hit
     views/<key>/<name>         symlinks to blobs, so that a remote folder looks like a local one
                                (what transformers' from_pretrained and safetensors' mmap need)
+    digests/<key>.json         location -> {sha256, stamp}: content digests of local or remote
+                               files (`NodeCache.digest`), recomputed only when the stamp changes
 
 Local locations are never copied: they are read where they are. Downloads are streamed, hashed on
 the way, and renamed into place, under a per-object file lock, so that several actors on a node
@@ -31,12 +33,26 @@ from raycompress.storage import uri
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/tmp/raycompress/cache"
-_CHUNK = 8 << 20
 
 
 def default_root() -> Path:
     """$RAYCOMPRESS_CACHE_DIR on this node, else /tmp/raycompress/cache."""
     return Path(os.environ.get("RAYCOMPRESS_CACHE_DIR") or DEFAULT_ROOT)
+
+
+def _stamp(location: str) -> dict:
+    """What the storage guarantees changes when a file's content does (see `NodeCache.digest`).
+
+    Raises:
+        FileNotFoundError: nothing at `location`.
+    """
+    if uri.is_local(location):
+        st = os.stat(uri.local_path(location))
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+    meta = uri.info(location)
+    if meta.type == uri.pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri.display(location)}: no such file")
+    return {"size": meta.size, "mtime_ns": meta.mtime_ns}
 
 
 def _key(location: str) -> str:
@@ -72,10 +88,7 @@ class NodeCache:
         """
         if uri.is_local(location):
             return uri.local_path(location)
-        meta = uri.info(location)
-        if meta.type == uri.pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{uri.display(location)}: no such file")
-        stamp = {"size": meta.size, "mtime_ns": meta.mtime_ns}
+        stamp = _stamp(location)
         ref = self.root / "refs" / f"{_key(location)}.json"
         with _locked(ref.with_suffix(".lock")):
             if ref.is_file():
@@ -93,19 +106,40 @@ class NodeCache:
         blobs = self.root / "blobs"
         blobs.mkdir(parents=True, exist_ok=True)
         tmp = blobs / f".{uuid.uuid4().hex}.tmp"
-        h, n = hashlib.sha256(), 0
-        fs, path = uri.resolve(location)
         try:
-            with fs.open_input_stream(path, compression=None) as src, open(tmp, "wb") as dst:
-                while block := src.read(_CHUNK):
-                    h.update(block)
-                    dst.write(block)
-                    n += len(block)
-            digest = h.hexdigest()
+            with open(tmp, "wb") as dst:
+                digest, n = uri.sha256(location, sink=dst)
             os.replace(tmp, blobs / digest)
         finally:
             tmp.unlink(missing_ok=True)
         log.info("cached %s (%.1f MB) as %s", uri.display(location), n / 1e6, digest[:12])
+        return digest
+
+    def digest(self, location: str) -> str:
+        """The SHA-256 of every byte of the file at `location`, computed once and reused while the
+        storage's own stamp of the file is unchanged: size, mtime, ctime and inode for a local file
+        (ctime cannot be set back by a user, so an edit that restores the mtime is still seen);
+        size and modification time (the object's Last-Modified, new on every write) on object
+        storage, where a file this cache downloaded is a hit without reading it again.
+        Records live in `digests/<key>.json` under the cache root.
+
+        Raises:
+            FileNotFoundError: nothing at `location`.
+        """
+        stamp = _stamp(location)
+        rec = self.root / "digests" / f"{_key(uri.display(location))}.json"
+        with _locked(rec.with_suffix(".lock")):
+            if rec.is_file():
+                known = json.loads(rec.read_text())
+                if known.get("stamp") == stamp:
+                    return known["sha256"]
+            ref = self.root / "refs" / f"{_key(location)}.json"
+            known = json.loads(ref.read_text()) if not uri.is_local(location) and ref.is_file() else {}
+            if known and {k: known.get(k) for k in stamp} == stamp:
+                digest = known["sha256"]
+            else:
+                digest = uri.sha256(location)[0]
+            rec.write_text(json.dumps({"location": uri.display(location), "sha256": digest, "stamp": stamp}))
         return digest
 
     def folder(self, location: str, names: Iterable[str] | None = None) -> Path:

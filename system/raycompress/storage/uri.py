@@ -226,11 +226,13 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> int:
         return n
 
 
-def listdir(location: str | os.PathLike) -> list[str]:
-    """Names of the files directly under a folder (sorted); [] when there is none."""
+def listdir(location: str | os.PathLike, folders: bool = False) -> list[str]:
+    """Names of the files (with `folders`, also the sub-folders) directly under a folder, sorted;
+    [] when there is none."""
     fs, path = resolve(location)
     sel = pafs.FileSelector(path, allow_not_found=True, recursive=False)
-    return sorted(i.base_name for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    kinds = (pafs.FileType.File, pafs.FileType.Directory) if folders else (pafs.FileType.File,)
+    return sorted(i.base_name for i in fs.get_file_info(sel) if i.type in kinds)
 
 
 def glob(pattern: str, base: str | os.PathLike = ".") -> list[str]:
@@ -277,12 +279,20 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-def sha256(location: str | os.PathLike) -> tuple[str, int]:
-    """(hex SHA-256, size in bytes) of a file's contents, streamed."""
+def sha256(location: str | os.PathLike, sink=None) -> tuple[str, int]:
+    """(hex SHA-256, size in bytes) of a file's contents as stored (never decompressed), streamed in
+    `_CHUNK` blocks; each block is also written to `sink` (a binary file object) when given.
+    The project's one streaming hash: the node cache, corpus manifests and content fingerprints use it.
+
+    Raises:
+        FileNotFoundError / OSError: the file cannot be opened or read.
+    """
     fs, path = resolve(location)
     h, n = hashlib.sha256(), 0
-    with fs.open_input_stream(path, compression=None) as f:  # bytes as stored, never decompressed
+    with fs.open_input_stream(path, compression=None) as f:
         while block := f.read(_CHUNK):
             h.update(block)
+            if sink is not None:
+                sink.write(block)
             n += len(block)
     return h.hexdigest(), n
