@@ -21,6 +21,8 @@ from typing import Protocol
 
 import torch
 
+from raycompress.finite import count_nonfinite
+
 
 class HessianNotPositiveDefinite(RuntimeError):
     """The Cholesky factorisation failed even at the largest damping tried."""
@@ -98,7 +100,7 @@ def inverse_cholesky_(h: torch.Tensor, damping: float, max_tries: int = 6, growt
         HessianNotPositiveDefinite: every try failed; the message gives the dampings tried.
     """
     d = h.shape[0]
-    if not all_finite(h, block):
+    if count_nonfinite(h, block):
         raise HessianNotPositiveDefinite(f"the Hessian (d_in={d}) holds NaN or Inf: the calibration "
                                          "activations overflowed or are not finite; no damping was tried")
     diag = torch.diagonal(h)
@@ -121,13 +123,6 @@ def inverse_cholesky_(h: torch.Tensor, damping: float, max_tries: int = 6, growt
     raise HessianNotPositiveDefinite(
         f"Cholesky of H + λ·mean(diag H)·I failed for damping λ in {[f'{x:g}' for x in tried]} "
         f"(d_in={d}, mean diag {mean_diag:g}, finite: {bool(torch.isfinite(diag).all())})")
-
-
-def all_finite(t: torch.Tensor, rows: int = 512) -> bool:
-    """No NaN/Inf in t, checked `rows` rows at a time (torch.isfinite on the whole of a
-    (28672, 28672) Hessian would allocate about 1.75x its size in temporaries)."""
-    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    return all(bool(torch.isfinite(flat[a:a + rows]).all()) for a in range(0, flat.shape[0], rows))
 
 
 def _restore_(h: torch.Tensor, saved: list[torch.Tensor], b: int) -> None:

@@ -30,9 +30,9 @@ def shard_name(index: int, total: int) -> str:
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or Inf (checked in row blocks: no full-size temporaries)."""
-    from raycompress.algorithms.obs import all_finite
+    from raycompress.finite import count_nonfinite
 
-    return [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
+    return [k for k, t in tensors.items() if count_nonfinite(t)]
 
 
 def write_shard(tensors: dict[str, torch.Tensor], location: str | os.PathLike) -> dict:

@@ -174,16 +174,6 @@ def check_config(cfg: dict, folder: str, file: str = "config.json") -> None:
                                            f"{types[mtype]} but architectures says {archs}; make them agree")
 
 
-def count_nonfinite(t, rows: int = 512) -> int:
-    """NaN and Inf values in a tensor, counted `rows` rows at a time (no full-size temporaries)."""
-    import torch
-
-    if not t.is_floating_point() and not t.is_complex():
-        return 0
-    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    return sum(int((~torch.isfinite(flat[a:a + rows])).sum()) for a in range(0, flat.shape[0], rows))
-
-
 def check_finite(tensor: str, t, file: str, cast_from=None) -> None:
     """Refuse a loaded tensor holding NaN/Inf. `cast_from`: the tensor as stored, when `t` is a
     cast of it (then a finite stored tensor names the cast as the cause).
@@ -191,9 +181,9 @@ def check_finite(tensor: str, t, file: str, cast_from=None) -> None:
     Raises:
         CheckpointError: naming the tensor, the file and how many values are not finite.
     """
-    from raycompress.algorithms.obs import all_finite
+    from raycompress.finite import count_nonfinite
 
-    if not t.is_floating_point() or not t.numel() or all_finite(t):
+    if not count_nonfinite(t):
         return
     stored = count_nonfinite(cast_from if cast_from is not None else t)
     if stored:
