@@ -119,7 +119,7 @@ def test_templates_cannot_run_code_or_read_files(tmp_path, field):
     job = _job(tmp_path, [])
     for template in (hostile, reader):
         value = template if field == "prompt" else [template, "{{b}}"]
-        with pytest.raises(TaskError, match=rf"d.jsonl item 0: field '{field}'.*unsafe|d.jsonl item 0: field '{field}'.*undefined"):
+        with pytest.raises(TaskError, match=rf"^task 't': item 0 of .*d.jsonl: field '{field}': .*(unsafe|undefined)"):
             prepare_task(load_task_file(_task(tmp_path, path=str(tmp_path / "d.jsonl"), **{field: value})),
                          CharTok(), 64, job.resolve)
     assert not marker.exists()
@@ -128,9 +128,9 @@ def test_templates_cannot_run_code_or_read_files(tmp_path, field):
 def test_bad_target_and_missing_field_name_the_item(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"q": "x", "a": "1", "b": "2", "y": "7"}) + "\n")
     job = _job(tmp_path, [])
-    with pytest.raises(TaskError, match=r"d.jsonl item 0: field 'target'"):
+    with pytest.raises(TaskError, match=r"^task 't': item 0 of .*d.jsonl: field 'target': '7' is neither"):
         prepare_task(load_task_file(_task(tmp_path, path=str(tmp_path / "d.jsonl"))), CharTok(), 64, job.resolve)
-    with pytest.raises(TaskError, match=r"d.jsonl item 0: field 'prompt'.*'zz' is undefined"):
+    with pytest.raises(TaskError, match=r"^task 't': item 0 of .*d.jsonl: field 'prompt': .*'zz' is undefined"):
         prepare_task(load_task_file(_task(tmp_path, path=str(tmp_path / "d.jsonl"), prompt="{{zz}}")),
                      CharTok(), 64, job.resolve)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from raycompress.config import TaskConfig
 from raycompress.evaluation.formats import READERS, TEXT_FILTERS
 from raycompress.evaluation.metrics import (DEFAULT_METRICS, METRICS, mc_outcomes, mc_summary,
                                             perplexity_summary)
+from raycompress.evaluation.sandbox import render
 from raycompress.evaluation.scoring import Request, encode_pair, prefix_token, rolling_windows
 from raycompress.evaluation.taskfiles import TaskError
 from raycompress.registry import TASK_KINDS
@@ -39,35 +39,34 @@ class PreparedTask:
         self.items.append(item)
 
 
-@lru_cache(maxsize=512)
-def _template(source: str):
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    # a task file is data from anyone: the sandbox refuses attribute walks to Python internals
-    # (`cycler.__init__.__globals__...`) and mutation, so a template can only format the item
-    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string(source)
+def _site(task: TaskConfig, n: int, file: str) -> str:
+    """How messages name one item: "task 'piqa': item 3 of data/eval/piqa.jsonl"."""
+    return f"task '{task.name}': item {n} of {file}"
 
 
-def render(source: str, row: dict, where: str) -> str:
-    """A Jinja template filled with one item's fields (raises TaskError naming `where`)."""
-    import jinja2
-
-    try:
-        return _template(source).render(**row)
-    except jinja2.TemplateError as exc:
-        raise TaskError(f"{where}: {exc}; the item has fields {sorted(row)}") from exc
-
-
-def _gold(task: TaskConfig, row: dict, choices: list[str], where: str) -> int:
+def _gold(task: TaskConfig, row: dict, choices: list[str], site: str) -> int:
     """The answer's index: `target` renders to an index, or to the text of one choice."""
-    t = render(task.target or "", row, f"{where}: field 'target'").strip()
+    t = render(task.target or "", row, f"{site}: field 'target'").strip()
     if t.lstrip("-").isdigit() and 0 <= int(t) < len(choices):
         return int(t)
     if t in choices:
         return choices.index(t)
-    raise TaskError(f"{where}: field 'target': '{t}' is neither an index below {len(choices)} nor one of {choices}")
+    raise TaskError(f"{site}: field 'target': '{t}' is neither an index below {len(choices)} nor one of {choices}")
+
+
+def _mc_item(task: TaskConfig, row: dict, site: str, description: bool = True) -> tuple[str, str, list[str], int]:
+    """One multiple-choice item rendered: (description, prompt, choices, gold index); a few-shot
+    example (`description=False`) renders no description."""
+    choices = [render(c, row, f"{site}: field 'choices'") for c in task.choices or []]
+    head = render(task.description, row, f"{site}: field 'description'") if description else ""
+    return head, render(task.prompt, row, f"{site}: field 'prompt'"), choices, _gold(task, row, choices, site)
+
+
+def _ppl_item(task: TaskConfig, row: dict, site: str) -> str:
+    return render(task.prompt, row, f"{site}: field 'prompt'")
+
+
+_RENDER_ITEM = {"multiple_choice": _mc_item, "perplexity": _ppl_item}  # by TaskConfig.kind
 
 
 def _fewshot_block(task: TaskConfig, resolve) -> str:
@@ -82,36 +81,31 @@ def _fewshot_block(task: TaskConfig, resolve) -> str:
                         f"examples, fewer than {task.num_fewshot}")
     out = []
     for n, row in enumerate(shots):
-        where = f"{uri.display(location)} example {n}"
-        choices = [render(c, row, f"{where}: field 'choices'") for c in task.choices or []]
-        q = render(task.prompt, row, f"{where}: field 'prompt'")
-        out.append(q + task.target_delimiter + choices[_gold(task, row, choices, where)] + task.fewshot_delimiter)
+        _, prompt, choices, gold = _mc_item(task, row, _site(task, n, uri.display(location)), description=False)
+        out.append(prompt + task.target_delimiter + choices[gold] + task.fewshot_delimiter)
     return "".join(out)
 
 
 @TASK_KINDS.register("multiple_choice")
-def _prepare_mc(task: TaskConfig, rows: list[dict], where_file: str, tokenizer, max_length: int,
+def _prepare_mc(task: TaskConfig, rows: list[dict], file: str, tokenizer, max_length: int,
                 resolve) -> PreparedTask:
     prep, prefix = PreparedTask(task), prefix_token(tokenizer)
     shots = _fewshot_block(task, resolve)
     for n, row in enumerate(rows):
-        where = f"{where_file} item {n}"
-        choices = [render(c, row, f"{where}: field 'choices'") for c in task.choices or []]
-        context = (render(task.description, row, f"{where}: field 'description'") + shots
-                   + render(task.prompt, row, f"{where}: field 'prompt'"))
-        reqs = [encode_pair(tokenizer, context, task.target_delimiter + c, prefix) for c in choices]
-        prep.add(reqs, (choices, _gold(task, row, choices, where)))
+        head, prompt, choices, gold = _mc_item(task, row, _site(task, n, file))
+        reqs = [encode_pair(tokenizer, head + shots + prompt, task.target_delimiter + c, prefix) for c in choices]
+        prep.add(reqs, (choices, gold))
     return prep
 
 
 @TASK_KINDS.register("perplexity")
-def _prepare_ppl(task: TaskConfig, rows: list[dict], where_file: str, tokenizer, max_length: int,
+def _prepare_ppl(task: TaskConfig, rows: list[dict], file: str, tokenizer, max_length: int,
                  resolve) -> PreparedTask:
     prep, prefix = PreparedTask(task), prefix_token(tokenizer)
     detok = TEXT_FILTERS.get(task.detokenize) if task.detokenize else (lambda s: s)
     budget = task.max_tokens
     for n, row in enumerate(rows):
-        text = render(task.prompt, row, f"{where_file} item {n}: field 'prompt'")
+        text = _ppl_item(task, row, _site(task, n, file))
         ids = tokenizer(detok(text), add_special_tokens=False)["input_ids"]
         if budget is not None and len(ids) >= budget:  # the cap cuts this document: count what is kept
             ids = ids[:budget]
@@ -126,22 +120,30 @@ def _prepare_ppl(task: TaskConfig, rows: list[dict], where_file: str, tokenizer,
     return prep
 
 
+def _rows(task: TaskConfig, resolve) -> tuple[list[dict], str]:
+    """The items the task scores (the first `limit`) and its data file's display name."""
+    location = str(resolve(task.path))
+    if not uri.is_file(location):
+        raise TaskError(f"task '{task.name}': field 'path': {uri.display(location)} not found")
+    rows = READERS.get(task.format)(location)
+    return (rows[: task.limit] if task.limit else rows), uri.display(location)
+
+
 def check_templates(task: TaskConfig, resolve) -> None:
-    """Render every template of `task` on the first item of its data file (before any work starts:
-    a template that reaches for Python internals, a syntax error or a field the items lack).
+    """Render every template of `task` on every item it scores and on its few-shot examples, in
+    the bounded sandbox (`evaluation.sandbox`), without tokenizing: before any work starts, an
+    escape, a bomb, a syntax error, a field an item lacks or a target that is no choice, in any
+    item, is refused.
 
     Raises:
-        TaskError: naming the task file's field and the item.
+        TaskError: one line naming the task, the item and its file, and the field.
+        ValueError: the data file is not UTF-8 or a JSONL line is malformed.
     """
-    location = str(resolve(task.path))
-    rows = READERS.get(task.format)(location)[:1]
-    where = f"task '{task.name}': {uri.display(location)} item 0"
-    for row in rows:
-        for field in ("description", "prompt", "target"):
-            if getattr(task, field, None):
-                render(getattr(task, field), row, f"{where}: field '{field}'")
-        for c in task.choices or []:
-            render(c, row, f"{where}: field 'choices'")
+    rows, file = _rows(task, resolve)
+    _fewshot_block(task, resolve)
+    render_item = _RENDER_ITEM[task.kind]
+    for n, row in enumerate(rows):
+        render_item(task, row, _site(task, n, file))
 
 
 def prepare_task(task: TaskConfig, tokenizer, max_length: int, resolve) -> PreparedTask:
@@ -156,12 +158,8 @@ def prepare_task(task: TaskConfig, tokenizer, max_length: int, resolve) -> Prepa
             item lacks a field a template names (naming the location and the item).
         ValueError: the data file is not UTF-8 or a JSONL line is malformed (naming location and line).
     """
-    location = str(resolve(task.path))
-    if not uri.is_file(location):
-        raise TaskError(f"task '{task.name}': field 'path': {uri.display(location)} not found")
-    rows = READERS.get(task.format)(location)
-    rows = rows[: task.limit] if task.limit else rows
-    return TASK_KINDS.get(task.kind)(task, rows, uri.display(location), tokenizer, max_length, resolve)
+    rows, file = _rows(task, resolve)
+    return TASK_KINDS.get(task.kind)(task, rows, file, tokenizer, max_length, resolve)
 
 
 def finalize_task(prep: PreparedTask, results: list[tuple[float, bool]]) -> tuple[dict, dict[str, list[float]]]:
