@@ -1,4 +1,4 @@
-"""data.readers: every format through Ray Data, shards by position, compression inferred."""
+"""data.readers and distributed.readers: every format through Ray Data, shards by position, compression inferred."""
 import gzip
 import json
 
@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycompress.data.readers import CorpusDatasource, CorpusPathError, expand_paths, infer_format
+from raycompress.data.readers import CorpusPathError, expand_paths, infer_format
+from raycompress.distributed.readers import CorpusDatasource
 
 
 def _read(ray, paths, fmt, **kw):

@@ -1,6 +1,6 @@
 """Parse raw corpus records into documents, with a skip reason for every bad one.
 
-`parse_records` is a Ray Data batch function over `data.readers.CorpusDatasource` rows
+`parse_records` is a Ray Data batch function over `distributed.readers.CorpusDatasource` rows
 {path, shard, row, raw, pre_reason[, fmt]}. It returns document rows {source, path, shard, row,
 doc_id, text, reason, hash, detail}: `reason` is "" for a usable document, else one of
 SKIP_REASONS; `hash` is the SHA-256 (first 16 hex digits) of the text, used for exact

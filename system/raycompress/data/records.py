@@ -1,5 +1,5 @@
 """Raw corpus records of one file, without Ray: `FileReader` turns a byte stream into tables of
-records {path, shard, row, raw, pre_reason, fmt}, `data.readers.CorpusDatasource` runs it in
+records {path, shard, row, raw, pre_reason, fmt}, `distributed.readers.CorpusDatasource` runs it in
 Ray Data read tasks, and tests run it on any stream.
 
 Hostile input never fails a read: what the reader can tell is bad becomes a record with a

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from raycompress.config import JobConfig
 from raycompress.distributed import metrics
 from raycompress.data.corpus import parse_records
-from raycompress.data.readers import (FILE_ERRORS, CorpusDatasource, CorpusPathError, chaos_env, expand_paths,
-                                      infer_format, read_plan, record_byte_limit)
+from raycompress.data.readers import (FILE_ERRORS, CorpusPathError, chaos_env, expand_paths, infer_format, read_plan,
+                                      record_byte_limit)
+from raycompress.distributed.readers import CorpusDatasource
 from raycompress.models.fetch import ModelRef
 from raycompress.registry import SELECTORS
 from raycompress.selection.base import SelectContext, Window
