@@ -14,7 +14,7 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
-# Reasons a record is skipped. The reader's own (`data.readers`): blank_line, empty_file,
+# Reasons a record is skipped. The reader's own (`data.records`): blank_line, empty_file,
 # unreadable_file, and too_long / missing_field / not_text where it can tell; select: duplicate.
 SKIP_REASONS = ("not_utf8", "malformed_json", "not_an_object", "missing_field", "not_text",
                 "empty", "too_long", "duplicate", "blank_line", "empty_file", "unreadable_file")

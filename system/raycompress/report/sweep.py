@@ -3,7 +3,7 @@
 One row per point (its variants, seeds, mean ± sd over seeds of every task's primary metric, of
 retention per domain tag and of the domain / general perplexity), the Pareto chart of general
 against domain retention with seed error bars, which points are dominated, and in words which
-differences exceed the seed noise (`sweep.stats`).
+differences exceed the seed noise (`report.sweep_stats`).
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import logging
 from html import escape
 
 from raycompress.report import plots
+from raycompress.report import sweep_stats as stats
 from raycompress.report.html import image, page, table
 from raycompress.report.results import fmt_value
 from raycompress.storage import uri
-from raycompress.sweep import stats
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Sweep statistics, pure functions of result dicts: per-run figures, mean ± sd over seeds, the
+"""Sweep statistics (the numbers of `report.sweep`), pure functions of result dicts: per-run figures, mean ± sd over seeds, the
 Pareto front of (general retention, domain retention), and whether differences exceed seed noise.
 
 Retention is `report.results.domain_retention` (1.0 = the dense model's quality). The seed noise

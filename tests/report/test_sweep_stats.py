@@ -1,7 +1,7 @@
-"""sweep.stats: known answers for mean ± sd, the Pareto front, the noise test and run figures."""
+"""report.sweep_stats: known answers for mean ± sd, the Pareto front, the noise test and run figures."""
 import math
 
-from raycompress.sweep import stats
+from raycompress.report import sweep_stats as stats
 
 
 def _task(domain, kind, metric, value):
