@@ -179,3 +179,67 @@ def test_relative_output_is_refused(head):
     address, _, env = head
     r = _cli(env, "submit", str(SMOKE), "--address", address, "--output", "runs/smoke", check=False)
     assert r.returncode == 2 and "relative" in r.stderr and "s3://" in r.stderr  # (run: tests/test_cli.py)
+
+
+def test_submit_without_token_mode_says_what_to_set(head, tmp_path):
+    """A client without RAY_AUTH_MODE=token against a token-auth head: one line naming the cluster
+    and the variables to set, exit 2, no traceback."""
+    address, _, env = head
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    bare["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    r = _cli(bare, "submit", str(SMOKE), "--address", address, "--output", str(tmp_path / "out"), check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: the cluster at {address} requires token authentication")
+    assert "export RAY_AUTH_MODE=token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0]
+
+
+class _RefusingClient:
+    """A JobSubmissionClient whose cluster answers 401 / 403, as Ray's SDK raises it."""
+
+    status = 401
+
+    def __init__(self, address=None, **_):
+        from ray.exceptions import AuthenticationError
+
+        what = "Authentication required" if self.status == 401 else "Authentication failed"
+        raise AuthenticationError(f"{what}: Unauthorized\n\nToken authentication is enabled but ...")
+
+
+def test_auth_refusal_is_one_line(monkeypatch, tmp_path):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _RefusingClient)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(jobs.AuthRequired) as exc:
+        jobs.submit(SMOKE, str(tmp_path / "out"), "http://10.0.0.5:8265")
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("the cluster at http://10.0.0.5:8265 requires token authentication")
+    assert "export RAY_AUTH_MODE=token" in msg and "RAY_AUTH_TOKEN=" in msg and "RAY_AUTH_TOKEN_PATH=" in msg
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the mode is right; the token is wrong
+    monkeypatch.setattr(_RefusingClient, "status", 403)
+    with pytest.raises(jobs.AuthRequired, match=r"rejected this client's token \(RAY_AUTH_MODE=token is set\)"):
+        jobs.status("raysubmit_x", "http://10.0.0.5:8265")
+
+
+def test_entrypoint_checks_its_interpreter_first():
+    req = jobs.job_request(SMOKE, "/tmp/raycompress-out")
+    modules = jobs.dependency_modules()
+    assert {"pyarrow", "torch", "ray", "yaml", "transformers"} <= set(modules)
+    check, run = req["entrypoint"].split(" && ")
+    assert check == jobs.interpreter_check(modules)
+    assert run.startswith("python -m raycompress run jobs/smoke.yaml --output /tmp/raycompress-out")
+
+
+def test_interpreter_without_dependencies_fails_in_one_line():
+    """The entrypoint's check, run by the shell as Ray runs it: silent where every module imports;
+    else exit 1 and one line naming the interpreter, what it lacks and what to do."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ok = subprocess.run(jobs.interpreter_check(jobs.dependency_modules()), shell=True, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    bad = subprocess.run(jobs.interpreter_check(["json", "no_such_module_xyz"]), shell=True, env=env,
+                         capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1, bad.stderr
+    assert lines[0].startswith(f"error: the job runs {BIN / 'python'}, which lacks no_such_module_xyz (")
+    assert "ray start --head" in lines[0] and "PATH" in lines[0]

@@ -15,12 +15,16 @@ from chaos import CLI, REPO, clean_refusal, first_error, run_cli, write_job
 
 
 def copy_stages(ref: Path, out: Path, stages: list[str]) -> Path:
-    """A new output folder holding the reference's finished `stages` (folders and state records)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """A new output folder holding the reference's finished `stages` (folders and state records),
+    and what makes the folder a raycompress one (its marker and job record)."""
+    from _common import claim
+
+    claim(out)
     for name in stages:
         shutil.copytree(ref / name, out / name)
-    state = json.loads((ref / "state.json").read_text())["stages"]
-    (out / "state.json").write_text(json.dumps({"stages": {k: state[k] for k in stages}}))
+    shutil.copyfile(ref / "job.json", out / "job.json")
+    state = json.loads((ref / "state.json").read_text())
+    (out / "state.json").write_text(json.dumps({**state, "stages": {k: state["stages"][k] for k in stages}}))
     return out
 
 
@@ -38,7 +42,7 @@ def _compress_fault(name: str, work: Path, job_file: Path, ref: Path, env: dict)
     res = run_cli(["compress", job_file, "--output", out], env)
     done = res["rc"] == 0
     return {"fault": name, "finished": done, "identical": done and manifest(out) == manifest(ref),
-            "seconds": res["seconds"], "checkpoint": str(out / "compress" / "model") if done else None,
+            "seconds": res["seconds"], "hung": res["hung"], "checkpoint": str(out / "compress" / "model") if done else None,
             "detail": "" if done else first_error(res["out"])}
 
 
@@ -87,7 +91,7 @@ def eval_kill(work: Path, job_file: Path, ref: Path) -> dict:
                   {"RAYCOMPRESS_CHAOS_KILL_EVAL_UNIT": "1", "RAYCOMPRESS_CHAOS_MARKER": str(marker)})
     done = res["rc"] == 0
     return {"fault": "eval_actor_killed", "finished": done, "identical": done and metrics(out) == metrics(ref),
-            "injected": marker.exists(), "seconds": res["seconds"], "detail": "" if done else first_error(res["out"])}
+            "injected": marker.exists(), "seconds": res["seconds"], "hung": res["hung"], "detail": "" if done else first_error(res["out"])}
 
 
 def select_kill(work: Path, job_file: Path, ref: Path) -> dict:
@@ -99,7 +103,7 @@ def select_kill(work: Path, job_file: Path, ref: Path) -> dict:
     done = res["rc"] == 0
     fp = lambda o: json.loads((o / "select" / "manifest.json").read_text())["fingerprint"]  # noqa: E731
     return {"fault": "select_read_task_killed", "finished": done, "identical": done and fp(out) == fp(ref),
-            "injected": marker.exists(), "seconds": res["seconds"], "detail": "" if done else first_error(res["out"])}
+            "injected": marker.exists(), "seconds": res["seconds"], "hung": res["hung"], "detail": "" if done else first_error(res["out"])}
 
 
 def disk_full(work: Path, job_file: Path, ref: Path) -> dict:

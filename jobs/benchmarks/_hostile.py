@@ -12,7 +12,9 @@ import shutil
 import struct
 from pathlib import Path
 
-from chaos import clean_refusal, first_error, run_cli, write_job
+from chaos import first_error, hostile_result, run_cli, write_job
+
+TIMEOUT_S = 240  # a hostile input still running after this is a hang
 
 
 def marker_dir(work: Path) -> Path:
@@ -55,9 +57,47 @@ def bad_configs(job: dict) -> dict[str, dict]:
         "gpus_per_actor_negative": _set(job, "ray.gpus_per_actor", -1),
         "missing_model_folder": _set(job, "model", "/nonexistent/model"),
     }
+    cases.update(absurd_sizes(job))
     gptq = _set(job, "compress.algorithm", "gptq")
     cases["group_size_not_dividing"] = _set(gptq, "compress.quant", {"bits": 4, "group_size": 48})
     return cases
+
+
+def absurd_sizes(job: dict) -> dict[str, dict]:
+    """Sizes no cluster or corpus can give: to be refused before Ray work starts, never waited on."""
+    return {"compress_actors_1000000": _set(job, "ray.compress_actors", 1000000),
+            "n_samples_1000000000": _set(job, "select.n_samples", 1000000000),
+            "seq_len_10e12": _set(job, "select.seq_len", 10**12)}
+
+
+def _task_job(work: Path, job: dict, name: str, body: dict, items: list) -> dict:
+    """A job evaluating one task `name` (`body`) over `items`, in a task folder of its own."""
+    folder = work / "tasks" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (folder / f"{name}.yaml").write_text(json.dumps({"name": name, **body}))
+    return _set(job, "evaluate", {**job["evaluate"], "task_dirs": [str(folder)], "tasks": [{"name": name}]})
+
+
+def template_bombs(work: Path, job: dict, smoke: bool = False) -> dict[str, dict]:
+    """Templates that are harmless on item 0 and explode (time, memory, recursion, Jinja errors that
+    are not template errors) on item 1 or item 1000: the preflight must render every item."""
+    mc = {"kind": "multiple_choice", "path": "items.jsonl", "choices": ["{{a}}", "{{b}}"], "target": "{{label}}"}
+    item = lambda **kw: {"q": "ab", "n": 1, "a": "yes", "b": "no", "label": 0, **kw}  # noqa: E731
+    loops = "{% for x in q %}{% for y in q %}{{x}}{% endfor %}{% endfor %}"
+    cases = {  # name: (prompt, items)
+        "bomb_nested_range_item1": ("{% for i in range(n) %}{% for j in range(n) %}.{% endfor %}{% endfor %}",
+                                    [item(), item(n=99999)]),
+        "bomb_nested_loops_item1000": (loops, [item() for _ in range(1000)] + [item(q="x" * 50000)]),
+        "jinja_range_overflow_item1": ("{{ range(n) | list | length }}", [item(), item(n=10**20)]),
+        "jinja_memory_error_item1": ("{{ q * n }}", [item(), item(n=10**15)]),
+        "jinja_include_no_loader": ("{% include 'other.txt' %}{{q}}", [item(), item()]),
+        "jinja_recursion": ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(q) }}", [item(), item()]),
+        "item_not_a_mapping_item1": ("{{q}}", [item(), "just a string"]),
+    }
+    if not smoke:  # ~4 GB in whichever process renders it, if nothing stops it
+        cases["bomb_repeat_item1"] = ("{{ q * n }}", [item(), item(q="abcd", n=10**9)])
+    return {f"task_{k}": _task_job(work, job, k, {**mc, "prompt": prompt}, items) for k, (prompt, items) in cases.items()}
 
 
 def hostile_tasks(work: Path, job: dict) -> dict[str, dict]:
@@ -191,16 +231,26 @@ def broken_corpus(work: Path, job: dict) -> tuple[dict, list[str]]:
 
 def _refusal(name: str, kind: str, work: Path, job: dict, stage: str = "run") -> dict:
     job_file = write_job(work / "jobs" / f"{name}.yaml", job)
-    res = run_cli([stage, job_file, "--output", work / "bad" / name], timeout=900)
-    return {"input": name, "kind": kind, "clean": clean_refusal(res), "rc": res["rc"], "seconds": res["seconds"],
-            "before_ray": "Started a local Ray instance" not in res["out"], "error": first_error(res["out"])}
+    res = run_cli([stage, job_file, "--output", work / "bad" / name], timeout=TIMEOUT_S)
+    out = {"input": name, "kind": kind, **hostile_result(res)}
+    if kind == "template":  # the one-line error names the task (and the item)
+        task = name.removeprefix("task_")
+        out.update(names_task=task in out["error"], names_item="item" in out["error"].lower())
+    return out
 
 
-def run_all(work: Path, job: dict, ref: Path) -> list[dict]:
+SMOKE = ("unknown_top_level_key", "n_samples_1000000000")
+
+
+def run_all(work: Path, job: dict, ref: Path, smoke: bool = False) -> list[dict]:
     from raycompress.models.fetch import resolve_model
 
     marker_dir(work).mkdir(exist_ok=True)
-    out = [_refusal(n, "config", work, j) for n, j in bad_configs(job).items()]
+    configs = bad_configs(job)
+    if smoke:
+        return [_refusal(n, "config", work, configs[n]) for n in SMOKE]
+    out = [_refusal(n, "config", work, j) for n, j in configs.items()]
+    out += [_refusal(n, "template", work, j) for n, j in template_bombs(work, job).items()]
     good = Path(resolve_model(job["model"], work, job["storage"]["cache_dir"]).local())
     out += [_refusal(n, "checkpoint", work, j) for n, j in hostile_checkpoints(work, good, job).items()]
     out += [_refusal(n, "task_file", work, j) for n, j in hostile_tasks(work, job).items()]

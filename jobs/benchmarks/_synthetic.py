@@ -196,8 +196,10 @@ def prepare_job(out: Path, select_dir: Path, job: dict) -> Path:
     The folder is emptied first: `raycompress` skips stages that `state.json` records as done."""
     import yaml
 
+    from _common import claim
+
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(select_dir, out / "select")
+    shutil.copytree(select_dir, claim(out) / "select")
     (out / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     return out / "job.yaml"
 

@@ -1,7 +1,12 @@
 """Benchmark of the compression engine; prints ONE JSON line.
 
     make model && make peer-env   # from a fresh clone: .venv with the default model, and .venv-peer
-    .venv/bin/python jobs/benchmarks/compression.py [--parts peer,depth,scale]
+    .venv/bin/python jobs/benchmarks/compression.py [--parts peer,depth,scale] [--output DIR] [--smoke]
+
+The work folder is --output (anywhere), else a new temporary folder. The job file is read with
+the project's loader, so its relative paths resolve against its own folder wherever its copies
+are written. --smoke: `jobs/smoke.yaml`'s random tiny Llama, 4 x 32 calibration tokens, one
+point (the scale part with 1 actor); depth and peer are reported as skipped.
 
 - peer: ours vs llm-compressor `oneshot` (in `.venv-peer`, `make peer-env`) on SmolLM2 with the
   same calibration set, for Wanda 50%, SparseGPT 50% and GPTQ int4 group 64 (symmetric, static
@@ -18,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
+from _common import claim, emit, job_mapping, offline, skipped, smoke_job, work_folder, write_job  # noqa: E402
 from peer_llmcompressor import perplexities, run_measured  # noqa: E402
 
 ALGOS = {
@@ -38,9 +42,8 @@ ALGOS = {
 
 def compress_run(cli: str, raw: dict, select_dir: Path, out: Path) -> tuple[float, float, dict]:
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(select_dir, out / "select")
-    raw = {**raw, "base_dir": str(ROOT)}
-    (out / "job.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(select_dir, claim(out) / "select")
+    write_job(out / "job.yaml", raw)  # raw carries the job file's base_dir
     _, wall, rss = run_measured([cli, "compress", str(out / "job.yaml"), "--output", str(out)], out / "log.txt")
     return wall, rss, json.loads((out / "compress" / "compression.json").read_text())
 
@@ -82,9 +85,9 @@ def depth_part(args, raw, cli, select_dir) -> dict:
     return res
 
 
-def scale_part(args, raw, cli, select_dir) -> dict:
+def scale_part(args, raw, cli, select_dir, actors: tuple[int, ...] = (1, 2)) -> dict:
     res = {}
-    for k in (1, 2):
+    for k in actors:
         r = {**raw, "compress": {"algorithm": "sparsegpt", "sparsity": 0.5},
              "ray": {**raw.get("ray", {}), "compress_actors": k, "cpus_per_actor": 2 // k, "num_cpus": 2}}
         wall, rss, comp = compress_run(cli, r, select_dir, args.output / f"scale-{k}")
@@ -94,40 +97,47 @@ def scale_part(args, raw, cli, select_dir) -> dict:
         other = max(0.0, stage - sum(busy.values()))
         res[f"actors_{k}"] = {"stage_wall_s": stage, "process_wall_s": round(wall, 1),
                               "share": {key: round(v / stage, 3) for key, v in {**busy, "transfer_and_scheduling": other}.items()}}
-    res["speedup_2_vs_1"] = round(res["actors_1"]["stage_wall_s"] / res["actors_2"]["stage_wall_s"], 3)
+    res["speedup_2_vs_1"] = (round(res["actors_1"]["stage_wall_s"] / res["actors_2"]["stage_wall_s"], 3)
+                             if {"actors_1", "actors_2"} <= set(res) else None)
     return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", type=Path, default=ROOT / "jobs/smollm2-biomed-sparsegpt50.yaml")
-    ap.add_argument("--output", type=Path, default=ROOT / "runs/bench-compress")
+    ap.add_argument("--output", type=Path, default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--parts", default="peer,depth,scale")
     ap.add_argument("--algorithms", default="wanda,sparsegpt,gptq_w4g64")
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peer/bin/python")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, one point (the test suite runs it)")
     args = ap.parse_args()
-    parts = set(args.parts.split(","))
+    parts = {"scale"} if args.smoke else set(args.parts.split(","))
     if "peer" in parts and not args.peer_python.exists():
         raise SystemExit(f"{args.peer_python} missing: run `make peer-env` first (or --parts depth,scale)")
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    from raycompress.config import load_config
+    offline()
+    from raycompress.config import JobConfig
     from raycompress.models.fetch import resolve_model
 
-    job = load_config(args.job)
-    raw = yaml.safe_load(args.job.read_text())
-    model_dir = resolve_model(job.model, job.base_dir, job.storage.cache_dir).local()
+    args.output = work_folder(args.output, "bench-compress")
+    raw = smoke_job() if args.smoke else job_mapping(args.job)
+    job_file = write_job(args.output / "job.yaml", raw)
+    job = JobConfig.model_validate(raw)
     cli = str(Path(sys.executable).parent / "raycompress")
     base = args.output / "select-run"
     if not (base / "select" / "calibration.parquet").exists():
-        run_measured([cli, "select", str(args.job), "--output", str(base)], args.output / "select.log")
-    result: dict = {"model": job.model, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len}}
+        run_measured([cli, "select", str(job_file), "--output", str(base)], args.output / "select.log")
+    result: dict = {"model": job.model, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len},
+                    "work": str(args.output)}
     if "peer" in parts:
+        model_dir = resolve_model(job.model, job.base_dir, job.storage.cache_dir).local()
         result["peer"] = peer_part(args, job, raw, cli, model_dir, base / "select")
     if "depth" in parts:
         result["depth"] = depth_part(args, raw, cli, base / "select")
     if "scale" in parts:
-        result["scale"] = scale_part(args, raw, cli, base / "select")
-    print(json.dumps(result))
+        result["scale"] = scale_part(args, raw, cli, base / "select", (1,) if args.smoke else (1, 2))
+    if args.smoke:
+        result.update(smoke=True, peer=skipped("--smoke: one point only"), depth=skipped("--smoke: one point only"))
+    emit(result)
     return 0
 
 

@@ -1,14 +1,17 @@
 """Evaluation parity: our Ray eval pool against lm-evaluation-harness on the same local files.
 
     .venv/bin/python jobs/benchmarks/eval_parity.py [--piqa 200] [--pubmedqa 100] [--wikitext-docs 3]
-        [--mmlu-subject anatomy --mmlu 20]
+        [--mmlu-subject anatomy --mmlu 20] [--output DIR] [--smoke]
 
 Needs lm-eval in `.venv-peer` (infra/install-peer.sh). Both sides score SmolLM2-135M-Instruct
 (float32, CPU) on PIQA, PubMedQA and WikiText-2 with the same caps (the first N items or
 articles); the WikiText articles are cut from our raw dump by our reader and handed to lm-eval as
 a JSONL of pages, so both score the same documents. lm-eval runs its own prompts, rolling windows
 and metrics (`_lm_eval_peer.py`); ours runs the shipped task files through `evaluate_models`.
-Each task is timed on its own on each side, model loading included.
+Each task is timed on its own on each side, model loading included. The work folder (the
+WikiText pages, lm-eval's log) is --output, else a temporary folder removed at the end.
+--smoke: `jobs/smoke.yaml`'s random tiny Llama, 4 PIQA and 4 PubMedQA items, 1 article, 1 actor;
+without `.venv-peer` it prints {"skipped": ...} naming what is missing (lm-eval lives there).
 
 Prints ONE JSON line: per task and metric, ours, lm-eval's, the difference (ours - lm-eval) and
 the relative difference, and each side's wall seconds; `aims` says whether accuracies agree
@@ -27,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
+from _common import emit, skipped, smoke_job  # noqa: E402
 MODEL = Path(os.environ.get("RAYCOMPRESS_CACHE_DIR") or "/tmp/raycompress/cache") / "models" / "smollm2-135m-instruct"  # `make model`
 TASK_FILES = {"piqa": "data/eval/general_piqa_valid.jsonl", "pubmedqa": "data/eval/biomed_pubmedqa_test.jsonl"}
 
@@ -75,7 +80,8 @@ def run_ours(args, pages: Path) -> tuple[dict, float]:
         job = JobConfig.model_validate({
             "model": str(args.model), "select": {"sources": {"x": {"path": "unused"}}}, "compress": {},
             "evaluate": {"tasks": [entry], "batch_tokens": args.batch_tokens},
-            "ray": {"eval_actors": args.actors, "cpus_per_actor": args.cpus / args.actors}, "base_dir": str(ROOT)})
+            "ray": {"eval_actors": args.actors, "cpus_per_actor": args.cpus / args.actors},
+            "base_dir": str(ROOT / "jobs")})  # where job files live: relative paths as in any job file
         t = time.perf_counter()
         res = evaluate_models(job, {"dense": args.model})["dense"]
         out[task] = (res["tasks"][task], time.perf_counter() - t)
@@ -106,6 +112,15 @@ def aims(table: dict) -> dict:
     return {"acc_within_0.002": acc_ok, "ppl_within_0.5pct": ppl_ok, "ours_faster_every_task": faster}
 
 
+def smoke_model(args) -> None:
+    """--smoke: the smoke job's random tiny Llama (built once in the cache) and the fewest items."""
+    from raycompress.models.fetch import resolve_model
+
+    job = smoke_job()
+    args.model = Path(resolve_model(job["model"], job["base_dir"]).local())
+    args.piqa, args.pubmedqa, args.wikitext_docs, args.actors, args.mmlu_subject = 4, 4, 1, 1, None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=MODEL)
@@ -121,9 +136,19 @@ def main() -> int:
     ap.add_argument("--peer-python", default=".venv-peer/bin/python")
     ap.add_argument("--lm-eval-results", type=Path, help="reuse the lm-eval side saved by an earlier run "
                     "(written there when missing); the caps must match")
+    ap.add_argument("--output", type=Path, default=None, help="work folder (default: a temporary folder)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, a few items (the test suite runs it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.smoke:
+        if not (ROOT / args.peer_python).exists():
+            emit(skipped(f"{ROOT / args.peer_python} missing: lm-eval runs there (make peer-env)", smoke=True))
+            return 0
+        smoke_model(args)
     with tempfile.TemporaryDirectory(prefix="eval-parity-") as tmp:
+        if args.output:
+            tmp = str(args.output)
+            args.output.mkdir(parents=True, exist_ok=True)
         pages = write_pages(args.wikitext_docs, Path(tmp) / "wikitext_pages.jsonl")
         saved = args.lm_eval_results
         peer = json.loads(saved.read_text()) if saved and saved.is_file() else run_lm_eval(args, pages, Path(tmp))
@@ -133,9 +158,9 @@ def main() -> int:
     table = compare(ours, peer)
     caps = {"piqa": args.piqa, "pubmedqa": args.pubmedqa, "wikitext_docs": args.wikitext_docs,
             **({f"mmlu_{args.mmlu_subject}": args.mmlu} if args.mmlu_subject else {})}
-    print(json.dumps({"model": str(args.model), "caps": caps, "ours": {"actors": args.actors, "cpus": args.cpus,
-                      "ray_init_s": round(init_s, 2)}, "lm_eval": {"batch_size": args.lm_eval_batch_size},
-                      "tasks": table, "aims": aims(table)}), flush=True)
+    emit({"model": str(args.model), "smoke": args.smoke, "caps": caps,
+          "ours": {"actors": args.actors, "cpus": args.cpus, "ray_init_s": round(init_s, 2)},
+          "lm_eval": {"batch_size": args.lm_eval_batch_size}, "tasks": table, "aims": aims(table)})
     return 0
 
 

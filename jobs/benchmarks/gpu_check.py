@@ -1,10 +1,12 @@
 """GPU check: CPU-vs-CUDA agreement of the solvers, and compress speed on 70B-shaped layers; prints ONE JSON line.
 
     .venv/bin/python jobs/benchmarks/gpu_check.py [--workdir /tmp/raycompress-gpu]
-        [--samples 128 --seq-len 2048] [--layers 2 --hidden 8192 --ffn 28672 ...] [--no-speed]
+        [--samples 128 --seq-len 2048] [--layers 2 --hidden 8192 --ffn 28672 ...] [--no-speed] [--smoke]
 
 Without a CUDA device it prints {"skipped": "no CUDA device", ...} and exits 0 (`--device cpu`
-runs every step on the CPU instead, to test this script itself).
+runs every step on the CPU instead, to test this script itself). The work folder is --workdir,
+else a new temporary folder. --smoke: one tiny point (a 1-layer Llama of hidden 64, 4 x 16
+calibration tokens, SparseGPT only); the test suite runs it, and without CUDA it reports the skip.
 
 (a) correctness: one random layer, W (d_out 256, d_in 512) and X (2048 tokens, 512), H = XᵀX
     formed once in float64 on the CPU; `sparsegpt_prune(W, H, 0.5)` and
@@ -31,7 +33,6 @@ A run that fails, times out, or whose compression.json lacks seconds_per_layer i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,11 +43,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
+from _common import emit, work_folder  # noqa: E402
 from _synthetic import (LlamaShape, MissingKey, job_dict, require, run_compress, write_checkpoint,  # noqa: E402
                         write_select_dir)
 
 ALGOS = {"sparsegpt": {"algorithm": "sparsegpt", "sparsity": 0.5},
          "gptq_w4g128": {"algorithm": "gptq", "quant": {"bits": 4, "group_size": 128}}}
+SMOKE = {"algorithms": "sparsegpt", "layers": 1, "hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": 256,
+         "samples": 4, "seq_len": 16, "cpus": min(2, os.cpu_count() or 1)}
 AGREE = 0.999  # share of mask entries / integer codes that must match between CPU and device
 
 
@@ -54,7 +58,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; --algorithms becomes a list."""
     d = LlamaShape()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/raycompress-gpu"))
+    p.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temporary folder)")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu to test this script without a GPU")
     p.add_argument("--algorithms", default=",".join(ALGOS), help=f"comma list of {sorted(ALGOS)}")
     for flag, default in (("layers", d.layers), ("hidden", d.hidden), ("ffn", d.ffn), ("heads", d.heads),
@@ -66,7 +70,10 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=420.0, help="seconds per compress run before it is killed")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run part (b)")
     p.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints (large)")
+    p.add_argument("--smoke", action="store_true", help="one tiny point (the test suite runs it)")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.__dict__.update(SMOKE)
     a.algorithms = a.algorithms.split(",")
     unknown = sorted(set(a.algorithms) - set(ALGOS))
     if unknown:
@@ -166,7 +173,7 @@ def _per_layer_8(rec: dict) -> float:
 def speed(a: argparse.Namespace) -> tuple[dict, list[str]]:
     """Part (b): {algorithm: run numbers} and error messages."""
     shape = LlamaShape(hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn, layers=a.layers, vocab=a.vocab)
-    a.workdir.mkdir(parents=True, exist_ok=True)
+    a.workdir = work_folder(a.workdir, "gpu")
     model_dir = write_checkpoint(a.workdir / "model", shape)
     select_dir = write_select_dir(a.workdir / "select", a.samples, a.seq_len, shape.vocab)
     res: dict = {"shape": asdict(shape), "calibration": {"samples": a.samples, "seq_len": a.seq_len,
@@ -197,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_ADDRESS"] = "local"
     base = {"torch": torch.__version__, "cores": os.cpu_count()}
     if a.device != "cpu" and not torch.cuda.is_available():
-        print(json.dumps({"skipped": "no CUDA device", **base}))
+        emit({"skipped": "no CUDA device", "smoke": a.smoke, **base})
         return 0
     result = {**base, **_device_info(a.device), "correctness": correctness(a.device)}
     errors: list[str] = []
     if a.speed:
         result["speed"], errors = speed(a)
-    result["errors"] = errors
-    print(json.dumps(result))
+    result.update(errors=errors, smoke=a.smoke)
+    emit(result)
     return 1 if errors else 0
 
 

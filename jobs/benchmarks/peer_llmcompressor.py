@@ -1,19 +1,22 @@
 """Benchmark: our compression vs llm-compressor's `oneshot` on the same model and calibration set.
 
     .venv/bin/python jobs/benchmarks/peer_llmcompressor.py [--job JOB.yaml] [--algorithms sparsegpt,wanda]
+        [--output DIR] [--smoke]
 
 Needs `make peer-env` (llm-compressor in `.venv-peer`). Steps: run our select stage once (the
 calibration set both sides use), then for each algorithm run `raycompress compress` and the
 peer's `_peer_oneshot.py`, each as its own process tree whose summed RSS is sampled; finally score
 both checkpoints' perplexity on the job's perplexity tasks with the same code and windows.
 Prints ONE JSON line: per algorithm, ours and peer's perplexities, wall seconds, peak RSS, and
-the ratios ours/peer.
+the ratios ours/peer. The work folder is --output, else a new temporary folder; the job file is
+read with the project's loader (its paths resolve against its own folder). --smoke: the smoke
+job's random tiny Llama, 4 x 32 calibration tokens, SparseGPT only; without `.venv-peer` it prints
+{"skipped": ...} naming what is missing.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +25,10 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
+from _common import claim, emit, job_mapping, offline, skipped, smoke_job, work_folder, write_job  # noqa: E402
 
 
 def run_measured(cmd: list[str], log: Path) -> tuple[str, float, float]:
@@ -89,17 +93,26 @@ def perplexities(job, model_dir: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", type=Path, default=ROOT / "jobs/smollm2-biomed-sparsegpt50.yaml")
-    ap.add_argument("--output", type=Path, default=ROOT / "runs/bench-peer")
+    ap.add_argument("--output", type=Path, default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--algorithms", default="sparsegpt,wanda")
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peer/bin/python")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, SparseGPT only (the test suite runs it)")
     args = ap.parse_args()
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    from raycompress.config import load_config
+    offline()
+    from raycompress.config import JobConfig
     from raycompress.models.fetch import resolve_model
 
     if not args.peer_python.exists():
+        if args.smoke:
+            emit(skipped(f"{args.peer_python} missing: llm-compressor runs there (make peer-env)", smoke=True))
+            return 0
         raise SystemExit(f"{args.peer_python} missing: run `make peer-env` first")
-    job = load_config(args.job)
+    args.output = work_folder(args.output, "bench-peer")
+    job_raw = smoke_job() if args.smoke else job_mapping(args.job)
+    args.job = write_job(args.output / "job.yaml", job_raw)
+    job = JobConfig.model_validate(job_raw)
+    if args.smoke:
+        args.algorithms = "sparsegpt"
     model_dir = resolve_model(job.model, job.base_dir, job.storage.cache_dir).local()
     cli = str(Path(sys.executable).parent / "raycompress")
     base = args.output / "select-run"
@@ -107,14 +120,11 @@ def main() -> int:
     calib = base / "select" / "calibration.parquet"
     result = {"model": job.model, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len}, "algorithms": {}}
     for algo in args.algorithms.split(","):
-        raw = yaml.safe_load(args.job.read_text())
-        raw["compress"]["algorithm"] = algo
+        raw = {**job_raw, "compress": {**job_raw["compress"], "algorithm": algo}}
         ours_dir = args.output / f"ours-{algo}"
         shutil.rmtree(ours_dir, ignore_errors=True)
-        shutil.copytree(base / "select", ours_dir / "select")
-        job_file = ours_dir / "job.yaml"
-        raw.setdefault("base_dir", str(ROOT))
-        job_file.write_text(yaml.safe_dump(raw))
+        shutil.copytree(base / "select", claim(ours_dir) / "select")
+        job_file = write_job(ours_dir / "job.yaml", raw)
         _, ours_wall, ours_rss = run_measured([cli, "compress", str(job_file), "--output", str(ours_dir)],
                                                    args.output / f"ours-{algo}.log")
         stage = json.loads((ours_dir / "state.json").read_text())["stages"]["compress"]
@@ -135,7 +145,8 @@ def main() -> int:
             "peak_rss_ratio": round(ours_rss / peer_rss, 3),
         }
     result["dense_perplexity"] = perplexities(job, model_dir)
-    print(json.dumps(result))
+    result["smoke"] = args.smoke
+    emit(result)
     return 0
 
 

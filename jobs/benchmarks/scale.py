@@ -2,7 +2,7 @@
 
     .venv/bin/python jobs/benchmarks/scale.py [--workdir /tmp/raycompress-scale] [--actors 1,2]
         [--algorithms sparsegpt,gptq_w4g128] [--layers 2 --hidden 8192 --ffn 28672 --heads 64
-        --kv-heads 8 --vocab 4096] [--samples 8 --seq-len 512] [--no-peer]
+        --kv-heads 8 --vocab 4096] [--samples 8 --seq-len 512] [--no-peer] [--smoke]
 
 Builds a synthetic bf16 Llama checkpoint (`_synthetic.py`, reused when its shapes match) and a
 random calibration set, then runs `raycompress compress` as a subprocess for SparseGPT 50% and
@@ -27,7 +27,9 @@ Derived numbers:
   wall / layers; peak RSS of its process tree; ratios ours / peer (ours: the 1-actor run).
 Aims: rss_ratio ≤ 1.2, bytes_ratio ≤ 1.1 (2 actors), achieved / gemm ≥ 0.5, scaling ≥ 1.7.
 A run whose compression.json lacks a key is reported under "errors" naming the key, and the
-script exits 1; no value is invented.
+script exits 1; no value is invented. The work folder is --workdir, else a new temporary folder.
+--smoke: one point: a 1-layer Llama of hidden 64, 4 x 16 calibration tokens, SparseGPT with 1 actor,
+a 64² GEMM, no peer (the test suite runs it).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
+from _common import emit, work_folder  # noqa: E402
 from _synthetic import (LlamaShape, MissingKey, job_dict, log_tail, require, run_compress,  # noqa: E402
                         write_checkpoint, write_select_dir)
 
@@ -54,6 +57,8 @@ KEYS = ("actors", "seconds_per_layer", "bytes_moved_per_layer", "analytic_bytes_
         "analytic_rss_gb_per_actor", "flops_per_layer", "actor_timings_s", "calibration_tokens")
 TIMING_KEYS = ("stats", "solve", "propagate", "io", "reduce")
 TARGET_TOKENS, TARGET_LAYERS = 128 * 2048, 80
+SMOKE = {"algorithms": "sparsegpt", "actors": "1", "layers": 1, "hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2,
+         "vocab": 256, "samples": 4, "seq_len": 16, "gemm_size": 64, "peer": False}
 AIMS = {"rss_ratio": ("<=", 1.2), "bytes_ratio": ("<=", 1.1), "achieved_over_gemm": (">=", 0.5),
         "scaling_2_vs_1": (">=", 1.7)}
 
@@ -62,7 +67,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; --algorithms and --actors become lists."""
     d = LlamaShape()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/raycompress-scale"))
+    p.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temporary folder)")
     p.add_argument("--algorithms", default=",".join(ALGOS), help=f"comma list of {sorted(ALGOS)}")
     p.add_argument("--actors", default="1,2", help="comma list of compression actor counts")
     p.add_argument("--cpus", type=int, default=2, help="cores offered to Ray, split evenly over the actors")
@@ -78,7 +83,10 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run llm-compressor oneshot SparseGPT 50%% (needs .venv-peer)")
     p.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peer/bin/python")
     p.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints (large)")
+    p.add_argument("--smoke", action="store_true", help="one tiny point (the test suite runs it)")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.__dict__.update(SMOKE)
     a.algorithms = a.algorithms.split(",")
     a.actors = [int(k) for k in a.actors.split(",")]
     unknown = sorted(set(a.algorithms) - set(ALGOS))
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     # (ray.init without an address joins the one named in /tmp/ray/ray_current_cluster)
     os.environ["RAY_ADDRESS"] = "local"
     shape = _shape(a)
-    a.workdir.mkdir(parents=True, exist_ok=True)
+    a.workdir = work_folder(a.workdir, "scale")
     t0 = time.perf_counter()
     model_dir = write_checkpoint(a.workdir / "model", shape, seed=a.seed)
     select_dir = write_select_dir(a.workdir / "select", a.samples, a.seq_len, shape.vocab, seed=a.seed)
@@ -302,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               "gemm_threads": a.cpus, "build_s": build_s, "workdir": str(a.workdir),
               **aggregate(runs, gemm, peer), "errors": errors,
               "runs": {n: {str(k): s for k, s in r.items()} for n, r in runs.items()}}
-    print(json.dumps(_rounded(result)))
+    emit(_rounded({**result, "smoke": a.smoke}))
     return 1 if errors else 0
 
 

@@ -1,6 +1,10 @@
 """Benchmark of the select stage; prints ONE JSON line.
 
-    .venv/bin/python jobs/benchmarks/selection.py [--small-mb 20] [--skip-perplexity] [--gb 0]
+    .venv/bin/python jobs/benchmarks/selection.py [--small-mb 20] [--skip-perplexity] [--gb 0] [--output DIR] [--smoke]
+
+The work folder is --output (finished runs there are reused), else a new temporary folder.
+--smoke: the smoke job's tiny Llama tokenizer, one ZipCal run of 4 x 32 tokens on the real pool and
+two-round coverage at k = 4; the perplexity baseline and synthetic pools are reported as skipped.
 
 - zipcal_docs_per_s, perplexity_docs_per_s, zipcal_speedup: both methods on the same real pool
   (data/corpora/biomed_pubmedqa_pool.jsonl), 2 select actors; docs/s = usable documents / stage
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -29,6 +32,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
+from _common import emit, offline, skipped, smoke_job, work_folder  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
 REAL = [ROOT / "data/corpora/biomed_pubmedqa_pool.jsonl", ROOT / "data/corpora/general_state_union.jsonl"]
 
 
@@ -53,9 +60,10 @@ def synth_pool(out_dir: Path, megabytes: float, files: int = 16, seed: int = 0) 
     return out_dir
 
 
-def run_select(name: str, path: str, method: str, cpus: int, out: Path, n: int = 64, shard_docs: int = 4096) -> dict:
-    job = {"name": name, "model": "smollm2-135m-instruct",
-           "select": {"method": method, "n_samples": n, "seq_len": 512, "shard_docs": shard_docs,
+def run_select(name: str, path: str, method: str, cpus: int, out: Path, n: int = 64, shard_docs: int = 4096,
+               model: str = MODEL, seq_len: int = 512) -> dict:
+    job = {"name": name, "model": model,
+           "select": {"method": method, "n_samples": n, "seq_len": seq_len, "shard_docs": shard_docs,
                       "sources": {"pool": {"path": path}}},
            "compress": {}, "evaluate": {"tasks": []},
            "ray": {"num_cpus": cpus, "select_actors": cpus, "cpus_per_actor": 1}}
@@ -71,7 +79,7 @@ def run_select(name: str, path: str, method: str, cpus: int, out: Path, n: int =
     return {"docs": docs, "wall_s": stage["wall_s"], "docs_per_s": docs / stage["wall_s"], "peak_rss_mb": stage["peak_rss_mb"]}
 
 
-def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256) -> dict:
+def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256, seq_len: int = 512) -> dict:
     """Two-round vs single-process ZipCal coverage on the same windows (no Ray)."""
     from raycompress.registry import SELECTORS
     from raycompress.selection.base import SelectContext
@@ -79,7 +87,7 @@ def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256) -> dict:
     from raycompress.selection.zipcal import coverage
 
     ctx = SelectContext(seed=0)
-    sel = ShardSelector(str(model_dir), 512, "zipcal", k, ctx)
+    sel = ShardSelector(str(model_dir), seq_len, "zipcal", k, ctx)
     docs = [(i, str(i), json.loads(line)["text"]) for p in REAL for i, line in enumerate(p.read_text().split("\n")) if line.strip()]
     shards = [docs[i : i + shard_docs] for i in range(0, len(docs), shard_docs)]
     windows = [w for j, s in enumerate(shards) for w in sel.windows(s, "pool", "p", j)]
@@ -94,18 +102,34 @@ def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256) -> dict:
     return {"windows": len(windows), "shards": len(shards), "single_coverage": c1, "two_round_coverage": c2, "ratio": c2 / c1}
 
 
+def smoke(work: Path) -> dict:
+    """--smoke: one ZipCal run and the two-round coverage at k = 4 on the smoke job's tokenizer."""
+    job = smoke_job()
+    model = f"random:{(Path(job['base_dir']) / job['model'].removeprefix('random:')).resolve()}"
+    z = run_select("zipcal-real", str(REAL[0]), "zipcal", 2, work / "zipcal-real", n=4, shard_docs=128,
+                   model=model, seq_len=32)
+    cov = coverage_ratio(Path(model.removeprefix("random:")), k=4, seq_len=32)
+    return {"smoke": True, "zipcal_docs_per_s": round(z["docs_per_s"], 2), "two_round": {"k4": cov},
+            "two_round_coverage_ratio": round(cov["ratio"], 4),
+            "perplexity": skipped("--smoke: one point only"), "synthetic": skipped("--smoke: one point only")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", type=Path, default=ROOT / "runs/bench-select")
+    ap.add_argument("--output", type=Path, default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--small-mb", type=float, default=20.0)
     ap.add_argument("--skip-perplexity", action="store_true")
     ap.add_argument("--gb", type=float, default=0.0, help="also select on a synthetic pool of this many GB")
+    ap.add_argument("--smoke", action="store_true", help="tiny tokenizer, one run (the test suite runs it)")
     args = ap.parse_args()
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    offline()
+    o = work_folder(args.output, "bench-select")
+    if args.smoke:
+        emit({**smoke(o), "work": str(o)})
+        return 0
     from raycompress.models.fetch import resolve_model
 
-    model_dir = resolve_model("smollm2-135m-instruct").local()
-    o = args.output
+    model_dir = resolve_model(MODEL).local()
     res: dict = {}
     real = str(REAL[0])
     # the real pool is one file: shards of 128 documents give both actors work
@@ -134,7 +158,7 @@ def main() -> int:
         g = synth_pool(o / f"pool-{args.gb}gb", args.gb * 1000, files=64, seed=2)
         r = run_select("gb", str(g / "*.jsonl"), "zipcal", 2, o / "gb-run")
         res["gb_pool"] = {"gb": args.gb, **r}
-    print(json.dumps(res))
+    emit(res)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Sparse-transfer benchmark (issue 14): prune, then recover on domain text; prints ONE JSON line.
 
-    .venv/bin/python jobs/benchmarks/sparse_transfer.py [--workdir /tmp/raycompress-sparse-transfer] [--steps 60]
+    .venv/bin/python jobs/benchmarks/sparse_transfer.py [--workdir DIR] [--steps 60] [--no-gmp] [--smoke]
 
 Needs the default model converted once (`make model`). Two runs of `raycompress run`, as a user
 types it, on `jobs/smollm2-biomed-recover.yaml` (SmolLM2-135M-Instruct, SparseGPT 50% on
@@ -9,14 +9,25 @@ WikiText-2 and the biomedical abstracts, 16384 tokens each):
 
 1. one-shot + recovery: select -> compress -> train (init: compressed) -> evaluate;
 2. GMP: the same folder's select and compress reused, `train` redone from the dense model with
-   gradual magnitude pruning 0 -> 50% (cubic schedule, Zhu & Gupta 2017) inside the same budget.
+   gradual magnitude pruning 0 -> 50% (cubic schedule, Zhu & Gupta 2017) inside the same budget;
+3. the honest baseline (Sparse*BERT, Kurtic et al. 2022, compare sparse-transferred models with the
+   dense model transferred the same way): `train` redone from the dense model, no mask and no GMP,
+   on the same data, steps, batch and learning rate.
 
 Sparsities are measured here from the checkpoints' safetensors (exact zeros of the decoder-layer
 linears' weights). JSON keys: sparsity_before, sparsity_after, domain_ppl_{dense,pruned,recovered},
 general_ppl_{dense,pruned,recovered}, domain_recovered_fraction = (pruned - recovered) / (pruned -
 dense) on domain perplexity, general_recovered_fraction (the same on WikiText-2), steps, tokens,
 seconds (the train stage), wall_seconds, and `gmp` with the same keys for run 2 ("pruned" there is
-still the one-shot checkpoint, for comparison).
+still the one-shot checkpoint, for comparison). Against run 3: `dense_trained` (its domain_ppl,
+general_ppl, steps, tokens, seconds, final_loss), {domain,general}_ppl_dense_trained, and per run
+{domain,general}_recovered_vs_dense_trained = (pruned - recovered) / (pruned - dense_trained), the
+share of the gap to the trained dense model that recovery closes (1.0: as good as dense training),
+and {domain,general}_ppl_ratio_vs_dense_trained = recovered / dense_trained.
+The work folder is --workdir, else a new temporary folder; the job file is read with the
+project's loader (its paths resolve against its own folder). --smoke: the smoke job's random tiny
+Llama, 4 x 32 calibration tokens, 2 train steps of 1 x 16 tokens on 1 worker, 256 tokens per task;
+runs 1 and 3 only (the test suite runs it).
 """
 from __future__ import annotations
 
@@ -29,10 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "jobs" / "smollm2-biomed-recover.yaml"
+sys.path.insert(0, str(REPO / "jobs" / "benchmarks"))
+from _common import emit, job_mapping, skipped, smoke_job, work_folder, write_job  # noqa: E402
 DOMAIN, GENERAL = "biomed_abstracts", "wikitext2"
 
 
@@ -85,6 +97,40 @@ def figures(out: Path) -> dict:
     return row
 
 
+def versus_dense_trained(row: dict, trained: dict) -> dict:
+    """`row` (one run's figures) with its recovered model compared with the dense model trained on
+    the same data and budget (`trained`: the dense-trained run's figures)."""
+    out = dict(row)
+    for key in ("domain", "general"):
+        dt, p, r = trained[f"{key}_ppl_recovered"], row[f"{key}_ppl_pruned"], row[f"{key}_ppl_recovered"]
+        out[f"{key}_ppl_dense_trained"] = dt
+        out[f"{key}_recovered_vs_dense_trained"] = _fraction(p, r, dt)
+        out[f"{key}_ppl_ratio_vs_dense_trained"] = round(r / dt, 4)
+    return out
+
+
+def dense_trained_job(job: dict) -> dict:
+    """The same job, `train` from the dense model with nothing held at zero: the baseline."""
+    return {**job, "train": {**job["train"], "init": "dense", "gmp": None}}
+
+
+def smoke(job: dict) -> dict:
+    """--smoke: the recover job on the smoke job's tiny Llama, the fewest tokens and steps."""
+    tiny = smoke_job()
+    job = {**job, "model": tiny["model"], "base_dir": tiny["base_dir"], "ray": tiny["ray"]}
+    job["select"] = {**job["select"], "n_samples": 4, "seq_len": 32}
+    job["train"] = {**job["train"], "steps": 2, "seq_len": 16, "batch_size": 1, "num_workers": 1, "checkpoint_every": 0}
+    job["evaluate"] = {"tasks": [{"name": t, "max_tokens": 256, "max_length": 32} for t in (GENERAL, DOMAIN)]}
+    return job
+
+
+def rerun_train(src: Path, out: Path, job: dict, job_file: Path) -> Path:
+    """`src`'s select and compress reused in `out`, `train` (and what follows) redone for `job`."""
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("train", ".lock"))
+    run_cli(["run", write_job(job_file, job), "--output", out, "--force-stage", "train"])
+    return out
+
+
 def gmp_job(job: dict, steps: int) -> dict:
     """The same job, `train` from the dense model with GMP 0 -> the one-shot sparsity, ending at 5/6 of the budget."""
     n = 10
@@ -96,26 +142,35 @@ def gmp_job(job: dict, steps: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/raycompress-sparse-transfer"))
+    ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps (default: the job file's)")
+    ap.add_argument("--no-gmp", action="store_true", help="skip run 2 (GMP from dense)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, runs 1 and 3 (the test suite runs it)")
     args = ap.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    job = yaml.safe_load(JOB.read_text())
-    job["base_dir"] = str(JOB.parent)
+    if args.workdir is not None:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    work = work_folder(args.workdir, "sparse-transfer")
+    job = job_mapping(JOB)  # base_dir: the job file's folder, wherever the copies below are written
+    if args.smoke:
+        job = smoke(job)
     if args.steps:
         job["train"]["steps"] = args.steps
     t0 = time.perf_counter()
-    oneshot, gmp = args.workdir / "oneshot", args.workdir / "gmp"
-    (args.workdir / "oneshot.yaml").write_text(yaml.safe_dump(job))
-    run_cli(["run", args.workdir / "oneshot.yaml", "--output", oneshot])
-    shutil.copytree(oneshot, gmp, ignore=shutil.ignore_patterns("train"))
-    (args.workdir / "gmp.yaml").write_text(yaml.safe_dump(gmp_job(job, job["train"]["steps"])))
-    run_cli(["run", args.workdir / "gmp.yaml", "--output", gmp, "--force-stage", "train"])
-    row = figures(oneshot)
-    row["gmp"] = figures(gmp)
-    row["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(row))
+    oneshot = work / "oneshot"
+    run_cli(["run", write_job(work / "oneshot.yaml", job), "--output", oneshot])
+    trained = rerun_train(oneshot, work / "dense_trained", dense_trained_job(job), work / "dense_trained.yaml")
+    base = figures(trained)
+    dense_trained = {"domain_ppl": base["domain_ppl_recovered"], "general_ppl": base["general_ppl_recovered"],
+                     **{k: base[k] for k in ("steps", "tokens", "seconds", "final_loss")}}
+    row = versus_dense_trained(figures(oneshot), base)
+    if args.smoke or args.no_gmp:
+        row["gmp"] = skipped("--smoke" if args.smoke else "--no-gmp")
+    else:
+        gmp = rerun_train(oneshot, work / "gmp", gmp_job(job, job["train"]["steps"]), work / "gmp.yaml")
+        row["gmp"] = versus_dense_trained(figures(gmp), base)
+    row.update(dense_trained=dense_trained, smoke=args.smoke, work=str(work),
+               wall_seconds=round(time.perf_counter() - t0, 1))
+    emit(row)
     return 0
 
 

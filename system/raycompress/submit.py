@@ -3,19 +3,27 @@
 `submit` validates the job file here, then sends it with a runtime environment that carries the
 project (its repository folder as `working_dir`: job files, task files, shipped data; the package
 itself as a `py_module`, so the cluster runs the code you submitted) and runs
-`python -m raycompress run <job file> --output <location>` on the head. The output must be a URI
+`python -m raycompress run <job file> --output <location>` on the head. Ray runs that entrypoint
+as a shell command in the environment the head was started with, so `python` is the first one on
+the PATH of whoever ran `ray start --head` (not the interpreter of the `ray` script itself): the
+entrypoint first checks that this interpreter can import the project's dependencies and, if not,
+the job fails with one line naming the interpreter and what is missing (`interpreter_check`).
+The output must be a URI
 or an absolute path on a volume every node mounts: a relative path would land in Ray's temporary
 copy of the working directory and be lost when the job ends, so it is refused.
 
 The cluster is `--address` (the dashboard's HTTP address, e.g. http://127.0.0.1:8265), else
 $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS as `ray job submit` reads them. With token authentication
-(Ray's default for new clusters since 2.5x), the client needs the cluster's token: ~/.ray/auth_token,
-$RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN, and RAY_AUTH_MODE=token.
+(Ray's default for new clusters since 2.5x), the client needs RAY_AUTH_MODE=token and the cluster's
+token: $RAY_AUTH_TOKEN, or a file at $RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token); `ray
+get-auth-token` on the head prints it. A refused client gets one line saying so (`AuthRequired`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shlex
 import time
 from datetime import datetime, timezone
@@ -33,6 +41,59 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 class SubmitError(ValueError):
     """A submission refused before it reaches the cluster; the message says what and why."""
+
+
+class AuthRequired(SubmitError):
+    """The cluster's Jobs API refused this client (HTTP 401 / 403): token authentication."""
+
+
+def _auth_hint(address: str | None, detail: str) -> str:
+    """One line: which cluster refused, and the variables to set (Ray 2.60's names)."""
+    where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "the default address"
+    token = ("the cluster's token as RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> (default ~/.ray/auth_token; "
+             "`ray get-auth-token` on the head prints it)")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return f"the cluster at {where} requires token authentication: export RAY_AUTH_MODE=token and {token}"
+    what = "rejected this client's token" if "failed" in detail.lower() else "found no token for this client"
+    return f"the cluster at {where} {what} (RAY_AUTH_MODE=token is set): export {token}"
+
+
+@contextlib.contextmanager
+def _auth_errors(address: str | None):
+    """Ray's multi-line AuthenticationError (and its traceback) as one `AuthRequired` line."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise AuthRequired(_auth_hint(address, getattr(exc, "message", str(exc)))) from None
+
+
+def dependency_modules() -> list[str]:
+    """Top-level modules of raycompress's required dependencies, from its installed metadata
+    (pyproject.toml's `dependencies`; extras left out); a distribution's import name is its
+    name in lower case with '-' as '_', except PyYAML (yaml)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("raycompress") or []
+    except PackageNotFoundError:
+        return []
+    names = [re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower() for r in reqs if "extra ==" not in r]
+    return sorted({{"pyyaml": "yaml"}.get(n, n.replace("-", "_")) for n in names})
+
+
+def interpreter_check(modules: list[str]) -> str:
+    """A shell command that exits 0 where `python` can import every one of `modules` (passed as
+    its arguments), else exits 1 printing one line: the interpreter, what it lacks, and how the
+    head chooses it."""
+    code = ("import importlib.util as u, sys\n"
+            "m = [n for n in sys.argv[1:] if u.find_spec(n) is None]\n"
+            "m and sys.exit(\"error: the job runs \" + sys.executable + \", which lacks \" + \", \".join(m) + \" (raycompress "
+            "dependencies): the head runs `python` from the PATH it was started with; restart it with the "
+            "project environment first on PATH (source .venv/bin/activate, or PATH=/path/to/.venv/bin:$PATH, "
+            "then ray start --head ...)\")")
+    return shlex.join(["python", "-c", code, *modules])
 
 
 def project_root(start: Path) -> Path | None:
@@ -76,7 +137,7 @@ def job_request(job_file: Path, output: str, extra_args: list[str] | None = None
     entry = ["python", "-m", "raycompress", "run", rel, "--output", output, *(extra_args or [])]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return {
-        "entrypoint": shlex.join(entry),
+        "entrypoint": f"{interpreter_check(dependency_modules())} && {shlex.join(entry)}",
         "submission_id": f"raycompress-{job.name}-{stamp}-{os.urandom(2).hex()}",
         "runtime_env": {"working_dir": str(working_dir), "py_modules": [str(package)], "excludes": EXCLUDES,
                         "env_vars": dict(OFFLINE_ENV)},
@@ -86,17 +147,24 @@ def job_request(job_file: Path, output: str, extra_args: list[str] | None = None
 
 def client(address: str | None):
     """A `JobSubmissionClient` for `address` (None: Ray's own lookup, $RAY_API_SERVER_ADDRESS /
-    $RAY_ADDRESS)."""
+    $RAY_ADDRESS).
+
+    Raises:
+        AuthRequired: the cluster requires a token this client does not send (one line: what to set).
+    """
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    with _auth_errors(address):
+        return JobSubmissionClient(address)
 
 
 def submit(job_file: Path, output: str, address: str | None = None, extra_args: list[str] | None = None) -> str:
     """Submit `job_file`; returns the submission id. Raises as `job_request`, and Ray's
     connection errors when the address cannot be reached."""
     req = job_request(job_file, output, extra_args)
-    job_id = client(address).submit_job(**req)
+    c = client(address)
+    with _auth_errors(address):
+        job_id = c.submit_job(**req)
     log.info("submitted %s as %s: %s", job_file, job_id, req["entrypoint"])
     return job_id
 
