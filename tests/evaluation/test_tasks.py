@@ -224,3 +224,65 @@ def test_a_job_override_may_point_a_task_at_other_data(tmp_path):
                                     "evaluate": {"tasks": [{"name": "t", "path": "/srv/legal/contracts.jsonl"}],
                                                  "task_dirs": [str(tmp_path / "tasks")]}, "base_dir": str(tmp_path)})
     assert resolve_tasks(job)[0].path == "/srv/legal/contracts.jsonl"  # the job's own choice, not the file's
+
+
+def _digest_tree(tmp_path, entry="t"):
+    """A task folder with an include, data and few-shot examples; (job, task file, include, data, shots)."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(parents=True)
+    rows = [{"q": f"q{i}", "a": "yes", "b": "no", "y": i % 2} for i in range(4)]
+    (tasks / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tasks / "shots.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    (tasks / "_base.yaml").write_text(yaml.safe_dump({"kind": "multiple_choice", "choices": ["{{a}}", "{{b}}"],
+                                                      "target": "{{y}}"}))
+    (tasks / "t.yaml").write_text(yaml.safe_dump({"include": "_base.yaml", "name": "t", "path": "d.jsonl",
+                                                  "prompt": "Q: {{q}}\nA:", "num_fewshot": 1,
+                                                  "fewshot_path": "shots.jsonl"}))
+    job = JobConfig.model_validate({"model": "m", "select": {"sources": {"x": {"path": "x"}}}, "compress": {},
+                                    "evaluate": {"tasks": [entry], "task_dirs": ["tasks"]}, "base_dir": str(tmp_path)})
+    return job, tasks
+
+
+def _digest(job):
+    from raycompress.evaluation.taskfiles import task_digest
+
+    (task,) = resolve_tasks(job)
+    return task_digest(task, job.resolve)
+
+
+@pytest.mark.parametrize("name,edit", [
+    ("t.yaml", lambda s: s.replace("Q: {{q}}", "Question: {{q}}")),     # the task's template
+    ("_base.yaml", lambda s: s.replace("'{{a}}'", "'{{a|upper}}'")),    # a template in its include
+    ("d.jsonl", lambda s: s.replace('"q1"', '"q one"')),                # one item of its data
+    ("shots.jsonl", lambda s: s.replace('"q0"', '"q zero"')),           # its few-shot examples
+])
+def test_task_digest_follows_the_task_file_its_includes_and_its_data(tmp_path, name, edit):
+    job, tasks = _digest_tree(tmp_path)
+    before = _digest(job)
+    assert _digest(job) == before and len(before) == 64  # nothing changed: the same digest
+    path = tasks / name
+    text = path.read_text()
+    assert edit(text) != text
+    path.write_text(edit(text))
+    after = _digest(job)
+    assert after != before
+    path.write_text(text)
+    assert _digest(job) == before  # content, not modification time
+
+
+def test_task_digest_is_the_same_wherever_the_files_lie(tmp_path):
+    job_a, _ = _digest_tree(tmp_path / "a")
+    job_b, _ = _digest_tree(tmp_path / "b")
+    assert _digest(job_a) == _digest(job_b)
+    job_c, _ = _digest_tree(tmp_path / "c", {"name": "t", "limit": 2})
+    assert _digest(job_c) != _digest(job_a)  # a job's override is part of the task
+
+
+def test_task_digest_names_a_missing_data_file(tmp_path):
+    from raycompress.evaluation.taskfiles import task_digest
+
+    job, tasks = _digest_tree(tmp_path)
+    (task,) = resolve_tasks(job)
+    (tasks / "d.jsonl").unlink()
+    with pytest.raises(TaskError, match=r"task 't': path: cannot read .*d\.jsonl"):
+        task_digest(task, job.resolve)

@@ -14,11 +14,13 @@ locations without their URI query (`uri.display`), which may hold keys.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 
 import yaml
-from pydantic import ValidationError
+from pydantic import PrivateAttr, ValidationError
 
 from raycompress.config import JobConfig, TaskConfig, TaskOverride
 from raycompress.storage import uri
@@ -26,6 +28,13 @@ from raycompress.storage import uri
 
 class TaskError(ValueError):
     """A task file or reference that cannot be used; the message names the file and the field."""
+
+
+class LoadedTask(TaskConfig):
+    """A task as resolved: its fields, and the task files they were read from (the file, then each
+    include it pulled in, in order; none for a task written inline in a job), for `task_digest`."""
+
+    _sources: tuple[str, ...] = PrivateAttr(default=())
 
 
 def sibling(location: str, ref: str) -> str:
@@ -53,8 +62,9 @@ def _inside(location: str, roots: tuple[str, ...]) -> bool:
     return any(real.startswith(os.path.realpath(r).rstrip(os.sep) + os.sep) for r in roots if not uri.is_uri(r))
 
 
-def _read_yaml(location: str, seen: tuple[str, ...] = (), roots: tuple[str, ...] = ()) -> dict:
-    """A task file's fields with its `include` chain merged in (the including file wins).
+def _read_yaml(location: str, seen: tuple[str, ...] = (), roots: tuple[str, ...] = ()) -> tuple[dict, tuple[str, ...]]:
+    """A task file's fields with its `include` chain merged in (the including file wins), and the
+    files read: `location`, then its includes in order.
 
     Every path the file names (`include`, `path`, `fewshot_path`) must lie inside `roots` (default:
     the file's own folder): a task file is data from anyone, and may not make us read
@@ -84,14 +94,16 @@ def _read_yaml(location: str, seen: tuple[str, ...] = (), roots: tuple[str, ...]
                                 "an override's `path`")
     inc = raw.pop("include", None)
     if inc is None:
-        return raw
+        return raw, (location,)
     if not uri.is_file(inc):
         raise TaskError(f"{where}: field 'include': {uri.display(inc)} not found")
-    return {**_read_yaml(inc, seen + (location,), roots), **raw}
+    base, files = _read_yaml(inc, seen + (location,), roots)
+    return {**base, **raw}, (location, *files)
 
 
-def validate_task(raw: dict, where: str) -> TaskConfig:
-    """`raw` as a TaskConfig, checked against the registered readers, filters and metrics.
+def validate_task(raw: dict, where: str, sources: tuple[str, ...] = ()) -> LoadedTask:
+    """`raw` as a task, checked against the registered readers, filters and metrics; `sources`: the
+    task files it was read from (see `LoadedTask`).
 
     Raises:
         TaskError: naming `where` (a file, or a job field) and each wrong field.
@@ -100,7 +112,7 @@ def validate_task(raw: dict, where: str) -> TaskConfig:
     from raycompress.evaluation.metrics import METRICS
 
     try:
-        task = TaskConfig.model_validate(raw)
+        task = LoadedTask.model_validate(raw)
     except ValidationError as exc:
         fields = [f"field '{'.'.join(map(str, e['loc'])) or '<top>'}': {e['msg']}" for e in exc.errors()]
         raise TaskError(f"{where}: invalid task\n  " + "\n  ".join(fields)) from exc
@@ -115,6 +127,7 @@ def validate_task(raw: dict, where: str) -> TaskConfig:
             problems.append(f"field 'metrics': '{m}' is not a {task.kind} metric; known: {known}")
     if problems:
         raise TaskError(f"{where}: invalid task\n  " + "\n  ".join(problems))
+    task._sources = tuple(sources)
     return task
 
 
@@ -131,9 +144,9 @@ def load_task_file(location: str | os.PathLike, roots: tuple[str, ...] = ()) -> 
         TaskError: naming the file and the field.
     """
     location = str(location)
-    raw = _read_yaml(location, roots=roots)
+    raw, files = _read_yaml(location, roots=roots)
     raw.setdefault("name", _stem(location))
-    return validate_task(raw, uri.display(location))
+    return validate_task(raw, uri.display(location), files)
 
 
 def index_task_files(dirs: list[str | os.PathLike], roots: tuple[str, ...] = ()) -> dict[str, tuple[str, TaskConfig]]:
@@ -159,9 +172,9 @@ def index_task_files(dirs: list[str | os.PathLike], roots: tuple[str, ...] = ())
     return index
 
 
-def _override(task: TaskConfig, over: TaskOverride, where: str) -> TaskConfig:
+def _override(task: LoadedTask, over: TaskOverride, where: str) -> LoadedTask:
     update = over.model_dump(exclude_none=True, exclude={"name"})
-    return validate_task({**task.model_dump(), **update}, where) if update else task
+    return validate_task({**task.model_dump(), **update}, where, task_sources(task)) if update else task
 
 
 def _by_name(name: str, index: dict, where: str) -> list[TaskConfig]:
@@ -222,3 +235,38 @@ def resolve_tasks(job: JobConfig) -> list[TaskConfig]:
     if dup:
         raise TaskError(f"evaluate.tasks: tasks listed more than once: {dup}")
     return out
+
+
+def task_sources(task: TaskConfig) -> tuple[str, ...]:
+    """The task files `task` was read from: its file, then each include in order (locations);
+    () for a task written inline in a job, or a TaskConfig not made by this module."""
+    return task._sources if isinstance(task, LoadedTask) else ()
+
+
+def task_digest(task: TaskConfig, resolve, file_digest=None) -> str:
+    """SHA-256 (hex) of everything a task's scores depend on: its fields (data paths aside), the
+    task files it was read from (the file and every include, by content) and its data files
+    (`path`, and `fewshot_path` when `num_fewshot` > 0) by content, each streamed with
+    `storage.uri.sha256`. Same contents, same digest, wherever the files lie; an edited template,
+    include or data file changes it.
+
+    Args:
+        resolve: maps a data path from the task to a location (`JobConfig.resolve`).
+        file_digest: location -> hex SHA-256 of its bytes (the stage guard passes its node's
+            cached `NodeCache.digest`); default: `storage.uri.sha256`, read every time.
+    Raises:
+        TaskError: a file cannot be read (naming the task, the field and the location).
+    """
+    h = hashlib.sha256(json.dumps(task.model_dump(mode="json", exclude={"path", "fewshot_path"}),
+                                  sort_keys=True).encode())
+    files = [("task file", loc) for loc in task_sources(task)] + [("path", str(resolve(task.path)))]
+    if task.num_fewshot:
+        files.append(("fewshot_path", str(resolve(task.fewshot_path))))
+    for field, location in files:
+        try:
+            digest = file_digest(location) if file_digest else uri.sha256(location)[0]
+        except OSError as exc:
+            raise TaskError(f"task '{task.name}': {field}: cannot read {uri.display(location)}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        h.update(f"\n{field} {digest}".encode())
+    return h.hexdigest()
