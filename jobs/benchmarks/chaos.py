@@ -57,6 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "raycompress"]
+from _common import write_job  # noqa: E402  (the helpers import it from here)
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 900, on_start=None) -> dict:
@@ -100,14 +101,6 @@ def base_job(workdir: Path, smoke: bool = False) -> dict:
     job = absolute_paths(smoke_job() if smoke else job_mapping(REPO / "jobs" / "smoke.yaml"))
     job["storage"] = {"cache_dir": str(workdir / "cache")}
     return private_inputs(workdir, job)
-
-
-def write_job(path: Path, job: dict) -> Path:
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return path
 
 
 def check_manifest(folder: Path) -> int:
