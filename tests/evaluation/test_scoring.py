@@ -6,9 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from raycompress.evaluation.scoring import encode_pair, loglikelihoods, model_max_length, rolling_windows
-from raycompress.storage.cache import default_root
-
-TOKENIZER_DIR = default_root() / "models" / "smollm2-135m-instruct"  # where `make model` converts it
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +35,33 @@ def test_encode_pair_moves_trailing_space_char_tokenizer():
     assert ctx == [1] and cont == [ord("a"), ord("b")]
 
 
-@pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason="SmolLM2 tokenizer not cached")
-def test_encode_pair_real_tokenizer():
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here (SmolLM2's kind: GPT-2 byte-level pre-tokenizer, a
+    word's leading space inside its token), on text where " yes" and " no" are whole tokens."""
+    import random
+
+    from conftest import random_doc, write_tokenizer
+    from tokenizers import decoders
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    path, rng = tmp_path_factory.mktemp("bpe"), random.Random(0)
+    qa = [f"Question: Is it {w}?\nAnswer: {a}" for w in ("cell", "gene", "dose") for a in ("yes", "no")] * 20
+    write_tokenizer(path, qa + [random_doc(rng, 40) for _ in range(40)], vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.backend_tokenizer.decoder = decoders.ByteLevel()  # as SmolLM2's: "Ġyes" decodes to " yes"
+    return tok
+
+
+def test_encode_pair_byte_level_bpe(bpe):
+    tok = bpe
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert len(ids(" yes")) == 1 and ids("Answer: ") != ids("Answer:")  # what makes the split matter
     ctx, cont = encode_pair(tok, "Question: Is it?\nAnswer: ", "yes", tok.bos_token_id)
-    assert ctx == tok("Question: Is it?\nAnswer:", add_special_tokens=False)["input_ids"]
-    assert tok.decode(cont) == " yes"
-    assert ctx + cont == tok("Question: Is it?\nAnswer: yes", add_special_tokens=False)["input_ids"]
+    assert ctx == ids("Question: Is it?\nAnswer:")
+    assert tok.decode(cont) == " yes" and cont == ids(" yes")
+    assert ctx + cont == ids("Question: Is it?\nAnswer: yes")
+    assert ids("Question: Is it?\nAnswer: ") + ids("yes") != ctx + cont  # a naive split scores other tokens
     # without trailing space the continuation keeps its own leading space
     ctx2, cont2 = encode_pair(tok, "Question: Is it?\nAnswer:", " yes", tok.bos_token_id)
     assert (ctx2, cont2) == (ctx, cont)
