@@ -308,6 +308,13 @@ class RayConfig(_Strict):
     object_store_memory: int | None = Field(
         None, ge=78643200, description="local Ray only: bytes of shared memory for the object store (at least "
         "75 MiB, Ray's minimum); objects beyond it spill to disk. Default: Ray's (30 percent of memory)")
+    bind_host: str | None = Field(
+        "127.0.0.1", min_length=1, description="local Ray only: the address its processes listen on and advertise; "
+        "a loopback address (default) keeps every port (GCS, raylet, workers, agents, dashboard, metrics) on "
+        "loopback; null: Ray's default (the machine's routable address, every interface)")
+    resource_wait_s: float = Field(
+        0.0, ge=0, description="seconds `run` waits for the cluster to offer every request of the job (an autoscaling "
+        "cluster adding nodes) before refusing it; 0: refuse at once")
     compress_actors: int = Field(1, gt=0)
     eval_actors: int = Field(1, gt=0)
     select_actors: int = Field(1, gt=0, description="tokenize/score actors of the select stage")

@@ -167,3 +167,136 @@ def test_fit_check_of_cpu_train_workers_uses_node_memory(llama70b):
                             "or train.cpus_per_worker)") for p in problems), problems
     assert any(p.startswith("train: ") and "per CPU worker needed with ddp, the largest node has 64.0 GiB" in p
                and "no strategy fits" in p for p in problems), problems
+
+
+def test_plan_shards_calibration_as_compress_does(llama70b):
+    """The plan's compress actors and rows are `shard_calibration`'s: whole micro-batches (4 rows),
+    no idle actor (128 rows = 32 micro-batches, so 50 actors asked are 32)."""
+    import torch
+
+    from raycompress.engine.transfer import shard_calibration
+
+    plan = build_plan(_job(llama70b, compress_actors=50), ModelRef(str(llama70b)), cluster_gpus=64)
+    comp = plan["stages"][1]
+    assert comp["actors"] == 32 and comp["rows_per_actor"] == [4] * 32
+    mask = torch.tensor([True, False] * 5 + [True])  # 11 rows
+    shards = shard_calibration(11, 5, 4, {"d": mask})
+    assert [(s.rows.start, s.rows.stop, s.n) for s in shards] == [(0, 4, 4), (4, 8, 4), (8, 11, 3)]
+    assert torch.equal(torch.cat([s.subsets["d"] for s in shards]), mask)
+    assert [s.n for s in shard_calibration(11, 1, 4)] == [11]
+    with pytest.raises(ValueError, match=r"subset masks of lengths \{'d': 10\} over 11 calibration rows"):
+        shard_calibration(11, 2, 4, {"d": mask[:10]})
+
+
+def _tiny_job(model: Path, paths: dict[str, Path], **select) -> JobConfig:
+    return JobConfig.model_validate({
+        "model": str(model), "base_dir": ".", "select": {"sources": {n: {"path": str(p)} for n, p in paths.items()},
+                                                        **select},
+        "compress": {"algorithm": "sparsegpt", "sparsity": 0.5}, "evaluate": {"tasks": []},
+        "ray": {"cpus_per_actor": 1}})
+
+
+def _jsonl(path: Path, texts: list[str], ascii_only: bool = True) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=ascii_only) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def test_preflight_refuses_seq_len_beyond_the_models_positions(tiny_llama_dir, tmp_path):
+    from raycompress.distributed.plan import PreflightError, preflight
+
+    corpus = _jsonl(tmp_path / "a.jsonl", ["word " * 400])
+    preflight(_tiny_job(tiny_llama_dir, {"a": corpus}, seq_len=256, n_samples=2), ModelRef(str(tiny_llama_dir)))
+    with pytest.raises(PreflightError, match=r"^select.seq_len: 257 tokens is more than the model's "
+                                             r"max_position_embeddings 256 \(its config.json\); use at most 256$"):
+        preflight(_tiny_job(tiny_llama_dir, {"a": corpus}, seq_len=257, n_samples=2), ModelRef(str(tiny_llama_dir)))
+
+
+def test_preflight_refuses_more_tokens_than_the_corpora_hold(tiny_llama_dir, tmp_path):
+    import gzip
+
+    from raycompress.distributed.plan import PreflightError, corpus_token_bound, preflight
+
+    paths = {"a": _jsonl(tmp_path / "a.jsonl", ["alpha beta"] * 20), "b": _jsonl(tmp_path / "b.jsonl", ["gamma"] * 9)}
+    size = sum(p.stat().st_size for p in paths.values())
+    bound = size + 2 * 2
+    fits = _tiny_job(tiny_llama_dir, paths, seq_len=16, n_samples=bound // 16)
+    assert corpus_token_bound(fits, {n: [str(p)] for n, p in paths.items()}) == bound
+    preflight(fits, ModelRef(str(tiny_llama_dir)))
+    n = bound // 16 + 1
+    with pytest.raises(PreflightError, match=rf"^select.n_samples x select.seq_len: {n} x 16 = {n * 16} tokens, but the 2 "
+                                             rf"corpus files of select.sources \({size} bytes\) hold at most {bound} tokens"):
+        preflight(_tiny_job(tiny_llama_dir, paths, seq_len=16, n_samples=n), ModelRef(str(tiny_llama_dir)))
+    # a compressed file's size bounds nothing: no refusal from sizes (select counts what is there)
+    gz = tmp_path / "c.jsonl.gz"
+    gz.write_bytes(gzip.compress(paths["a"].read_bytes()))
+    preflight(_tiny_job(tiny_llama_dir, {**paths, "c": gz}, seq_len=16, n_samples=10**9), ModelRef(str(tiny_llama_dir)))
+
+
+def test_the_corpus_bound_holds_for_a_real_tokenizer(tiny_lm_dir, tmp_path):
+    """Packed tokens (`data.tokenize.pack`: each document's tokens and a separator) never exceed
+    `corpus_token_bound`, for one-character, multi-byte and escaped documents."""
+    from transformers import AutoTokenizer
+
+    from raycompress.distributed.plan import corpus_token_bound
+
+    texts = ["a", "é", "日本語", "🙂", " ", "cell protein gene", "x" * 50, '"quoted"\n\\'] * 3
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    packed = sum(len(ids) + 1 for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    for ascii_only in (True, False):
+        path = _jsonl(tmp_path / f"{ascii_only}.jsonl", texts, ascii_only)
+        job = _tiny_job(tiny_lm_dir, {"a": path})
+        assert packed <= corpus_token_bound(job, {"a": [str(path)]}), ascii_only
+
+
+def test_run_refuses_what_the_cluster_cannot_give(ray_local, tiny_llama_dir, tmp_path, caplog, monkeypatch):
+    """`require_resources` (what `run` does once Ray is up): every request the 2-CPU local Ray
+    cannot give is named, after `ray.resource_wait_s` with one warning; compress asks for its
+    real actor count (64 rows = 16 micro-batches: 16 actors, not the million asked)."""
+    from raycompress.distributed import plan as plan_mod
+    from raycompress.distributed.plan import PreflightError, require_resources
+
+    job = _tiny_job(tiny_llama_dir, {"a": _jsonl(tmp_path / "a.jsonl", ["word " * 400] * 4)}, seq_len=32, n_samples=64)
+    assert require_resources(job, ModelRef(str(tiny_llama_dir)))["stages"][1]["actors"] == 1
+    big = job.model_copy(update={"ray": job.ray.model_copy(update={"compress_actors": 1_000_000, "eval_actors": 1_000_000,
+                                                                  "resource_wait_s": 0.2})})
+    monkeypatch.setattr(plan_mod, "POLL_S", 0.05)
+    with caplog.at_level("WARNING", logger=plan_mod.__name__), pytest.raises(PreflightError) as err:
+        require_resources(big, ModelRef(str(tiny_llama_dir)))
+    msg = str(err.value)
+    assert msg.startswith("the Ray cluster cannot give what the job asks (after waiting 0.2 s, ray.resource_wait_s): ")
+    assert "compress: 16 actors x 1.0 CPU = 16 CPU, the cluster has 2 (lower ray.compress_actors or ray.cpus_per_actor)" in msg
+    assert "evaluate: 1000000 actors x 1.0 CPU = 1e+06 CPU, the cluster has 2" in msg
+    assert [r.message.split(";")[0] for r in caplog.records if "waiting up to" in r.message] == \
+        ["the Ray cluster cannot give yet: compress: 16 actors x 1.0 CPU = 16 CPU, the cluster has 2 (lower "
+         "ray.compress_actors or ray.cpus_per_actor)"]
+
+
+def test_run_waits_for_nodes_to_join(tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    """An autoscaling cluster: short of CPUs at first, then a node joins within ray.resource_wait_s."""
+    from raycompress.distributed import plan as plan_mod, resources
+
+    looks = iter([[{"CPU": 1.0, "memory": 64 * GIB}]] * 2 + [[{"CPU": 1.0, "memory": 64 * GIB}, {"CPU": 8.0, "memory": 64 * GIB}]])
+    monkeypatch.setattr(resources, "cluster_nodes", lambda: next(looks))
+    monkeypatch.setattr(plan_mod, "POLL_S", 0.01)
+    job = _tiny_job(tiny_llama_dir, {"a": _jsonl(tmp_path / "a.jsonl", ["word " * 400] * 4)}, seq_len=32, n_samples=8)
+    job = job.model_copy(update={"ray": job.ray.model_copy(update={"eval_actors": 4, "resource_wait_s": 600})})
+    with caplog.at_level("WARNING", logger=plan_mod.__name__):
+        plan = plan_mod.require_resources(job, ModelRef(str(tiny_llama_dir)))
+    assert plan["stages"][-2]["actors"] == 4 and next(looks, None) is None  # every look taken, the third fitted
+    assert sum("waiting up to" in r.message for r in caplog.records) == 1
+
+
+def test_cli_run_refuses_an_impossible_request_before_any_stage(ray_local, tmp_path, capsys, monkeypatch):
+    from raycompress.cli import main
+
+    monkeypatch.setenv("RAYCOMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    raw = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())
+    raw["ray"]["eval_actors"] = 1_000_000
+    (job := tmp_path / "big.yaml").write_text(yaml.safe_dump(raw).replace("../data", str(REPO / "data"))
+                                              .replace("random:models", f"random:{REPO}/jobs/models"))
+    assert main(["run", str(job), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert (f"\nerror: {job}: the Ray cluster cannot give what the job asks (after waiting 0 s, ray.resource_wait_s): "
+            "evaluate: 1000000 actors x 1.0 CPU = 1e+06 CPU, the cluster has 2 (lower ray.eval_actors or "
+            "ray.cpus_per_actor)\n") in err, err
+    assert not (tmp_path / "o" / "select").exists()  # no stage ran

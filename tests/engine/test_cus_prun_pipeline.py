@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from raycompress.config import CompressConfig
 from raycompress.engine.pipeline import LocalBackend, compress_layers
-from raycompress.engine.subsets import row_subsets, split_subsets
+from raycompress.engine.subsets import row_subsets
+from raycompress.engine.transfer import shard_calibration
 from raycompress.engine.worker import LayerWorker
 from raycompress.models.checkpoint import shard_name
 from raycompress.models.weights import OffloadedModel
@@ -22,13 +23,16 @@ def calib():
     return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
-def _cfg(sparsity=0.5, **extra):
-    return CompressConfig(algorithm="cus_prun", sparsity=sparsity, cus_prun={"dimensions": DIMS, **extra})
+def _cfg(sparsity=0.5, micro_batch=4, **extra):
+    return CompressConfig(algorithm="cus_prun", sparsity=sparsity, micro_batch=micro_batch,
+                          cus_prun={"dimensions": DIMS, **extra})
 
 
 def _run(model_dir, ids, out_dir, cfg, k=1):
-    subsets = split_subsets(row_subsets(cfg, SOURCES), k)
-    workers = [LayerWorker(str(model_dir), s, subsets=g) for s, g in zip(torch.tensor_split(ids, k), subsets)]
+    """k workers holding the compress stage's shards and subset masks (`shard_calibration`)."""
+    shards = shard_calibration(ids.shape[0], k, cfg.micro_batch, row_subsets(cfg, SOURCES))
+    assert len(shards) == k, "fewer micro-batches than workers: the test would not run k workers"
+    workers = [LayerWorker(str(model_dir), ids[s.rows], micro_batch=cfg.micro_batch, subsets=s.subsets) for s in shards]
     return compress_layers(LocalBackend(workers), OffloadedModel(model_dir), cfg, out_dir, "fp")
 
 
@@ -70,7 +74,7 @@ def test_kept_neurons_follow_the_relevance_of_each_dimension(tiny_llama_dir, cal
 
 
 def test_two_workers_and_resume_give_identical_checkpoints(tiny_llama_dir, calib, tmp_path):
-    cfg = _cfg(0.5)
+    cfg = _cfg(0.5, micro_batch=2)  # two micro-batches of 2 rows: one per worker when k = 2
     _run(tiny_llama_dir, calib, tmp_path / "one", cfg, k=1)
     _run(tiny_llama_dir, calib, tmp_path / "two", cfg, k=2)
     ref = _shards(tmp_path / "one" / "model")

@@ -23,7 +23,7 @@ from raycompress.distributed.select import load_calibration
 from raycompress.engine.budget import layer_floors
 from raycompress.engine.pipeline import Plan, Progress, compress_layers, reduce_to
 from raycompress.engine.subsets import row_subsets
-from raycompress.engine.transfer import shard_rows
+from raycompress.engine.transfer import shard_calibration
 from raycompress.engine.worker import LayerWorker
 from raycompress.models.fetch import ModelRef
 from raycompress.models.weights import OffloadedModel
@@ -235,12 +235,10 @@ def run_compress(job: JobConfig, model: ModelRef, calib_path: str, out_dir: str,
     """
 
     ids, table = load_calibration(calib_path)
-    k = max(1, min(job.ray.compress_actors, -(-ids.shape[0] // job.compress.micro_batch)))
-    slices = shard_rows(ids.shape[0], k, job.compress.micro_batch)  # whole micro-batches per actor
     sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
     masks = row_subsets(job.compress, sources)
-    shards = [ids[s] for s in slices]
-    subsets = [{name: m[s] for name, m in masks.items()} for s in slices]
+    parts = shard_calibration(ids.shape[0], job.ray.compress_actors, job.compress.micro_batch, masks)
+    k, shards, subsets = len(parts), [ids[p.rows] for p in parts], [p.subsets for p in parts]
     offloaded = OffloadedModel(model)
     metrics.record("raycompress_layers_total", offloaded.num_layers, job.name)
     metrics.record("raycompress_layers_done", 0, job.name)

@@ -117,6 +117,7 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
     from raycompress.distributed.guard import OutputLock, check_stages, stage_inputs
     from raycompress.distributed.plan import PreflightError, preflight
     from raycompress.distributed.train import check_train
+    from raycompress.distributed.plan import require_resources
     from raycompress.distributed.resources import init_ray
 
     out_dir = str(out_dir)
@@ -140,6 +141,7 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
         # the validated config, so that `raycompress report DIR` needs nothing but the folder
         uri.write_text(uri.join(out_dir, "job.json"), json.dumps(job.model_dump(mode="json"), indent=2))
         init_ray(job.ray)
+        require_resources(job, model)  # the dry run's check: a request the cluster cannot give is refused now
         for stage in job_stages(job, stages):
             _run_one(stage, job, out_dir, model, state, inputs.get(stage.value))
     return state

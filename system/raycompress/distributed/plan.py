@@ -6,18 +6,23 @@ moves per decoder layer (`engine.budget.layer_floors`, from the model's config a
 header alone), the optional train stage's memory per worker for its strategy (DDP / ZeRO-2 / ZeRO-3,
 offload; `training.memory`), and the resources each stage asks Ray for. `check_fits` compares
 those requests with what the cluster offers (total and per node, GPU memory per worker) and names
-every request it cannot give.
+every request it cannot give; `run` makes the same check once Ray is up (`require_resources`),
+before any stage, so a request the cluster cannot give is refused rather than waited on forever.
 
 `preflight` runs before Ray starts, on every run: everything the job names that can be checked
 without data (selection method, algorithm, targets, per-layer sparsity count, group sizes against
-the model's input widths, the architecture, evaluation tasks and their files) is checked, so a
+the model's input widths, the architecture, evaluation tasks and their files, seq_len against the
+model's positions, the calibration set's tokens against the corpora's file sizes) is checked, so a
 wrong value fails in seconds with the field's name, not after hours of selection and compression.
 """
 from __future__ import annotations
 
+import logging
+
 from raycompress.config import JobConfig
 from raycompress.models.fetch import ModelRef
 
+log = logging.getLogger(__name__)
 GIB = 2**30
 
 
@@ -25,15 +30,67 @@ class PreflightError(ValueError):
     """A job that would fail later; the message names the job field and what would be right."""
 
 
-def _check_sources(job: JobConfig) -> None:
-    """Every corpus source the select stage will read matches at least one file (a listing, no reads)."""
+def _check_sources(job: JobConfig) -> dict[str, list[str]]:
+    """Every corpus source the select stage will read matches at least one file (a listing, no
+    reads). Returns source name -> its file locations."""
     from raycompress.data.readers import CorpusPathError, expand_paths
 
+    found = {}
     for name, src in sorted(job.select.sources.items()):
         try:
-            expand_paths(src.path, job.base_dir)
+            found[name] = list(expand_paths(src.path, job.base_dir))
         except (CorpusPathError, OSError) as exc:
             raise PreflightError(f"select.sources.{name}.path: {exc}") from exc
+    return found
+
+
+def corpus_token_bound(job: JobConfig, files: dict[str, list[str]]) -> int | None:
+    """An upper bound on the tokens the select stage can pack from `files` (source -> locations),
+    from file sizes alone (no reads); None when some file's size bounds nothing (compressed:
+    .gz/.zst/.bz2, or Parquet, whose columns are compressed).
+
+    The bound: tokens <= bytes + 2 per file. A document's tokens cover at least one byte of its
+    UTF-8 text each, except at most two per document (a tokenizer's leading-space marker and the
+    separator `data.tokenize.pack` appends); a JSONL record spends at least 9 bytes on syntax
+    besides its text and a `text_blocks` block is followed by a blank line (2 bytes) except the
+    last, and a `text` file is one document, so those two tokens are paid for by bytes that hold no
+    text, except once per file.
+    """
+    from ray.data._internal.util import infer_compression  # the reader's own rule (readers.CorpusDatasource)
+
+    from raycompress.data.records import CorpusPathError, infer_format
+    from raycompress.storage import uri
+
+    total = 0
+    for name, locations in files.items():
+        declared = job.select.sources[name].format
+        for loc in locations:
+            inner = uri.resolve(loc)[1]  # the path without a URI's scheme and query
+            try:
+                fmt = infer_format(inner) if declared == "auto" else declared
+            except CorpusPathError:
+                return None  # the reader decides what such a file is
+            if fmt == "parquet" or infer_compression(inner) is not None:
+                return None
+            total += uri.info(loc).size + 2
+    return total
+
+
+def _check_sizes(job: JobConfig, om, files: dict[str, list[str]]) -> None:
+    """select.seq_len against the model's positions; the calibration set against the corpora."""
+    s = job.select
+    max_pos = getattr(om.config, "max_position_embeddings", None)
+    if max_pos is not None and s.seq_len > max_pos:
+        raise PreflightError(f"select.seq_len: {s.seq_len} tokens is more than the model's max_position_embeddings "
+                             f"{max_pos} (its config.json); use at most {max_pos}")
+    bound = corpus_token_bound(job, files)
+    need = s.n_samples * s.seq_len
+    if bound is not None and need > bound:
+        n_files = sum(len(v) for v in files.values())
+        raise PreflightError(f"select.n_samples x select.seq_len: {s.n_samples} x {s.seq_len} = {need} tokens, but "
+                             f"the {n_files} corpus files of select.sources ({bound - 2 * n_files} bytes) hold at "
+                             f"most {bound} tokens (one per byte, plus 2 per file); lower n_samples or seq_len, "
+                             f"or add corpus files")
 
 
 def preflight(job: JobConfig, model: ModelRef):
@@ -41,17 +98,18 @@ def preflight(job: JobConfig, model: ModelRef):
     Returns the model's `OffloadedModel` (config and weight map only, no weights).
 
     Raises:
-        PreflightError: naming the field (select.sources.<name>.path, select.method,
-            compress.algorithm, compress.targets, compress.sparsity, compress.quant.group_size,
-            model, evaluate.tasks).
+        PreflightError: naming the field (select.sources.<name>.path, select.method, select.seq_len,
+            select.n_samples x select.seq_len, compress.algorithm, compress.targets, compress.sparsity,
+            compress.cus_prun.dimensions, compress.quant.group_size, model, evaluate.tasks).
     """
     from raycompress.engine.pipeline import Plan
+    from raycompress.engine.subsets import row_subsets
     from raycompress.evaluation.taskfiles import TaskError, resolve_tasks
     from raycompress.evaluation.tasks import check_templates
     from raycompress.models.weights import OffloadedModel
     from raycompress.registry import ALGORITHMS, SELECTORS
 
-    _check_sources(job)
+    files = _check_sources(job)
     c = job.compress
     for field, name, reg in (("select.method", job.select.method, SELECTORS), ("compress.algorithm", c.algorithm, ALGORITHMS)):
         if name not in reg:
@@ -61,8 +119,10 @@ def preflight(job: JobConfig, model: ModelRef):
         om.check_files()  # every weight file's safetensors header against its size (no tensor data)
     except (OSError, ValueError, KeyError) as exc:
         raise PreflightError(f"model: {exc}") from exc
+    _check_sizes(job, om, files)
     try:
         plan = Plan(om, c, job.ray.compress_actors)
+        row_subsets(c, sorted(job.select.sources))  # a Cus-Prun dimension no source feeds
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     if isinstance(c.sparsity, list) and len(c.sparsity) != om.num_layers:
@@ -90,11 +150,6 @@ def preflight(job: JobConfig, model: ModelRef):
     return om
 
 
-def _split(n: int, k: int) -> list[int]:
-    """`n` calibration rows over `k` actors, as the compress stage shards them."""
-    return [n // k + (1 if i < n % k else 0) for i in range(k)]
-
-
 def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) -> dict:
     """The plan as a dict (see module docstring). `cluster_gpus`: GPUs the cluster has, which
     decides `gpus_per_actor: auto`; `om`: the model's `OffloadedModel` if already built.
@@ -106,15 +161,17 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
     from raycompress.distributed.resources import gpus_per_actor
     from raycompress.engine.budget import layer_floors
     from raycompress.engine.pipeline import Plan
+    from raycompress.engine.subsets import row_subsets
+    from raycompress.engine.transfer import shard_calibration
     from raycompress.evaluation.taskfiles import resolve_tasks
     from raycompress.models.weights import OffloadedModel
     from raycompress.storage import uri
 
     om = om or OffloadedModel(model)  # `preflight`'s, when the caller ran it
     r, c, s = job.ray, job.compress, job.select
-    rows = _split(s.n_samples, r.compress_actors)
-    plan = Plan(om, c, r.compress_actors)
-    n_subsets = len(s.sources) if plan.split else 1
+    rows = [p.n for p in shard_calibration(s.n_samples, r.compress_actors, c.micro_batch)]
+    plan = Plan(om, c, len(rows))
+    n_subsets = len(row_subsets(c, sorted(s.sources)))  # as compress counts its masks (rows from every source)
     floors = layer_floors(om, c, plan, rows, s.seq_len, c.micro_batch, n_subsets)
     root = om.model_dir if model.is_alias else model.location
     files = sorted(set(om.weight_map.values()))
@@ -132,7 +189,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
              "seq_len": s.seq_len, "actors": r.select_actors, "cpus_per_actor": r.cpus_per_actor,
              "gpus_per_actor": 0.0},
             {"stage": "compress", "algorithm": c.algorithm, "sparsity": c.sparsity, "targets_per_layer": len(plan.targets),
-             "actors": r.compress_actors, "rows_per_actor": rows, "cpus_per_actor": r.cpus_per_actor,
+             "actors": len(rows), "rows_per_actor": rows, "cpus_per_actor": r.cpus_per_actor,
              "gpus_per_actor": gpus,
              "memory_floor_gib_per_actor": [round(m / GIB, 3) for m in floors["memory_bytes_per_worker"]],
              "bytes_moved_per_layer": floors["bytes_moved_per_layer"]},
@@ -228,6 +285,47 @@ def check_fits(plan: dict, nodes: list[dict], gpu_memory_gib: float = 80.0) -> l
         if "memory_estimate" in st:
             problems += _train_memory_problems(st, nodes, gpu_memory_gib)
     return problems
+
+
+POLL_S = 5.0  # seconds between looks at a cluster that cannot give the job's requests yet
+
+
+def require_resources(job: JobConfig, model: ModelRef, om=None) -> dict:
+    """`run`'s resource check, after Ray starts and before any stage: the dry run's plan
+    (`build_plan`) against the alive nodes (`check_fits`). While the cluster cannot give every
+    request it is looked at again every `POLL_S` seconds, for up to `ray.resource_wait_s` seconds
+    (an autoscaling cluster adding nodes; one log line says what is awaited), then refused.
+    `om`: the model's `OffloadedModel` if already built. Returns the plan.
+
+    Raises:
+        PreflightError: naming each request the cluster cannot give, and the wait.
+    """
+    import time
+
+    from raycompress.distributed.resources import cluster_nodes
+    from raycompress.models.weights import OffloadedModel
+
+    om = om or OffloadedModel(model)
+    wait = job.ray.resource_wait_s
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        nodes = cluster_nodes()
+        try:
+            plan = build_plan(job, model, sum(n.get("GPU", 0.0) for n in nodes), om)
+        except (OSError, ValueError) as exc:
+            raise PreflightError(f"plan: {exc}") from exc
+        problems = check_fits(plan, nodes)
+        if not problems:
+            return plan
+        if wait > 0 and not told:
+            log.warning("the Ray cluster cannot give yet: %s; waiting up to %g s for nodes to join "
+                        "(ray.resource_wait_s)", "; ".join(problems), wait)
+            told = True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PreflightError(f"the Ray cluster cannot give what the job asks (after waiting {wait:g} s, "
+                                 f"ray.resource_wait_s): " + "; ".join(problems))
+        time.sleep(min(POLL_S, left))
 
 
 def _count(n: float) -> str:

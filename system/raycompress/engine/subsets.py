@@ -30,9 +30,3 @@ def row_subsets(cfg: CompressConfig, sources: list[str]) -> dict[str, torch.Tens
                              f"(sources present: {sorted(set(sources))})")
         out[dim] = mask
     return out
-
-
-def split_subsets(subsets: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
-    """The masks cut into k contiguous parts, matching `torch.tensor_split(ids, k)` of the rows."""
-    parts = {name: torch.tensor_split(mask, k) for name, mask in subsets.items()}
-    return [{name: parts[name][j] for name in subsets} for j in range(k)]

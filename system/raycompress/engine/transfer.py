@@ -1,8 +1,10 @@
-"""What crosses between workers: tensors leave a worker on the CPU (the object store's side) and
+"""What crosses between workers: the calibration shard each compression worker gets
+(`shard_calibration`), and tensors, which leave a worker on the CPU (the object store's side) and
 land on the receiver's device; sizes are counted where they are received."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +53,7 @@ def shard_rows(n: int, k: int, unit: int) -> list[slice]:
     """k contiguous row ranges of n calibration rows, each starting at a multiple of `unit` (the
     micro-batch), as even as whole units allow: every worker then runs the same micro-batches
     whatever k is, so statistics do not depend on the number of workers. Trailing ranges may be
-    empty when there are fewer units than workers."""
+    empty when there are fewer units than workers (`shard_calibration` never asks for those)."""
     units = -(-n // unit) if n else 0
     per = [units // k + (1 if j < units % k else 0) for j in range(k)]
     out, start = [], 0
@@ -60,3 +62,36 @@ def shard_rows(n: int, k: int, unit: int) -> list[slice]:
         out.append(slice(start, end))
         start = end
     return out
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One compression worker's part of the calibration set: its rows and, per named subset
+    (`engine.subsets.row_subsets`), the (rows.stop - rows.start,) bool mask of those rows."""
+
+    rows: slice
+    subsets: dict[str, torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+def shard_calibration(n_rows: int, actors: int, micro_batch: int,
+                      subsets: dict[str, torch.Tensor] | None = None) -> list[Shard]:
+    """How the compress stage splits its calibration set, the one rule the stage, the dry-run plan
+    and the tests use: min(`actors`, whole micro-batches) workers (never an idle one), each a
+    contiguous range of whole micro-batches (`shard_rows`), each subset mask (n_rows,) cut the same
+    way. The number of workers is `len(result)`; their row counts `[s.n for s in result]`.
+
+    Raises:
+        ValueError: `actors` or `micro_batch` below 1, or a mask whose length is not `n_rows`.
+    """
+    if actors < 1 or micro_batch < 1:
+        raise ValueError(f"shard_calibration: actors ({actors}) and micro_batch ({micro_batch}) must be >= 1")
+    subsets = subsets or {}
+    bad = {name: len(m) for name, m in subsets.items() if len(m) != n_rows}
+    if bad:
+        raise ValueError(f"shard_calibration: subset masks of lengths {bad} over {n_rows} calibration rows")
+    k = max(1, min(actors, -(-n_rows // micro_batch)))
+    return [Shard(s, {name: m[s] for name, m in subsets.items()}) for s in shard_rows(n_rows, k, micro_batch)]
