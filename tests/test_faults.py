@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _with_select(ref: Path, out: Path) -> Path:
     """A new output folder holding the reference run's finished select stage only."""
     shutil.copytree(ref / "select", out / "select")
+    shutil.copy(ref / ".raycompress", out / ".raycompress")  # the folder is ours, as the reference run's
     state = json.loads((ref / "state.json").read_text())
     (out / "state.json").write_text(json.dumps({"stages": {"select": state["stages"]["select"]}}))
     return out

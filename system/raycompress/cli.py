@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     folder) or 1 (a failure while running), with the traceback only under --debug."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from raycompress.distributed.guard import OutputBusy, StageMismatch
+    from raycompress.distributed.guard import ForeignOutput, OutputBusy, StageMismatch
     from raycompress.distributed.plan import PreflightError
 
     try:
         return _main(args)
-    except (PreflightError, StageMismatch, OutputBusy, FileNotFoundError) as exc:
+    except (PreflightError, StageMismatch, ForeignOutput, OutputBusy, FileNotFoundError) as exc:
         if args.debug:
             raise
         print(f"error: {getattr(args, 'config', '')}: {exc}" if getattr(args, "config", None) else f"error: {exc}",
@@ -152,7 +152,7 @@ def _sweep(args) -> int:
     from raycompress.config import ConfigError
     from raycompress.models.fetch import resolve_model
     from raycompress.sweep.config import load_sweep
-    from raycompress.sweep.runner import run_sweep
+    from raycompress.distributed.sweep import run_sweep
 
     try:
         sweep, points = load_sweep(args.config)
@@ -171,14 +171,12 @@ def _sweep(args) -> int:
 
 
 def _dry_run(job, model) -> int:
-    import ray
-
     from raycompress.distributed.plan import build_plan, check_fits, format_plan, preflight
-    from raycompress.distributed.resources import init_ray
+    from raycompress.distributed.resources import cluster_nodes, init_ray
 
     om = preflight(job, model)  # what the job names, before Ray starts
     init_ray(job.ray)
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = cluster_nodes()
     plan = build_plan(job, model, sum(n.get("GPU", 0.0) for n in nodes), om)
     problems = check_fits(plan, nodes)
     print(format_plan(plan, problems))

@@ -47,21 +47,27 @@ CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpora" / "biomed_pubm
 
 def _job(tiny_llama_dir, **compress) -> JobConfig:
     return JobConfig.model_validate({
-        "model": str(tiny_llama_dir), "base_dir": ".", "select": {"sources": {"a": {"path": str(CORPUS)}}},
+        "model": str(tiny_llama_dir), "base_dir": ".", "select": {"sources": {"a": {"path": str(CORPUS)}}, "seq_len": 64},
         "compress": {"algorithm": "sparsegpt", "sparsity": 0.5, **compress}, "evaluate": {"tasks": []}})
 
 
+A, B = "a" * 64, "b" * 64
+
+
 def test_a_changed_job_does_not_reuse_finished_stages(tiny_llama_dir):
-    old = stage_inputs(_job(tiny_llama_dir), "model-A")
-    new = stage_inputs(_job(tiny_llama_dir, sparsity=0.6), "model-A")
+    contents = {"model": {"model.safetensors": A}, "corpora": {}, "tasks": {}}
+    old = stage_inputs(_job(tiny_llama_dir), contents)
+    new = stage_inputs(_job(tiny_llama_dir, sparsity=0.6), contents)
     stages = {name: {"wall_s": 1.0, "inputs": rec} for name, rec in old.items()}
     check_stages(stages, old, "out", set())  # the same job reuses everything
     with pytest.raises(StageMismatch, match=r"stage compress in out was made by a different job:\n  "
                                             r"compress.sparsity: 0.5 in the folder, 0.6 in this job"):
         check_stages(stages, new, "out", set())
     check_stages(stages, new, "out", {"compress", "evaluate", "report"})  # --force-stage compress
-    with pytest.raises(StageMismatch, match=r"stage select .*\n  model: 'model-A' in the folder, 'model-B'"):
-        check_stages(stages, stage_inputs(_job(tiny_llama_dir), "model-B"), "out", set())
+    changed = {**contents, "model": {"model.safetensors": B}}
+    with pytest.raises(StageMismatch, match=r"stage select .*\n  model.model.safetensors: content sha256 aaaaaaaaaaaa "
+                                            r"in the folder, content sha256 bbbbbbbbbbbb in this job"):
+        check_stages(stages, stage_inputs(_job(tiny_llama_dir), changed), "out", set())
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -97,6 +103,6 @@ def test_preflight_renders_task_templates_in_the_sandbox(tiny_llama_dir, tmp_pat
     raw["evaluate"] = {**raw["evaluate"], "tasks": [{
         "name": "evil", "kind": "multiple_choice", "path": str(data), "choices": ["{{a}}", "{{b}}"], "target": "{{label}}",
         "prompt": "{{ cycler.__init__.__globals__.os.system('touch %s') }}" % marker}]}
-    with pytest.raises(PreflightError, match=r"evaluate.tasks: task 'evil': .*items.jsonl item 0: field 'prompt'"):
+    with pytest.raises(PreflightError, match=r"evaluate.tasks: task 'evil': item 0 of .*items.jsonl: field 'prompt'"):
         preflight(JobConfig.model_validate(raw), ModelRef(str(tiny_llama_dir)))
     assert not marker.exists()

@@ -8,9 +8,16 @@ older than `STALE_S` (a driver killed on another node), so a killed run's rerun 
 On object storage there is no create-if-absent: the lock is written, then read back after a short
 wait, and the run that reads another token backs off.
 
-`stage_inputs` / `check_stages`: each finished stage records in `state.json` what determined it
-(the model's content fingerprint and the config sections it reads). A rerun whose job differs
-refuses to reuse that stage, naming every field that differs, unless `--force-stage` redoes it.
+`claim_output`: an output folder is ours or empty. A folder raycompress creates gets the marker
+`<out>/.raycompress`; a non-empty folder without it (an unrelated folder, another tool's run, a
+file), the filesystem root, the user's home or one of its parents, and a bucket's root are refused
+before anything is written or deleted there.
+
+`input_contents` / `stage_inputs` / `check_stages`: each finished stage records in `state.json`
+what determined it: the SHA-256 of every byte of the model's files, of every corpus file and of
+every evaluation task's files (its YAML, includes and data), and the config sections it reads. A
+rerun whose inputs differ refuses to reuse that stage, naming every file or field that differs,
+unless `--force-stage` redoes it.
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from raycompress.config import JobConfig
+from raycompress.models.fetch import ModelRef
 from raycompress.storage import uri
 
 HEARTBEAT_S = 20.0
@@ -34,6 +43,61 @@ class OutputBusy(RuntimeError):
 
 class StageMismatch(ValueError):
     """A finished stage in the output folder was made by a different job."""
+
+
+class ForeignOutput(ValueError):
+    """The output folder is not one raycompress made (or may not be used as one)."""
+
+
+MARKER = ".raycompress"
+
+
+def _forbidden(out_dir: str) -> str | None:
+    """Why `out_dir` may never be an output folder, or None."""
+    if not uri.is_local(out_dir):
+        return "a bucket's root" if not uri.resolve(out_dir)[1].strip("/").partition("/")[2] else None
+    path, home = uri.local_path(out_dir).resolve(), Path.home().resolve()
+    if path == Path(path.anchor):
+        return "the filesystem root"
+    if path == home or path in home.parents:
+        return "the user's home folder" if path == home else f"a parent of the user's home folder {home}"
+    return None
+
+
+def _legacy(out_dir: str, names: list[str]) -> bool:
+    """A run folder written before the marker existed: job.json and a state.json of our shape."""
+    if not {"job.json", "state.json"} <= set(names):
+        return False
+    try:
+        state = json.loads(uri.read_text(uri.join(out_dir, "state.json")))
+    except (ValueError, OSError):
+        return False
+    return (isinstance(state, dict) and set(state) == {"stages"} and isinstance(state["stages"], dict)
+            and all(isinstance(v, dict) for v in state["stages"].values()))
+
+
+def claim_output(out_dir: str) -> None:
+    """Make `out_dir` (local path or URI) ours, or refuse it before anything is written there:
+    a missing or empty folder gets the marker `MARKER`; a folder with the marker is ours; a run
+    folder from before the marker (`_legacy`) is adopted.
+
+    Raises:
+        ForeignOutput: `out_dir` is a file, the filesystem root, the home folder or a parent of it,
+            a bucket's root, or a non-empty folder raycompress did not make; the message names it.
+    """
+    shown = uri.display(out_dir)
+    why = _forbidden(out_dir)
+    if why:
+        raise ForeignOutput(f"--output {shown} is {why}; give a folder of its own (e.g. {uri.join(shown, 'runs', 'job')})")
+    if uri.info(out_dir).type == uri.pafs.FileType.File:
+        raise ForeignOutput(f"--output {shown} is a file, not a folder")
+    names = uri.listdir(out_dir, folders=True)
+    if MARKER in names:
+        return
+    if names and not _legacy(out_dir, names):
+        raise ForeignOutput(f"--output {shown} is not empty ({len(names)} entries, e.g. {names[:3]}) and was not made by "
+                            f"raycompress (no {MARKER} marker): nothing there was touched; give an empty or new folder")
+    uri.write_text(uri.join(out_dir, MARKER), json.dumps({"made_by": "raycompress", "created": time.time()}))
 
 
 def _alive(pid: int) -> bool:
@@ -106,15 +170,46 @@ class OutputLock:
             pass
 
 
-def stage_inputs(job: JobConfig, model_fingerprint: str) -> dict[str, dict]:
-    """Per stage, what determines its output (each stage also depends on the ones before it)."""
-    select = {"model": model_fingerprint, "select": job.select.model_dump(mode="json")}
+def input_contents(job: JobConfig, model: ModelRef) -> dict[str, dict]:
+    """What the job reads, by content: {"model": {file: sha256}, "corpora": {source: {label:
+    sha256}}, "tasks": {task: sha256}}. Digests come from the node's digest cache
+    (`storage.cache.NodeCache.digest`), so a rerun on unchanged files stats them instead of reading
+    them; corpus files are hashed in parallel threads.
+
+    Raises:
+        FileNotFoundError: a model file is missing. CorpusPathError: a source matches no file.
+        TaskError: a task cannot be resolved.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raycompress.data.readers import expand_paths
+    from raycompress.evaluation.taskfiles import resolve_tasks, task_digest
+    from raycompress.storage.cache import NodeCache
+
+    cache = NodeCache(job.storage.cache_dir)
+    files = {name: expand_paths(src.path, job.base_dir) for name, src in sorted(job.select.sources.items())}
+    todo = [(name, loc, label) for name, found in files.items() for loc, label in found.items()]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo)))) as pool:
+        digests = list(pool.map(lambda t: cache.digest(t[1]), todo))
+    corpora: dict[str, dict[str, str]] = {name: {} for name in files}
+    for (name, _, label), digest in zip(todo, digests):
+        corpora[name][label] = digest
+    tasks = {t.name: task_digest(t, job.resolve, cache.digest) for t in resolve_tasks(job)}
+    return {"model": model.content_digests(), "corpora": corpora, "tasks": tasks}
+
+
+def stage_inputs(job: JobConfig, contents: dict[str, dict]) -> dict[str, dict]:
+    """Per stage, what determines its output (each stage also depends on the ones before it):
+    the contents it reads (`input_contents`) and the config sections it uses."""
+    select = {"model": contents["model"], "corpora": contents.get("corpora", {}),
+              "select": job.select.model_dump(mode="json")}
     compress = {**select, "compress": job.compress.model_dump(mode="json")}
-    ev = job.evaluate.model_dump(mode="json", include={"tasks", "include_dense", "dtype"})
+    ev = {"evaluate": job.evaluate.model_dump(mode="json", include={"tasks", "include_dense", "dtype"}),
+          "tasks": contents.get("tasks", {})}
     if job.train is None:
-        return {"select": select, "compress": compress, "evaluate": {**compress, "evaluate": ev}}
+        return {"select": select, "compress": compress, "evaluate": {**compress, **ev}}
     train = {**compress, "train": job.train.model_dump(mode="json")}
-    return {"select": select, "compress": compress, "train": train, "evaluate": {**train, "evaluate": ev}}
+    return {"select": select, "compress": compress, "train": train, "evaluate": {**train, **ev}}
 
 
 def _leaves(d, prefix: str = "") -> dict[str, object]:
@@ -126,10 +221,18 @@ def _leaves(d, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _shown(v) -> str:
+    """A recorded value for a message: a SHA-256 as 'content sha256 <12 hex>'."""
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return f"content sha256 {v[:12]}"
+    return "(unset)" if v is None else repr(v)
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
-    """'field: recorded -> current' for every leaf that differs."""
+    """'field: recorded -> current' for every leaf that differs (a changed file shows as
+    'model.<file>', 'corpora.<source>.<file>' or 'tasks.<task>' with both content digests)."""
     a, b = _leaves(recorded), _leaves(current)
-    return [f"{k}: {a.get(k, '(unset)')!r} in the folder, {b.get(k, '(unset)')!r} in this job"
+    return [f"{k}: {_shown(a.get(k))} in the folder, {_shown(b.get(k))} in this job"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -107,14 +107,15 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
     """Run `stages` in order, skipping those `state.json` already records as finished by this job.
 
     `out_dir` is a local path or URI; `model` is the job's model as `models.fetch.resolve_model`
-    checked it. Before Ray starts: `plan.preflight` checks what the job names; the output folder is
-    locked (`guard.OutputLock`); a finished stage made by a different job (config or model
-    contents) is refused unless `force_stages` names it or an earlier stage.
+    checked it. Before Ray starts: `plan.preflight` checks what the job names; the output folder
+    must be ours or empty (`guard.claim_output`) and is locked (`guard.OutputLock`); a finished
+    stage made by a different job (config, or the content of the model, corpus or task files:
+    `guard.input_contents`) is refused unless `force_stages` names it or an earlier stage.
 
     Raises:
-        plan.PreflightError, guard.OutputBusy, guard.StageMismatch: before any work.
+        plan.PreflightError, guard.ForeignOutput, guard.OutputBusy, guard.StageMismatch: before any work.
     """
-    from raycompress.distributed.guard import OutputLock, check_stages, stage_inputs
+    from raycompress.distributed.guard import OutputLock, check_stages, claim_output, input_contents, stage_inputs
     from raycompress.distributed.plan import PreflightError, preflight
     from raycompress.distributed.train import check_train
     from raycompress.distributed.plan import require_resources
@@ -127,7 +128,8 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
         check_train(job)
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
-    inputs = stage_inputs(job, model.fingerprint())
+    inputs = stage_inputs(job, input_contents(job, model))
+    claim_output(out_dir)
     with OutputLock(out_dir):
         state = JobState(out_dir)
         forced = _forced(force_stages)

@@ -32,11 +32,12 @@ from raycompress.sweep.config import Point, SweepConfig
 log = logging.getLogger(__name__)
 
 
-def select_key(job: JobConfig, model_fingerprint: str) -> str:
-    """What a selection depends on (the select stage's inputs), as a short hash."""
+def select_key(job: JobConfig, contents: dict) -> str:
+    """What a selection depends on (the select stage's inputs: config and the content digests of
+    `guard.input_contents`), as a short hash."""
     from raycompress.distributed.guard import stage_inputs
 
-    src = json.dumps(stage_inputs(job, model_fingerprint)["select"], sort_keys=True)
+    src = json.dumps(stage_inputs(job, contents)["select"], sort_keys=True)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -74,9 +75,12 @@ def _select_unit(job: JobConfig, model: ModelRef, out: str) -> None:
 
 def _dense_unit(job: JobConfig, model: ModelRef, out: str) -> None:
     from raycompress.distributed.evaluate import evaluate_models
+    from raycompress.distributed.guard import claim_output, input_contents
 
-    inputs = {"model": model.fingerprint(), "evaluate": job.evaluate.model_dump(
-        mode="json", include={"tasks", "dtype"})}
+    contents = input_contents(job, model)
+    inputs = {"model": contents["model"], "tasks": contents["tasks"],
+              "evaluate": job.evaluate.model_dump(mode="json", include={"tasks", "dtype"})}
+    claim_output(out)
     stamp = uri.join(out, "inputs.json")
     if uri.exists(stamp) and json.loads(uri.read_text(stamp)) == inputs and uri.exists(uri.join(out, "results.json")):
         log.info("dense model already evaluated in %s; skipping", uri.display(out))
@@ -89,8 +93,10 @@ def _dense_unit(job: JobConfig, model: ModelRef, out: str) -> None:
 def seed_selection(point_dir: str, selection_dir: str) -> bool:
     """Give a point folder a copy of a shared selection (its select/ files and state record)
     unless it already has a finished select stage. Returns whether it copied."""
+    from raycompress.distributed.guard import claim_output
     from raycompress.distributed.orchestrator import JobState, Stage
 
+    claim_output(point_dir)
     state = JobState(point_dir)
     if state.done(Stage.SELECT):
         return False
@@ -153,6 +159,7 @@ def run_sweep(sweep: SweepConfig, points: list[Point], model: ModelRef, out: str
     """
     import ray
 
+    from raycompress.distributed.guard import claim_output, input_contents
     from raycompress.distributed.plan import preflight
     from raycompress.distributed.resources import init_ray
     from raycompress.report.sweep import write_sweep_report
@@ -160,8 +167,8 @@ def run_sweep(sweep: SweepConfig, points: list[Point], model: ModelRef, out: str
     t0 = time.monotonic()
     for p in points:
         preflight(p.job, model)
-    fp = model.fingerprint()
-    keys = {p.folder: select_key(p.job, fp) for p in points}
+    keys = {p.folder: select_key(p.job, input_contents(p.job, model)) for p in points}
+    claim_output(out)
     init_ray(points[0].job.ray)
     at_once = points_at_once(parallel or sweep.parallel, points, ray.cluster_resources())
     log.info("sweep %s: %d points, %d distinct selections, %d at once", sweep.name, len(points),
