@@ -4,7 +4,7 @@
 
 The work folder is --output (finished runs there are reused), else a new temporary folder.
 --smoke: the smoke job's tiny Llama tokenizer, one ZipCal run of 4 x 32 tokens on the real pool and
-two-round coverage at k = 4; the perplexity baseline and synthetic pools are reported as skipped.
+two-round coverage at k = 4 on its first 256 documents; the perplexity baseline and synthetic pools are reported as skipped.
 
 - zipcal_docs_per_s, perplexity_docs_per_s, zipcal_speedup: both methods on the same real pool
   (data/corpora/biomed_pubmedqa_pool.jsonl), 2 select actors; docs/s = usable documents / stage
@@ -79,7 +79,8 @@ def run_select(name: str, path: str, method: str, cpus: int, out: Path, n: int =
     return {"docs": docs, "wall_s": stage["wall_s"], "docs_per_s": docs / stage["wall_s"], "peak_rss_mb": stage["peak_rss_mb"]}
 
 
-def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256, seq_len: int = 512) -> dict:
+def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256, seq_len: int = 512,
+                   max_docs: int | None = None) -> dict:
     """Two-round vs single-process ZipCal coverage on the same windows (no Ray)."""
     from raycompress.registry import SELECTORS
     from raycompress.selection.base import SelectContext
@@ -89,6 +90,7 @@ def coverage_ratio(model_dir: Path, k: int = 64, shard_docs: int = 256, seq_len:
     ctx = SelectContext(seed=0)
     sel = ShardSelector(str(model_dir), seq_len, "zipcal", k, ctx)
     docs = [(i, str(i), json.loads(line)["text"]) for p in REAL for i, line in enumerate(p.read_text().split("\n")) if line.strip()]
+    docs = docs[:max_docs]  # --smoke: the first documents only
     shards = [docs[i : i + shard_docs] for i in range(0, len(docs), shard_docs)]
     windows = [w for j, s in enumerate(shards) for w in sel.windows(s, "pool", "p", j)]
     method = SELECTORS.get("zipcal")
@@ -108,7 +110,7 @@ def smoke(work: Path) -> dict:
     model = f"random:{(Path(job['base_dir']) / job['model'].removeprefix('random:')).resolve()}"
     z = run_select("zipcal-real", str(REAL[0]), "zipcal", 2, work / "zipcal-real", n=4, shard_docs=128,
                    model=model, seq_len=32)
-    cov = coverage_ratio(Path(model.removeprefix("random:")), k=4, seq_len=32)
+    cov = coverage_ratio(Path(model.removeprefix("random:")), k=4, shard_docs=64, seq_len=32, max_docs=256)
     return {"smoke": True, "zipcal_docs_per_s": round(z["docs_per_s"], 2), "two_round": {"k4": cov},
             "two_round_coverage_ratio": round(cov["ratio"], 4),
             "perplexity": skipped("--smoke: one point only"), "synthetic": skipped("--smoke: one point only")}
