@@ -150,9 +150,9 @@ def _main(args) -> int:
 def _sweep(args) -> int:
     """`raycompress sweep`: exit 2 on a bad sweep or job, 1 when a point failed, else 0."""
     from raycompress.config import ConfigError
+    from raycompress.distributed.sweep import run_sweep
     from raycompress.models.fetch import resolve_model
     from raycompress.sweep.config import load_sweep
-    from raycompress.distributed.sweep import run_sweep
 
     try:
         sweep, points = load_sweep(args.config)

@@ -1,7 +1,8 @@
-"""sweep.runner on a local Ray: 2 algorithms x 2 seeds of the tiny job, 2 points at once; each
+"""distributed.sweep on a local Ray: 2 algorithms x 2 seeds of the tiny job, 2 points at once; each
 seed's selection made once and shared, the dense model evaluated once, every point an ordinary
 run folder with a whole report, the sweep report written, and a rerun reusing everything."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.integration
 def sweep_run(tiny_job_dir, ray_local, tmp_path_factory):
     from raycompress.models.fetch import ModelRef
     from raycompress.sweep.config import load_sweep
-    from raycompress.sweep.runner import run_sweep
+    from raycompress.distributed.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
     base = yaml.safe_load((tiny_job_dir / "job.yaml").read_text())  # one actor per stage: half the actor starts
@@ -59,15 +60,34 @@ def test_sweep_shares_selection_and_dense_and_reports(sweep_run):
     assert "data:image/png;base64," in html
 
 
-def test_rerun_reuses_every_stage(sweep_run, caplog):
-    import logging
+def _stage_outputs(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file a stage writes when it runs, and only then -> (bytes, mtime_ns): the stage
+    records (`state.json`: a stage that ran again records its own wall_s and peak RSS), the
+    calibration sets, the compressed shards, the dense results and what made them."""
+    patterns = ("**/state.json", "**/select/calibration.parquet", "**/compress/model/*.safetensors", "dense/*.json")
+    return {p.relative_to(out).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for pattern in patterns for p in out.glob(pattern)}
 
-    from raycompress.sweep.runner import run_sweep
+
+def test_rerun_reuses_every_stage(sweep_run):
+    """A rerun runs no stage again: every stage record and every stage's output is the same
+    file, untouched (a unit runs in a Ray task, whose log the driver's caplog never sees)."""
+    from raycompress.distributed.sweep import run_sweep
 
     sweep, points, model, out, _ = sweep_run
-    before = (out / "sweep.json").read_text()
-    with caplog.at_level(logging.INFO):
-        again = run_sweep(sweep, points, model, str(out))
+    before_report = json.loads((out / "sweep.json").read_text())
+    before = _stage_outputs(out)
+    states = [k for k in before if k.endswith("state.json")]
+    assert len(states) == len(points) + 2  # each point, and the two shared selections
+    assert sum(k.endswith(".safetensors") for k in before) >= len(points)
+    assert {"dense/results.json", "dense/inputs.json"} <= set(before)
+    again = run_sweep(sweep, points, model, str(out))
     assert again["errors"] == {}
-    after = json.loads((out / "sweep.json").read_text())
-    assert after["points"] == json.loads(before)["points"]
+    after = _stage_outputs(out)
+    assert after.keys() == before.keys()
+    changed = sorted(k for k in before if after[k] != before[k])
+    assert changed == [], f"re-ran or rewrote: {changed}"
+    for p in points:  # every stage of every point is recorded as finished before and after
+        stages = json.loads((out / p.folder / "state.json").read_text())["stages"]
+        assert {"select", "compress", "evaluate"} <= set(stages)
+    assert json.loads((out / "sweep.json").read_text())["points"] == before_report["points"]

@@ -1,5 +1,5 @@
-"""How a sweep runs on Ray: shared selections once, the dense model evaluated once, then every
-point as an ordinary job run, several at once when the cluster has room.
+"""The sweep on Ray (`raycompress sweep`): shared selections once, the dense model evaluated once,
+then every point of `sweep.config` as an ordinary job run, several at once when the cluster has room.
 
 Output folder (a local path or URI)::
 
@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import time
+
+import ray
 
 from raycompress.config import JobConfig
 from raycompress.models.fetch import ModelRef
@@ -124,7 +126,6 @@ def _point_unit(job: JobConfig, model: ModelRef, out: str, selection_dir: str, d
 def _run_bounded(units: list[tuple[str, object, tuple]], at_once: int) -> dict[str, str | None]:
     """Run (name, function, args) units as Ray tasks on this node, `at_once` at a time.
     Returns {name: None if it finished, else its error message}."""
-    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -157,8 +158,6 @@ def run_sweep(sweep: SweepConfig, points: list[Point], model: ModelRef, out: str
     Raises:
         plan.PreflightError: a point's job names something that does not exist (before Ray).
     """
-    import ray
-
     from raycompress.distributed.guard import claim_output, input_contents
     from raycompress.distributed.plan import preflight
     from raycompress.distributed.resources import init_ray
