@@ -18,6 +18,7 @@ exception the template raises) into one TaskError line: "<where>: <what> (<short
 """
 from __future__ import annotations
 
+import inspect
 import re
 import string
 import sys
@@ -26,6 +27,12 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
 from typing import Any, Callable
+
+import jinja2
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
+from jinja2.exceptions import TemplateNotFound
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from raycompress.evaluation.taskfiles import TaskError
 
@@ -176,12 +183,9 @@ def _predict(rule: Callable, *args) -> int:
 
 
 def _guarded_filter(name: str, f: Callable) -> Callable:
-    import inspect
-
-    from jinja2.utils import _PassArg
-
+    """Filter `name` with its `_FILTERS` rule (or the `%` check for `format`) run before it."""
     inner = getattr(f, "__wrapped__", f)  # an async_variant adds an eval_ctx its sync filter lacks
-    skip = 1 if _PassArg.from_obj(f) and not _PassArg.from_obj(inner) else 0
+    skip = 1 if hasattr(f, "jinja_pass_arg") and not hasattr(inner, "jinja_pass_arg") else 0
     sig, predict = inspect.signature(inner), _FILTERS.get(name)
 
     def guarded(*args, **kwargs):
@@ -215,76 +219,82 @@ def _tracer(frame, event, arg):
     return _tracer if frame.f_code.co_filename == _TEMPLATE_FILE else None
 
 
+class _NoLoader(jinja2.BaseLoader):
+    def get_source(self, environment, template):
+        raise TemplateNotFound(template, f"a task template cannot include, import or extend '{template}'")
+
+
+class _Generator(CodeGenerator):
+    def visit_Concat(self, node, frame):  # `a ~ b` through the bounded concat
+        self.write("concat(map(str, (")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write(")))")
+
+
+def _concat(pieces) -> str:
+    """The environment's `concat` (a template's output, `{% set %}` blocks, macro bodies, `~`):
+    "".join within the size budget, on time."""
+    out, n, b = [], 0, _budget()
+    for p in pieces:
+        _on_time()
+        n += len(p)
+        if n > b.chars:
+            raise b.over(f"the text would pass {b.chars:,} characters")
+        out.append(p)
+    return "".join(out)
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with the budget checks of this module in its hooks (binary
+    operators, calls, str.format) and in the filters that can grow a value (see `_FILTERS`)."""
+
+    code_generator_class = _Generator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    concat = staticmethod(_concat)
+
+    def __init__(self) -> None:
+        super().__init__(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, loader=_NoLoader())
+        self.globals.pop("lipsum", None)  # makes text in a loop no template step sees
+        self.filters.update({n: _guarded_filter(n, f) for n, f in self.filters.items() if n in _FILTERS or n == "format"})
+
+    def call_binop(self, context, operator, left, right):
+        _on_time()
+        _check_binop(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's calling convention)
+        b = _on_time()
+        if b.depth >= MAX_DEPTH:
+            raise b.over(f"calls nested deeper than {MAX_DEPTH}")
+        owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
+        if isinstance(owner, (str, bytes)) and name in _METHODS:
+            if name == "join" and args:
+                args = (_items(args[0]), *args[1:])
+            _fit(_predict(_METHODS[name], owner, args), f"str.{name}")
+        b.depth += 1
+        try:
+            return super().call(__context, __obj, *args, **kwargs)
+        finally:
+            b.depth -= 1
+
+    def wrap_str_format(self, value):
+        fmt = super().wrap_str_format(value)
+        if fmt is None:
+            return None
+        owner = value.__self__
+
+        def checked(*args, **kwargs):
+            _check_format(owner, args, kwargs)
+            return fmt(*args, **kwargs)
+
+        return update_wrapper(checked, fmt)
+
+
 @lru_cache(maxsize=1)
-def _environment():
-    import jinja2
-    from jinja2.compiler import CodeGenerator
-    from jinja2.exceptions import TemplateNotFound
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class _NoLoader(jinja2.BaseLoader):
-        def get_source(self, environment, template):
-            raise TemplateNotFound(template, f"a task template cannot include, import or extend '{template}'")
-
-    class _Generator(CodeGenerator):
-        def visit_Concat(self, node, frame):  # `a ~ b` through the bounded concat
-            self.write("concat(map(str, (")
-            for arg in node.nodes:
-                self.visit(arg, frame)
-                self.write(", ")
-            self.write(")))")
-
-    def concat(pieces) -> str:
-        out, n, b = [], 0, _budget()
-        for p in pieces:
-            _on_time()
-            n += len(p)
-            if n > b.chars:
-                raise b.over(f"the text would pass {b.chars:,} characters")
-            out.append(p)
-        return "".join(out)
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        code_generator_class = _Generator
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-        def call_binop(self, context, operator, left, right):
-            _on_time()
-            _check_binop(operator, left, right)
-            return super().call_binop(context, operator, left, right)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's calling convention)
-            b = _on_time()
-            if b.depth >= MAX_DEPTH:
-                raise b.over(f"calls nested deeper than {MAX_DEPTH}")
-            owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
-            if isinstance(owner, (str, bytes)) and name in _METHODS:
-                if name == "join" and args:
-                    args = (_items(args[0]), *args[1:])
-                _fit(_predict(_METHODS[name], owner, args), f"str.{name}")
-            b.depth += 1
-            try:
-                return super().call(__context, __obj, *args, **kwargs)
-            finally:
-                b.depth -= 1
-
-        def wrap_str_format(self, value):
-            fmt = super().wrap_str_format(value)
-            if fmt is None:
-                return None
-            owner = value.__self__
-
-            def checked(*args, **kwargs):
-                _check_format(owner, args, kwargs)
-                return fmt(*args, **kwargs)
-
-            return update_wrapper(checked, fmt)
-
-    env = Bounded(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, loader=_NoLoader())
-    env.concat = concat
-    env.globals.pop("lipsum", None)  # makes text in a loop no template step sees
-    env.filters.update({n: _guarded_filter(n, f) for n, f in env.filters.items() if n in _FILTERS or n == "format"})
-    return env
+def _environment() -> BoundedSandbox:
+    return BoundedSandbox()
 
 
 @lru_cache(maxsize=512)
@@ -292,8 +302,6 @@ def _template(source: str):
     """(the compiled template, whether it loops). A template without loops, macros or call blocks
     runs each of its nodes once, so the checks in the environment's hooks bound it; one with them
     is also traced line by line (slower: ~80 us a render instead of ~15 us)."""
-    from jinja2 import nodes
-
     env = _environment()
     tree = env.parse(source)
     loops = any(True for _ in tree.find_all((nodes.For, nodes.Macro, nodes.CallBlock)))
@@ -316,9 +324,6 @@ def item_size(row: dict) -> int:
 
 def _reason(exc: BaseException, row: dict) -> str:
     """'<what> (<short reason>)' for an exception a render raised."""
-    import jinja2
-    from jinja2.sandbox import SecurityError
-
     text = (str(exc).strip().splitlines() or [""])[0][:200]
     if isinstance(exc, BudgetError):
         return f"template over its budget ({text})"
