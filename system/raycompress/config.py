@@ -355,6 +355,18 @@ class GMPScheduleConfig(_Strict):
                              f"{self.final_sparsity}; GMP only increases sparsity")
         return self
 
+    @property
+    def end(self) -> int:
+        """The last pruning step (an optimizer step), start_step + n_prunes * interval."""
+        return self.start_step + self.n_prunes * self.interval
+
+    def check_within(self, steps: int) -> None:
+        """The one budget rule: the last pruning step must be a step that runs (0 .. steps-1), so the
+        final sparsity is reached. Raises ValueError naming the schedule and the budget."""
+        if self.end >= steps:
+            raise ValueError(f"train.gmp ends at step start_step + n_prunes * interval = {self.end}, outside "
+                             f"train.steps = {steps} (steps 0..{steps - 1}); raise steps or shorten the schedule")
+
 
 class TrainConfig(_Strict):
     """The optional `train` stage: sparse-preserving continued causal-LM pretraining (Sparse*BERT
@@ -390,10 +402,7 @@ class TrainConfig(_Strict):
             raise ValueError("train.gmp with train.zero_stage: 3 is not supported (masks cannot be recomputed "
                              "from partitioned weights); use train.zero_stage: 2 or drop train.gmp")
         if self.gmp is not None:
-            end = self.gmp.start_step + self.gmp.n_prunes * self.gmp.interval
-            if end >= self.steps:
-                raise ValueError(f"train.gmp ends at step start_step + n_prunes * interval = {end}, outside "
-                                 f"train.steps = {self.steps} (steps 0..{self.steps - 1}); raise steps or shorten the schedule")
+            self.gmp.check_within(self.steps)
         return self
 
 

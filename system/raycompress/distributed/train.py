@@ -3,8 +3,8 @@ al. / Kurtic et al. 2022) of the compressed model on domain text, with Ray Train
 
 The stream: the select stage's readers (`select.source_docs`) on `train.sources`, usable documents
 only, tokenized and packed into (seq_len,) rows on Ray Data, split across the `TorchTrainer`
-workers (`training.ray_train`). The start: `compress/model` (its exact zeros become the fixed
-mask) or, with `train.init: dense`, the dense model (for GMP from dense). The output:
+workers (`distributed.train_workers`, over `training.session`). The start: `compress/model` (its
+exact zeros become the fixed mask) or, with `train.init: dense`, the dense model (for GMP from dense). The output:
 `train/model` in the compress stage's format and manifest, so `evaluate` and the report take it
 unchanged, and `train/summary.json`. Ray Train writes its checkpoints under `train/runs` (the job's
 output location, so any node may resume); a rerun after a dead driver resumes from the newest.
@@ -95,7 +95,8 @@ def start_model(job: JobConfig, model: ModelRef, out_dir: str) -> ModelRef:
     return ModelRef(uri.join(out_dir, "compress", "model"), job.storage.cache_dir)
 
 
-def _gmp(job: JobConfig) -> dict | None:
+def _gmp_summary(job: JobConfig) -> dict | None:
+    """The summary's (and the report's) short names of the `train.gmp` schedule (eq. 1's symbols)."""
     g = job.train.gmp
     if g is None:
         return None
@@ -146,22 +147,16 @@ def run_train(job: JobConfig, model: ModelRef, out_dir: str, inputs: dict | None
     Raises:
         StageFailed-style RuntimeError: the Ray Train run failed (its error is chained).
     """
-    from raycompress.training.ray_train import make_trainer
+    from raycompress.distributed.train_workers import TrainRun, make_trainer
 
     t, stage_dir = job.train, uri.join(out_dir, "train")
     runs = uri.join(stage_dir, "runs")
     resume = _runs_for(runs, inputs or {})
     if resume:
         log.info("train: resuming from %s", uri.display(resume))
-    cfg = {"model_dir": start_model(job, model, out_dir), "output_dir": uri.join(stage_dir, "model"),
-           "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
-           "seed": t.seed, "checkpoint_every": t.checkpoint_every, "gmp": _gmp(job),
-           "torch_threads": t.torch_threads, "resume_from": resume,
-           "activation_checkpointing": t.activation_checkpointing, "strategy": t.strategy,
-           "zero_stage": t.zero_stage, "offload": t.offload}
+    run = TrainRun(t, start_model(job, model, out_dir), output_dir=uri.join(stage_dir, "model"), resume_from=resume)
     started = time.perf_counter()
-    trainer = make_trainer(cfg, training_dataset(job, model), t.num_workers, runs, RUN_NAME,
-                           cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker)
+    trainer = make_trainer(run, training_dataset(job, model), runs, RUN_NAME)
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"train: the Ray Train run failed: {result.error}") from result.error
@@ -169,7 +164,7 @@ def run_train(job: JobConfig, model: ModelRef, out_dir: str, inputs: dict | None
     summary = {"steps": m["step"], "tokens": m["step"] * t.batch_size * t.num_workers * t.seq_len,
                "seconds": round(time.perf_counter() - started, 2), "final_loss": m["loss"],
                "sparsity_start": m["sparsity_start"], "sparsity": m["sparsity"], "strategy": t.strategy,
-               "num_workers": t.num_workers, "init": t.init, "gmp": cfg["gmp"]}
+               "num_workers": t.num_workers, "init": t.init, "gmp": _gmp_summary(job)}
     uri.write_text(uri.join(stage_dir, "summary.json"), json.dumps(summary, indent=2))
     log.info("train: %d steps, %d tokens, loss %.4f, sparsity %.4f -> %.4f", summary["steps"], summary["tokens"],
              m["loss"], m["sparsity_start"], m["sparsity"])

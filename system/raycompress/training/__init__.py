@@ -1,1 +1,3 @@
-"""Sparse-preserving training: weight masks, a pure-PyTorch train loop with optional GMP, and a Ray Train shell."""
+"""Sparse-preserving training without Ray: weight masks, the loop with optional GMP, the strategies
+(DDP, DeepSpeed ZeRO) behind one interface, one rank's session, checkpoints and the memory model;
+the Ray Train shell is `distributed.train_workers`."""

@@ -9,31 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from raycompress.algorithms.gmp import gmp_sparsity, is_pruning_step, magnitude_masks
+from raycompress.config import GMPScheduleConfig
 from raycompress.training.masks import WeightMask
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GMPSchedule:
-    """The cubic schedule's fields (steps are optimizer steps; sparsities are fractions)."""
-
-    s_i: float
-    s_f: float
-    t0: int = 0
-    n: int = 1
-    dt: int = 1
-    scope: str = "global"  # "global": one threshold over all target linears; "layer": per linear
-
-    @property
-    def end(self) -> int:
-        """The last pruning step, t0 + n*dt."""
-        return self.t0 + self.n * self.dt
 
 
 def pack_tokens(docs: Iterable[list[int]], seq_len: int, eos_id: int | None = None) -> torch.Tensor:
@@ -58,27 +41,30 @@ def pack_tokens(docs: Iterable[list[int]], seq_len: int, eos_id: int | None = No
     return torch.tensor(flat[: n * seq_len], dtype=torch.int64).reshape(n, seq_len)
 
 
-def check_budget(gmp: GMPSchedule | None, steps: int) -> None:
-    """Raise ValueError if `steps` < 1 or the GMP schedule's last pruning step is not inside the
-    budget (steps 0 .. steps-1), so the final sparsity would never be reached."""
-    if steps < 1:
-        raise ValueError(f"training needs steps >= 1, got {steps}")
-    if gmp is not None:
-        gmp_sparsity(0, gmp.s_i, gmp.s_f, gmp.t0, gmp.n, gmp.dt)  # validates the fields
-        if gmp.end >= steps:
-            raise ValueError(f"GMP schedule ends at step t0 + n*dt = {gmp.end}, outside the training "
-                             f"budget of {steps} steps (0..{steps - 1}); lower t0/n/dt or raise steps")
+def gmp_update(mask: WeightMask, step: int, gmp: GMPScheduleConfig) -> float | None:
+    """At a pruning step of `gmp` (its `initial_sparsity` resolved, not None), recompute the masks
+    at the scheduled sparsity and zero the newly pruned weights; returns that sparsity, or None off
+    the pruning steps.
 
-
-def gmp_update(mask: WeightMask, step: int, gmp: GMPSchedule) -> float | None:
-    """At a pruning step, recompute the masks at the scheduled sparsity and zero the newly pruned
-    weights; returns that sparsity, or None off the pruning steps."""
-    if not is_pruning_step(step, gmp.t0, gmp.n, gmp.dt):
+    Raises:
+        ValueError: `gmp.initial_sparsity` is None (resolve it with `resolve_gmp` first).
+    """
+    if gmp.initial_sparsity is None:
+        raise ValueError("gmp_update needs a resolved schedule: initial_sparsity is None (use resolve_gmp)")
+    sched = (gmp.initial_sparsity, gmp.final_sparsity, gmp.start_step, gmp.n_prunes, gmp.interval)
+    if not is_pruning_step(step, *sched[2:]):
         return None
-    s = gmp_sparsity(step, gmp.s_i, gmp.s_f, gmp.t0, gmp.n, gmp.dt)
+    s = gmp_sparsity(step, *sched)
     mask.update(magnitude_masks(mask.weights(), s, gmp.scope, prev=mask.masks))
     log.info("GMP step %d: sparsity %.4f (%d of %d masked)", step, s, *mask.counts())
     return s
+
+
+def resolve_gmp(gmp: GMPScheduleConfig | None, sparsity_start: float) -> GMPScheduleConfig | None:
+    """`gmp` with `initial_sparsity` None replaced by the run's starting sparsity (a fraction)."""
+    if gmp is None or gmp.initial_sparsity is not None:
+        return gmp
+    return gmp.model_copy(update={"initial_sparsity": sparsity_start})
 
 
 def train_step(model: torch.nn.Module, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -101,22 +87,25 @@ def train_step(model: torch.nn.Module, input_ids: torch.Tensor, optimizer: torch
     return float(loss.detach())
 
 
-def train_loop(model: torch.nn.Module, batches: Iterator[torch.Tensor], optimizer: torch.optim.Optimizer,
-               mask: WeightMask, steps: int, start_step: int = 0, gmp: GMPSchedule | None = None,
+def train_loop(step_fn: Callable[[torch.Tensor], float], batches: Iterator[torch.Tensor], mask: WeightMask,
+               steps: int, start_step: int = 0, gmp: GMPScheduleConfig | None = None,
                on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Run steps start_step .. steps-1, one batch (batch, seq_len) int64 from `batches` each.
 
-    The mask must be attached (`mask.attach()`); GMP, when given, prunes before the forward pass
-    of each of its pruning steps. `on_step(step, loss)` runs after each step (reporting,
-    checkpointing). Resuming: pass the step to resume at and an iterator already past the
-    consumed batches.
+    `step_fn(batch) -> loss` is one optimizer step that leaves masked weights at 0 (`train_step`
+    bound to a model and optimizer, or a `training.strategies` strategy's `step`). GMP, when given
+    (resolved: `resolve_gmp`), prunes before the forward pass of each of its pruning steps.
+    `on_step(step, loss)` runs after each step (reporting, checkpointing). Resuming: pass the step
+    to resume at and an iterator already past the consumed batches.
 
     Returns:
         the losses of the steps run.
     Raises:
-        ValueError: a bad budget or schedule (`check_budget`), or `batches` ran out.
+        ValueError: the GMP schedule ends outside the budget (`GMPScheduleConfig.check_within`),
+            or `batches` ran out.
     """
-    check_budget(gmp, steps)
+    if gmp is not None:
+        gmp.check_within(steps)
     losses = []
     for step in range(start_step, steps):
         if gmp is not None:
@@ -124,7 +113,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator[torch.Tensor], optimize
         batch = next(batches, None)
         if batch is None:
             raise ValueError(f"the batch iterator ran out at step {step} of {steps}")
-        losses.append(train_step(model, batch, optimizer, mask))
+        losses.append(step_fn(batch))
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
