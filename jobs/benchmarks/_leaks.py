@@ -81,10 +81,18 @@ class ListenWatch:
                     self.seen.add((c.laddr.ip, c.laddr.port, tree[c.pid]))
 
     def report(self) -> dict:
-        """{listening: ["ip:port process", ...], ports_on_non_loopback: [the same, outside loopback]}."""
-        show = lambda t: f"{t[0]}:{t[1]} {t[2]}"  # noqa: E731
-        outside = [t for t in self.seen if not ipaddress.ip_address(t[0].split("%")[0]).is_loopback]
-        return {"listening": sorted(map(show, self.seen)), "ports_on_non_loopback": sorted(map(show, outside))}
+        """{listening: ["ip:port", ...] (each socket once), ports_on_non_loopback: ["ip:port process", ...]
+        for sockets outside 127.0.0.0/8 and ::1 (an IPv4-mapped IPv6 address counts as its IPv4)}."""
+        outside = {f"{ip}:{port}": name for ip, port, name in self.seen if not _loopback(ip)}
+        return {"listening": sorted({f"{ip}:{port}" for ip, port, _ in self.seen}),
+                "ports_on_non_loopback": sorted(f"{k} {v}" for k, v in outside.items())}
+
+
+def _loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or ::ffff:127.x.y.z."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
 
 
 def _tree(folder: Path) -> dict[str, str]:
