@@ -135,3 +135,10 @@ def test_nothing_fits_says_what_to_lower():
     (msg,) = check_train_fits(cpu, cpu["total"] - 1, None)
     assert "per CPU worker needed with ddp" in msg and "use train.activation_checkpointing: true" in msg
     assert all(cpu[c] >= 0 for c in COMPONENTS)
+
+
+def test_advice_never_names_a_strategy_the_schema_refuses():
+    gmp = {"final_sparsity": 0.5, "n_prunes": 2, "interval": 2}
+    z2 = train_memory(LLAMA70B, _big(strategy="deepspeed", zero_stage=2, gmp=gmp), world_size=64)
+    (msg,) = check_train_fits(z2, 80e9, None)  # ZeRO-3 would fit, but refuses GMP (TrainConfig)
+    assert "zero_stage: 3" not in msg and "no strategy fits" in msg, msg

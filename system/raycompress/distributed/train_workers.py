@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from raycompress.config import TrainConfig
+from raycompress.models.fetch import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainRun:
     """What one Ray Train run is given: the job's `train` section (the only train schema) and this
-    run's locations: the start model (a local folder, or an object with `.local()` -> folder, e.g.
-    `models.fetch.ModelRef`), where rank 0 publishes the trained model (path or URI; None: not
+    run's locations: the start model (a local folder, or a `ModelRef` each worker resolves to its
+    node's folder), where rank 0 publishes the trained model (path or URI; None: not
     published), and a checkpoint folder of an earlier run to resume from (None: start fresh)."""
 
     train: TrainConfig
-    model_dir: object
+    model_dir: str | ModelRef
     output_dir: str | None = None
     resume_from: str | None = None
 

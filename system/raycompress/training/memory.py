@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import ValidationError
+
 from raycompress.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -159,15 +161,19 @@ def _advice(change: dict, train: dict) -> str:
 
 
 def _cheapest_fit(estimate: dict, device_bytes: float, host_bytes: float | None) -> tuple[str, dict] | None:
-    """The first change along the cost ladder (own checkpointing setting first) whose estimate fits."""
+    """The first change along the cost ladder (own checkpointing setting first) that the train schema
+    accepts for this job and whose estimate fits."""
     train = estimate["train"]
     flags = [train["activation_checkpointing"]] + ([True] if not train["activation_checkpointing"] else [])
     ladder = _LADDER if estimate["device"] == "gpu" else _LADDER[:1]  # CPU workers: gloo DDP only
     for ac in flags:
         for rung in ladder:
             change = {**rung, "activation_checkpointing": ac}
-            alt = train_memory(estimate["model"], TrainConfig.model_validate({**train, **change}),
-                               estimate["world_size"])
+            try:  # the schema's own rules decide which rungs this job may take (ZeRO-3 refuses GMP)
+                alt_train = TrainConfig.model_validate({**train, **change})
+            except ValidationError:
+                continue
+            alt = train_memory(estimate["model"], alt_train, estimate["world_size"])
             if alt["label"] == estimate["label"] and ac == train["activation_checkpointing"]:
                 continue  # the plan itself
             if alt["device_total"] <= device_bytes and (host_bytes is None or alt["host_total"] <= host_bytes):
