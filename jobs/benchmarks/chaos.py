@@ -26,8 +26,8 @@ Every run is the `raycompress` command a user types, as a subprocess on a local 
    stage must be refused naming what changed, or redone, never skipped; output folders that are not
    ours (an unrelated non-empty folder, one with a foreign state.json and .lock, `/`): nothing
    there may be written or changed.
-Every command runs with a time limit (hostile inputs 240 s); one that hits it is killed with its
-process group and counted in `hangs`.
+Every command runs with a time limit (a hostile input: 3x the reference run, at least 240 s); one
+that hits it is killed with its process group and counted in `hangs`.
 
 JSON keys: faults_injected, runs_finished, runs_identical (output equal to the undisturbed run's),
 bad_inputs_tried, bad_inputs_rejected_cleanly, bad_inputs_rejected_before_ray (refused before a
@@ -171,6 +171,7 @@ def main() -> int:
         emit({"error": "the undisturbed reference run failed", "hung": res["hung"], "tail": res["out"][-3000:]})
         return 1
     result: dict = {"reference_seconds": res["seconds"], "smoke": args.smoke, "workdir": str(args.workdir)}
+    _hostile.TIMEOUT_S = max(_hostile.TIMEOUT_S, 3 * res["seconds"])  # slower than 3 undisturbed runs: a hang
     faults = [] if args.skip_faults or args.smoke else _faults.run_all(args.workdir, job, ref)
     hostile = [] if args.skip_hostile else _hostile.run_all(args.workdir, job, ref, smoke=args.smoke)
     leaks = {"cases": [] if args.skip_leaks else _leaks.run_all(args.workdir, job, ref, smoke=args.smoke),
