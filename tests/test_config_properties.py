@@ -40,7 +40,7 @@ NUMERIC_FIELDS = [
     ("evaluate.batch_tokens", None), ("evaluate.unit_tokens", None), ("evaluate.max_actor_restarts", None),
     ("ray.num_cpus", None), ("ray.torch_threads", None), ("ray.cpus_per_actor", None),
     ("ray.compress_actors", None), ("ray.eval_actors", None), ("ray.select_actors", None),
-    ("ray.object_store_memory", None), ("ray.gpus_per_actor", None),
+    ("ray.object_store_memory", None), ("ray.gpus_per_actor", None), ("ray.resource_wait_s", None),
 ]
 
 
@@ -142,7 +142,7 @@ def test_valid_values_load_unchanged():
           "compress.owl.lam": 0.1, "compress.owl.m": 3.0, "evaluate.batch_tokens": 512, "evaluate.unit_tokens": 99,
           "evaluate.max_actor_restarts": 0, "ray.num_cpus": 2, "ray.torch_threads": None, "ray.cpus_per_actor": 0.5,
           "ray.compress_actors": 2, "ray.eval_actors": 3, "ray.select_actors": 1,
-          "ray.object_store_memory": 100_000_000, "ray.gpus_per_actor": 0.25}
+          "ray.object_store_memory": 100_000_000, "ray.gpus_per_actor": 0.25, "ray.resource_wait_s": 30.0}
     assert set(ok) == {f for f, _ in NUMERIC_FIELDS}
     for field, extra in NUMERIC_FIELDS:
         assert _preserved(_get(_load(_job(field, ok[field], extra)), field), ok[field]), field

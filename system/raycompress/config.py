@@ -313,7 +313,7 @@ class RayConfig(_Strict):
         "a loopback address (default) keeps every port (GCS, raylet, workers, agents, dashboard, metrics) on "
         "loopback; null: Ray's default (the machine's routable address, every interface)")
     resource_wait_s: float = Field(
-        0.0, ge=0, description="seconds `run` waits for the cluster to offer every request of the job (an autoscaling "
+        0.0, ge=0, le=86400, allow_inf_nan=False, description="seconds `run` waits for the cluster to offer every request of the job (an autoscaling "
         "cluster adding nodes) before refusing it; 0: refuse at once")
     compress_actors: int = Field(1, gt=0)
     eval_actors: int = Field(1, gt=0)
