@@ -171,7 +171,8 @@ def _foreign(name: str, folder: Path, job_file: Path, stage: str = "run", timeou
 
 
 def foreign_cases(work: Path, smoke: bool) -> list[dict]:
-    """--output an unrelated non-empty folder, a folder with another tool's state.json and .lock, `/`."""
+    """--output an unrelated non-empty folder, a folder with another tool's state.json and .lock, `/`,
+    the home folder."""
     job_file = work / "job.yaml"
     unrelated = work / "foreign" / "unrelated"
     for rel, text in {"notes.txt": "mine\n", "job.json": '{"mine": 1}', "report.md": "# my report\n",
@@ -188,21 +189,22 @@ def foreign_cases(work: Path, smoke: bool) -> list[dict]:
     (other / ".lock").write_text("held by another tool\n")
     (other / "data.bin").write_bytes(os.urandom(1024))
     cases.append(_foreign("output_foreign_state_json", other, job_file))
-    cases.append(_root_case(job_file))
+    cases.append(_top_level_case("output_filesystem_root", Path("/"), job_file))
+    cases.append(_top_level_case("output_home_folder", Path.home(), job_file))
     return cases
 
 
-def _root_case(job_file: Path) -> dict:
-    """--output / : new entries at the filesystem root count as touched (and those named like a
-    run's outputs are removed afterwards: only the ones this command created)."""
-    before = set(os.listdir("/"))
-    res = run_cli(["select", job_file, "--output", "/"], timeout=300)
-    created = sorted(set(os.listdir("/")) - before)
-    for name in created:
-        if name in OURS:
-            p = Path("/") / name
+def _top_level_case(name: str, folder: Path, job_file: Path) -> dict:
+    """--output `folder` (`/`, the home folder): new entries in it count as touched, and those named
+    like a run's outputs are removed afterwards (only the ones this command created)."""
+    before = set(os.listdir(folder))
+    res = run_cli(["select", job_file, "--output", folder], timeout=300)
+    created = sorted(set(os.listdir(folder)) - before)
+    for entry in created:
+        if entry in OURS:
+            p = folder / entry
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    return {"case": "output_filesystem_root", "kind": "foreign_output", "rc": res["rc"], "seconds": res["seconds"],
+    return {"case": name, "kind": "foreign_output", "rc": res["rc"], "seconds": res["seconds"],
             "hung": res["hung"], "refused_cleanly": clean_refusal(res), "foreign_files_touched": len(created),
             "touched": created[:10], "error": first_error(res["out"])}
 

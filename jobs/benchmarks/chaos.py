@@ -24,8 +24,8 @@ Every run is the `raycompress` command a user types, as a subprocess on a local 
 4. Leaks (`_leaks.py`): inputs edited after a finished run (the model's weights in place, a task's
    template, a task's data, a corpus file truncated), each rerun on a copy of the reference: the
    stage must be refused naming what changed, or redone, never skipped; output folders that are not
-   ours (an unrelated non-empty folder, one with a foreign state.json and .lock, `/`): nothing
-   there may be written or changed.
+   ours (an unrelated non-empty folder, one with a foreign state.json and .lock, `/`, the home
+   folder): nothing there may be written or changed.
 Every command runs with a time limit (a hostile input: 3x the reference run, at least 240 s); one
 that hits it is killed with its process group and counted in `hangs`.
 
