@@ -154,8 +154,8 @@ def stale_cases(work: Path, job: dict, ref: Path, smoke: bool) -> list[dict]:
     data = next((tasks / "data").iterdir())
     retemplate = lambda b: yaml.safe_dump({**yaml.safe_load(b), "prompt": "Abstract: {{text}}"}).encode()  # noqa: E731
     cases += [_rerun("weights_edited_in_place", "select", work, ref, lambda: _edit(shard, _flip_signs), shard.name),
-              _rerun("task_template_edited", "evaluate", work, ref, lambda: _edit(task, retemplate), task.name),
-              _rerun("task_data_edited", "evaluate", work, ref, lambda: _edit(data, cut), data.name)]
+              _rerun("task_template_edited", "evaluate", work, ref, lambda: _edit(task, retemplate), task.stem),
+              _rerun("task_data_edited", "evaluate", work, ref, lambda: _edit(data, cut), task.stem)]  # a task by its name
     return cases
 
 
