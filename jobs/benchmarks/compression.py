@@ -5,8 +5,9 @@
 
 The work folder is --output (anywhere), else a new temporary folder. The job file is read with
 the project's loader, so its relative paths resolve against its own folder wherever its copies
-are written. --smoke: `jobs/smoke.yaml`'s random tiny Llama, 4 x 32 calibration tokens, one
-point (the scale part with 1 actor); depth and peer are reported as skipped.
+are written. --smoke: `jobs/smoke.yaml`'s random tiny Llama, 4 x 32 calibration tokens of random
+ids (`_synthetic.write_select_dir`, no select run), one point (the scale part with 1 actor); depth
+and peer are reported as skipped.
 
 - peer: ours vs llm-compressor `oneshot` (in `.venv-peer`, `make peer-env`) on SmolLM2 with the
   same calibration set, for Wanda 50%, SparseGPT 50% and GPTQ int4 group 64 (symmetric, static
@@ -102,6 +103,16 @@ def scale_part(args, raw, cli, select_dir, actors: tuple[int, ...] = (1, 2)) -> 
     return res
 
 
+def smoke_select(raw: dict, select_dir: Path) -> None:
+    """--smoke: a calibration set of random token ids in the model's vocabulary instead of a select run."""
+    from _common import absolute_paths
+    from _synthetic import write_select_dir
+
+    config = Path(absolute_paths(raw)["model"].removeprefix("random:")) / "config.json"
+    vocab = json.loads(config.read_text())["vocab_size"]
+    write_select_dir(select_dir, raw["select"]["n_samples"], raw["select"]["seq_len"], vocab)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", type=Path, default=ROOT / "jobs/smollm2-biomed-sparsegpt50.yaml")
@@ -124,7 +135,9 @@ def main() -> int:
     job = JobConfig.model_validate(raw)
     cli = str(Path(sys.executable).parent / "raycompress")
     base = args.output / "select-run"
-    if not (base / "select" / "calibration.parquet").exists():
+    if args.smoke:
+        smoke_select(raw, base / "select")
+    elif not (base / "select" / "calibration.parquet").exists():
         run_measured([cli, "select", str(job_file), "--output", str(base)], args.output / "select.log")
     result: dict = {"model": job.model, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len},
                     "work": str(args.output)}

@@ -55,7 +55,7 @@ def test_compression(tmp_path, cache):
     assert _number(a1["stage_wall_s"]) and a1["stage_wall_s"] > 0
     assert set(a1["share"]) == {"stats", "solve", "propagate", "io", "transfer_and_scheduling"}
     assert "skipped" in r["peer"] and "skipped" in r["depth"]
-    assert (tmp_path / "select-run" / "select" / "calibration.parquet").is_file()  # the work folder is ours
+    assert (tmp_path / "scale-1" / "compress" / "compression.json").is_file()  # the work folder is --output
 
 
 def test_cus_prun(tmp_path, cache):
@@ -94,9 +94,9 @@ def test_gpu_check(tmp_path, cache):
 
 def test_calibration_sweep(tmp_path, cache):
     r = smoke("calibration_sweep", "--workdir", tmp_path / "work", cache)
-    assert r["points"] == 3 and r["seeds"] == [0] and r["best_mix"] == "mix1-1"
-    assert set(r["per_point"]) == {"biomed", "sotu", "mix1-1"}
-    assert _number(r["domain_ratio"]) and _number(r["general_ratio"]) and r["mixcal_general_gain"] is None
+    assert r["points"] == 2 and r["seeds"] == [0] and r["best_mix"] == "mix1-1"
+    assert set(r["per_point"]) == {"biomed", "mix1-1"}
+    assert r["domain_ratio"] > 0 and r["general_ratio"] is None and r["mixcal_general_gain"] is None
 
 
 def test_sparse_transfer(tmp_path, cache):
