@@ -31,7 +31,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _job(model: Path) -> JobConfig:
     return JobConfig.model_validate({
-        "model": str(model), "base_dir": ".", "select": {"sources": {"a": {"path": str(CORPUS)}}},
+        "model": str(model), "base_dir": ".", "select": {"sources": {"a": {"path": str(CORPUS)}}, "seq_len": 64},
         "compress": {"algorithm": "sparsegpt", "sparsity": 0.5}, "evaluate": {"tasks": []}})
 
 
