@@ -116,9 +116,8 @@ def run_job(job: JobConfig, out_dir: str | Path, stages: list[Stage], model: Mod
         plan.PreflightError, guard.ForeignOutput, guard.OutputBusy, guard.StageMismatch: before any work.
     """
     from raycompress.distributed.guard import OutputLock, check_stages, claim_output, input_contents, stage_inputs
-    from raycompress.distributed.plan import PreflightError, preflight
+    from raycompress.distributed.plan import PreflightError, preflight, require_resources
     from raycompress.distributed.train import check_train
-    from raycompress.distributed.plan import require_resources
     from raycompress.distributed.resources import init_ray
 
     out_dir = str(out_dir)
