@@ -93,6 +93,40 @@ class QuantConfig(_Strict):
     act_order: bool = Field(False, description="GPTQ activation order (static groups)")
 
 
+# Quantization schemes by the compressed-tensors preset names (llm-compressor's); aliases on the right
+SCHEMES: dict[str, str] = {
+    "W4A16": "W4A16", "W4A16_ASYM": "W4A16_ASYM", "W8A16": "W8A16",
+    "W8A8-INT8": "W8A8", "W8A8": "W8A8", "INT8": "W8A8",
+    "FP8": "FP8", "FP8_DYNAMIC": "FP8_DYNAMIC", "NVFP4": "NVFP4", "NVFP4A16": "NVFP4A16",
+}
+WEIGHT_ONLY_INT = ("W4A16", "W4A16_ASYM", "W8A16")  # the schemes AWQ and SparseGPT's joint pass take
+
+
+class SmoothQuantConfig(_Strict):
+    """SmoothQuant (Xiao et al. 2023, eq. 4): per input channel j of an input group that a norm
+    feeds, s_j = max|X_j|^α / max|W_j|^(1-α); W's columns are multiplied by s and the norm's weight
+    divided by it, before the weights are quantized (the Hessian then sees smoothed inputs)."""
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength α")
+
+
+class AWQConfig(_Strict):
+    """AWQ (Lin et al. 2024, MLSys; mit-han-lab/llm-awq `auto_scale`): per input group that a norm
+    feeds, s = mean|X|^r over a grid of r in [0, 1), the r with the least output error of the
+    quantized group kept; weights are then rounded to nearest on the scheme's grid."""
+
+    n_grid: int = Field(20, gt=1, le=1000, description="grid points of the scaling exponent r")
+
+
+class KVCacheConfig(_Strict):
+    """FP8 (E4M3) KV cache: one calibrated scale per decoder layer for keys and one for values
+    (max |k| / 448 and max |v| / 448 over the calibration set, after RoPE), written as
+    compressed-tensors' `kv_cache_scheme` with `k_scale` / `v_scale`."""
+
+    type: Literal["fp8"] = "fp8"
+    strategy: Literal["tensor"] = "tensor"
+
+
 class MixCalConfig(_Strict):
     """MixCal-style statistics: H = H_domain + λ·H_general (each a per-token mean), same for
     Wanda's norms; rows of the calibration set from `general_sources` feed the general term."""
@@ -133,7 +167,13 @@ class CompressConfig(_Strict):
     """Compression (stage 2): one algorithm applied to every decoder-layer linear."""
 
     algorithm: str = "sparsegpt"
-    quant: QuantConfig | None = Field(None, description="gptq: required; sparsegpt: sparse then quantized in one pass")
+    quant: QuantConfig | None = Field(None, description="integer weight-only quantization (bits, group size); "
+                                      "gptq: this or `scheme`; sparsegpt: sparse then quantized in one pass")
+    scheme: str | None = Field(None, description="a quantization scheme by its compressed-tensors preset name: "
+                               + ", ".join(SCHEMES) + "; with gptq, rtn or awq (AWQ: weight-only integer schemes)")
+    smoothquant: SmoothQuantConfig | None = Field(None, description="SmoothQuant before quantizing (gptq or rtn)")
+    awq: AWQConfig | None = Field(None, description="awq: the scaling grid (default when omitted)")
+    kv_cache: KVCacheConfig | None = Field(None, description="an FP8 KV cache with calibrated scales")
     mixcal: MixCalConfig | None = Field(None, description="separate domain / general statistics, combined with λ")
     sparsity: float | list[float] = Field(0.5, description="fraction pruned; a list gives one value per decoder layer")
     owl: OWLConfig | None = Field(None, description="outlier-weighted layer-wise sparsity around `sparsity`")
@@ -177,16 +217,38 @@ class CompressConfig(_Strict):
         """This recipe with one layer's sparsity."""
         return self.model_copy(update={"sparsity": sparsity, "owl": None})
 
+    @property
+    def quantized(self) -> bool:
+        """Whether this recipe writes quantized weights (`quant` or `scheme`)."""
+        return self.quant is not None or self.scheme is not None
+
+    @field_validator("scheme")
+    @classmethod
+    def _check_scheme(cls, v: str | None) -> str | None:
+        if v is not None and v.upper() not in SCHEMES:
+            raise ValueError(f"unknown scheme '{v}'; known: {', '.join(SCHEMES)}")
+        return None if v is None else v.upper()
+
     @model_validator(mode="after")
     def _check_quant(self) -> "CompressConfig":
-        if self.algorithm == "gptq" and self.quant is None:
-            raise ValueError("algorithm 'gptq' needs a 'quant' section (bits, symmetric, group_size)")
-        if self.quant is not None and self.algorithm not in ("gptq", "sparsegpt"):
-            raise ValueError(f"'quant' is supported with gptq or sparsegpt, not '{self.algorithm}'")
-        if self.quant is not None and not self.quant.symmetric:
-            # the solver supports it, but compressed-tensors 0.20 packs the zero point in a shape
-            # that transformers 5.23 does not reload; refuse rather than write a broken checkpoint
-            raise ValueError("quant.symmetric: false cannot be written as a loadable pack-quantized checkpoint yet")
+        quantizers = ("gptq", "rtn", "awq")
+        if self.algorithm in quantizers and not self.quantized:
+            raise ValueError(f"algorithm '{self.algorithm}' needs a 'scheme' (e.g. W4A16) or a 'quant' section")
+        if self.quant is not None and self.scheme is not None:
+            raise ValueError("give 'scheme' or 'quant', not both")
+        if self.quant is not None and self.algorithm not in ("gptq", "sparsegpt", "rtn"):
+            raise ValueError(f"'quant' is supported with gptq, rtn or sparsegpt, not '{self.algorithm}'")
+        if self.scheme is not None and self.algorithm not in quantizers + ("sparsegpt",):
+            raise ValueError(f"'scheme' is supported with gptq, rtn, awq or sparsegpt, not '{self.algorithm}'")
+        if self.scheme is not None and self.algorithm in ("awq", "sparsegpt") and self.scheme not in WEIGHT_ONLY_INT:
+            raise ValueError(f"algorithm '{self.algorithm}' takes a weight-only integer scheme "
+                             f"({', '.join(WEIGHT_ONLY_INT)}), not '{self.scheme}'")
+        if self.awq is not None and self.algorithm != "awq":
+            raise ValueError("an 'awq' section needs algorithm 'awq'")
+        if self.smoothquant is not None and (self.algorithm not in ("gptq", "rtn") or not self.quantized):
+            raise ValueError("'smoothquant' smooths before quantizing: it needs algorithm gptq or rtn and a scheme")
+        if self.kv_cache is not None and not self.quantized:
+            raise ValueError("'kv_cache' is written with a quantized checkpoint: give a 'scheme' too")
         if self.quant is not None and self.quant.group_size and self.block_size % self.quant.group_size:
             raise ValueError(f"block_size={self.block_size} must be a multiple of quant.group_size={self.quant.group_size}")
         return self
