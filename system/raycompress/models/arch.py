@@ -27,6 +27,10 @@ class ArchSpec:
     mlp_up: tuple[str, ...] = ()  # linears whose *output* rows are FFN neurons
     mlp_down: str | None = None  # linear whose *input* columns are FFN neurons
     intermediate_key: str = "intermediate_size"
+    # input group (its first linear) -> the norm module whose output is that group's input: the
+    # place SmoothQuant and AWQ fold their per-channel scales into (groups not listed are not smoothed)
+    norm_before: tuple[tuple[str, str], ...] = ()
+    attention: str = "self_attn"  # the attention module (where a KV cache's k_scale / v_scale live)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -46,6 +50,7 @@ _LLAMA_LIKE = ArchSpec(
     ),
     mlp_up=("mlp.gate_proj", "mlp.up_proj"),
     mlp_down="mlp.down_proj",
+    norm_before=(("self_attn.q_proj", "input_layernorm"), ("mlp.gate_proj", "post_attention_layernorm")),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -67,6 +72,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp_up=("fc1",),
         mlp_down="fc2",
         intermediate_key="ffn_dim",
+        norm_before=(("self_attn.q_proj", "self_attn_layer_norm"), ("fc1", "final_layer_norm")),
     ),
 }
 
