@@ -14,7 +14,8 @@ per-token mean over the calibration tokens) and D = W - W',
     loss(r) = Σ_i tr(D_i H D_iᵀ) = Σ_i E_x ||W_i x - W_i' x||²,
 which is exact (not an approximation) for the calibration set. llm-awq instead runs the parent
 module (the attention block for q/k/v, the MLP for gate/up) and takes the mean squared error of
-its output, which also sees the nonlinearity after the linears. Ours makes the search a function
+its output (mean over tokens and output features), which also sees the nonlinearity after the
+linears. Ours makes the search a function
 of the reduced Hessian only, so it is data-parallel and bit-identical whatever the number of
 actors that accumulated H.
 
