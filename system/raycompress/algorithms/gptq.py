@@ -17,8 +17,12 @@ group straddles two blocks. Here the parameters of all groups of a block are fit
 block starts, which gives the same values.
 
 Per-channel parameters come from the original weight with the dead inputs' columns zeroed (the
-reference fits them before zeroing; the two differ only when an input is always 0). Pure tensor
-maths on whatever device the tensors are on.
+reference fits them before zeroing; the two differ only when an input is always 0). Every
+`QuantSpec` type works the same way (each column rounded on its group's grid): a per-tensor FP8
+scale is fitted once from that weight, and NVFP4's global scale too, before the sweep (as
+llm-compressor's GPTQ modifier does), its group scales then per block as for integer groups.
+Scales are computed in spec.weight_dtype, or in w's dtype when it is unset. Pure tensor maths on
+whatever device the tensors are on.
 """
 from __future__ import annotations
 
@@ -27,19 +31,21 @@ from dataclasses import dataclass
 import torch
 
 from raycompress.algorithms.obs import OBSFactor, obs_factor_, obs_sweep_
-from raycompress.algorithms.quant import QuantSpec, qparams, quantize_column
+from raycompress.algorithms.quant import QuantSpec, global_scale_for, qparams, quantize_column, with_weight_dtype
 
 
 @dataclass
 class GPTQResult:
     """weight: (d_out, d_in) dequantized, in the input's dtype; scale / zero: (d_out, n_groups)
-    float32 grid; damping: λ used; loss: OBS error tr(D H_λ D^T) of the sweep."""
+    float32 grid; damping: λ used; loss: OBS error tr(D H_λ D^T) of the sweep; global_scale: (1,)
+    float32 NVFP4 global scale, None for other types."""
 
     weight: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     damping: float
     loss: float
+    global_scale: torch.Tensor | None = None
 
 
 class _QuantRounder:
@@ -47,17 +53,19 @@ class _QuantRounder:
     `dynamic`: fit the parameters of the groups of each block (natural order; g divides the
     block size) from the block's weights as they are when it starts (see the module docstring)."""
 
-    def __init__(self, spec: QuantSpec, perm: torch.Tensor, g: int, scale, zero, dynamic: bool) -> None:
+    def __init__(self, spec: QuantSpec, perm: torch.Tensor, g: int, scale, zero, dynamic: bool,
+                 global_scale: torch.Tensor | None = None) -> None:
         self.spec, self.perm, self.g, self.scale, self.zero, self.dynamic = spec, perm.tolist(), g, scale, zero, dynamic
+        self.global_scale = global_scale
 
     def begin_block(self, b0, b1, w1, u1, rest):
         if self.dynamic:  # w1 is untouched by this block's sweep yet: the reference's W[:, i:i + g]
             for c in range(0, b1 - b0, self.g):
                 grp = (b0 + c) // self.g
-                self.scale[:, grp], self.zero[:, grp] = qparams(w1[:, c:c + self.g], self.spec)
+                self.scale[:, grp], self.zero[:, grp] = qparams(w1[:, c:c + self.g], self.spec, self.global_scale)
 
     def round(self, j, col, w1, jj, u1):
-        return quantize_column(col, self.scale, self.zero, self.perm[j] // self.g, self.spec)
+        return quantize_column(col, self.scale, self.zero, self.perm[j] // self.g, self.spec, self.global_scale)
 
 
 def gptq_quantize(
@@ -75,7 +83,8 @@ def gptq_quantize(
     Args:
         w: (d_out, d_in) weight, any float dtype; the sweep runs in float32 on w's device.
         h: (d_in, d_in) Hessian proxy (not modified); ignored when `factor` is given.
-        spec: bits, symmetry, group size (None = per output channel).
+        spec: the grid: type (int, fp8, fp4), bits, symmetry, group size (None = per output channel),
+            per-tensor scale; scales in spec.weight_dtype, or w's dtype when unset.
         block_size: columns per lazy-update block.
         damping: λ as a fraction of mean(diag(H)) (ignored with `factor`).
         act_order: process columns by decreasing diag(H) (static groups); with `factor`, the
@@ -88,6 +97,7 @@ def gptq_quantize(
         HessianNotPositiveDefinite: as in `obs.inverse_cholesky_`.
     """
     d_out, d_in = w.shape
+    spec = with_weight_dtype(spec, w.dtype)
     g = spec.group_size or d_in
     d_h = (factor.u if factor is not None else h).shape
     if d_h != (d_in, d_in) or d_in % g or (spec.group_size and not act_order and factor is None and block_size % g):
@@ -100,16 +110,17 @@ def gptq_quantize(
         raise ValueError(f"group size {g} must divide block_size {block_size}")
     W = w.to(torch.float32, copy=True)  # (d_out, d_in) working copy
     W[:, factor.dead] = 0
+    gs = global_scale_for(W, spec)  # NVFP4: once, from the whole weight
     dynamic = spec.group_size is not None and not static_order
     scale = torch.zeros(d_out, d_in // g, device=w.device)
     zero = torch.zeros(d_out, d_in // g, device=w.device)
     if not dynamic:  # static: per-channel, or groups under activation order, from the original weight
         for c in range(0, d_in, g):
-            scale[:, c // g], zero[:, c // g] = qparams(W[:, c : c + g], spec)
+            scale[:, c // g], zero[:, c // g] = qparams(W[:, c : c + g], spec, gs)
     perm = factor.perm if static_order else torch.arange(d_in, device=w.device)
     if static_order:
         W = W[:, perm]
-    Q, loss = obs_sweep_(W, factor.u, block_size, _QuantRounder(spec, perm, g, scale, zero, dynamic))
+    Q, loss = obs_sweep_(W, factor.u, block_size, _QuantRounder(spec, perm, g, scale, zero, dynamic, gs))
     if static_order:
         Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(Q.to(w.dtype), scale, zero, factor.damping, loss)
+    return GPTQResult(Q.to(w.dtype), scale, zero, factor.damping, loss, gs)
