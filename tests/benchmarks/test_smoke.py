@@ -129,5 +129,23 @@ def test_peer_benchmarks(name, tmp_path, cache):
     assert r[key] and r["smoke"] is True
 
 
+def test_formats(tmp_path, cache):
+    r = smoke("formats", "--output", tmp_path, cache)
+    assert r["smoke"] is True and set(r["schemes"]) == {"W8A8-INT8", "FP8_DYNAMIC"}
+    assert json.loads((tmp_path / "formats.json").read_text())["schemes"] == r["schemes"]  # the work folder is --output
+    for name, s in r["schemes"].items():
+        assert "errors" not in s, f"{name}: {s.get('errors')}"
+        assert set(s["ppl_ours"]) == {"wikitext2", "biomed_abstracts"} and all(v > 0 for v in s["ppl_ours"].values())
+        assert 8 < s["bits_per_weight"]["ours"] < 9.5, name  # 8-bit codes plus per-channel scales
+        assert s["bytes_on_disk"]["ours"] > 0 and s["seconds_ours"] > 0 and s["loads_in_transformers"]["ours"] is True
+        match = s["eval_matches_stock"]["ours"]
+        assert match["value"] is True or (match["value"] is None and match["why"]), f"{name}: {match}"
+        if not PEER.exists():
+            assert s["ppl_peer"] is None and s["wall_ratio"] is None and "make peer-env" in s["peer_skipped"]
+            continue
+        assert s["ppl_ratio"] == round(max(s["ppl_ours"][t] / s["ppl_peer"][t] for t in s["ppl_ours"]), 4)
+        assert s["wall_ratio"] > 0 and s["loads_in_transformers"]["peer"] is True
+
+
 COVERED = ("compression", "cus_prun", "selection", "scale", "gpu_check", "calibration_sweep", "sparse_transfer",
-           "chaos", "eval_parity", "peer_llmcompressor")
+           "chaos", "eval_parity", "peer_llmcompressor", "formats")
