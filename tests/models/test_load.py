@@ -248,3 +248,20 @@ def test_bfloat16_load_and_dense_checkpoint(checkpoints, tiny_llama_dir):
     assert torch.isfinite(_logits(model)).all()
     ours, plain = load_causal_lm(tiny_llama_dir, torch.float32), AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
+
+
+def test_kv_cache_of_a_generating_model_holds_fp8_grid_values(checkpoints):
+    """With the model's own DynamicCache (use_cache), the cache still fills, with the keys and values
+    quantize-dequantized: each is a float8_e4m3 value times the layer's k_scale / v_scale."""
+    from raycompress.models.load import load_causal_lm
+
+    model = load_causal_lm(checkpoints("W4A16", True)[0], torch.float32)
+    with torch.no_grad():
+        cache = model(IDS, use_cache=True).past_key_values
+    assert cache.get_seq_length() == IDS.shape[1]
+    for i, layer in enumerate(model.model.layers):
+        for states, scale in ((cache.layers[i].keys, layer.self_attn.k_scale),
+                              (cache.layers[i].values, layer.self_attn.v_scale)):
+            codes = states / scale  # within an ulp of float8 values, whose spacing is >= 2^-9 here
+            torch.testing.assert_close(codes, codes.to(torch.float8_e4m3fn).float(), rtol=1e-6, atol=0)
+            assert codes.abs().max() <= 448 * (1 + 1e-6)  # clamped to float8_e4m3's range

@@ -178,9 +178,8 @@ def hook_kv_cache(attn: nn.Module, config):
     attn.register_module(KV_CACHE_ATTR, QuantizedKVCache(config, attn))
 
     def route(module, args, kwargs):
-        past = None
-        for alias in _CACHE_ARGS:
-            past = kwargs.pop(alias, None) or past
+        found = [kwargs.pop(alias) for alias in _CACHE_ARGS if alias in kwargs]
+        past = next((c for c in found if c is not None), None)  # a Cache may be falsy (len 0)
         cache = getattr(module, KV_CACHE_ATTR)
         cache.add_past_key_values(past)
         kwargs[name] = cache
