@@ -35,9 +35,13 @@ def test_quantized_checkpoint_reloads(tiny_llama_dir, tmp_path, quant, algo):
         assert torch.allclose(layer.mlp(x), model.model.layers[1].mlp(x), atol=1e-5)
 
 
-def test_asymmetric_checkpoint_refused():
-    with pytest.raises(ValueError, match="symmetric"):
-        CompressConfig(algorithm="gptq", quant={"bits": 4, "symmetric": False})
-    with pytest.raises(ValueError, match="needs a 'quant' section"):
+def test_asymmetric_quant_config_resolves_to_a_zero_point_scheme():
+    """Asymmetric integer quantization is no longer refused: it writes pack-quantized weights with
+    packed zero points (see tests/models/test_quantized_formats.py for how they reload)."""
+    from raycompress.models.quantized import resolve
+
+    scheme = resolve(CompressConfig(algorithm="gptq", quant={"bits": 4, "symmetric": False}))
+    assert not scheme.weight_spec.symmetric and not scheme.ct.weights.symmetric and scheme.format == "pack-quantized"
+    with pytest.raises(ValueError, match="needs a 'scheme'"):
         CompressConfig(algorithm="gptq")
     assert ConfigError  # the loader wraps these ValueErrors with file and field
