@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from raycompress.algorithms.quant import FP8_MAX, QuantSpec, global_scale_for
+from raycompress.algorithms.quant import QuantSpec  # the grid type the solvers round on
 from raycompress.config import SCHEMES, CompressConfig, QuantConfig
 
 _TYPES = {("int", 4): "int", ("int", 8): "int", ("float", 8): "fp8", ("float", 4): "fp4"}
+_FP8_MAX = 448.0  # largest float8_e4m3fn value
 _DROPPED_ON_UNPACK = ("input_scale", "input_global_scale", "input_zero_point", "k_scale", "v_scale",
                       "k_zero_point", "v_zero_point")
 
@@ -121,7 +122,8 @@ def qparams(result, scheme, dtype, *legacy) -> dict[str, torch.Tensor]:
     in `dtype` (float8_e4m3fn for NVFP4), `weight_zero_point` (d_out, n_groups) int8 when
     asymmetric (packed by `pack`), `weight_global_scale` (1,) float32 for NVFP4.
 
-    result: a QuantResult or GPTQResult (its scale / zero (d_out, n_groups) float32, global_scale).
+    result: a QuantResult, GPTQResult or SparseGPTResult (its scale / zero (d_out, n_groups)
+    float32; global_scale (1,) float32, needed for NVFP4 only).
     Legacy form, kept until callers switch: qparams(scale, zero, q: QuantConfig, dtype).
     """
     if isinstance(result, torch.Tensor):  # legacy qparams(scale, zero, q, dtype)
@@ -132,7 +134,7 @@ def qparams(result, scheme, dtype, *legacy) -> dict[str, torch.Tensor]:
     scale = result.scale[:1, :1].reshape(1) if spec.tensor else result.scale
     if spec.type == "fp4":
         return {"weight_scale": scale.to(torch.float8_e4m3fn),
-                "weight_global_scale": result.global_scale.to(torch.float32).reshape(1)}
+                "weight_global_scale": getattr(result, "global_scale").to(torch.float32).reshape(1)}
     out = {"weight_scale": scale.to(dtype)}
     if not spec.symmetric:
         out["weight_zero_point"] = result.zero.to(torch.int8)
@@ -151,14 +153,15 @@ def input_qparams(absmax: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> d
     amax = absmax.detach().float().max().reshape(1)
     act = scheme.activations
     if act.type == "float" and act.num_bits == 4:
-        spec = QuantSpec(4, True, act.group_size, type="fp4", weight_dtype=dtype)
-        return {"input_global_scale": global_scale_for(amax.reshape(1, 1), spec)}
+        from compressed_tensors.quantization.utils import generate_gparam
+
+        return {"input_global_scale": generate_gparam(-amax.to(dtype), amax.to(dtype))}
     return {"input_scale": _fp8_tensor_scale(float(amax), dtype)}
 
 
 def _fp8_tensor_scale(absmax: float, dtype: torch.dtype) -> torch.Tensor:
     """max / 448 computed in dtype, shape (1,); 0 -> dtype eps (compressed-tensors `calculate_qparams`)."""
-    scale = torch.tensor([abs(absmax)], dtype=torch.float32).to(dtype) / FP8_MAX
+    scale = torch.tensor([abs(absmax)], dtype=torch.float32).to(dtype) / _FP8_MAX
     return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale)
 
 
