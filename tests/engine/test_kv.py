@@ -17,7 +17,8 @@ def _model(kind: str):
         cfg = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
                            vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=64)
         return tf.OPTForCausalLM(cfg).eval()
-    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                          "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
                           "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
     model = model_cls(cfg_cls(**SMALL)).eval()
     if kind == "qwen3":  # non-trivial k_norm weights, so skipping it would show

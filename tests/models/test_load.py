@@ -193,11 +193,18 @@ def test_logits_equal_compressed_tensors_fake_quantized_forward(checkpoints, nam
 @pytest.mark.parametrize(("name", "kv"), SCHEMES)
 def test_activation_quantization_is_on(checkpoints, name, kv):
     """Switching compressed-tensors' quantization off (same dense weights) changes the logits
-    exactly when the scheme quantizes activations or the KV cache."""
+    exactly when the scheme quantizes activations or the KV cache; so does a dequantize-only load."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
     from raycompress.models.load import load_causal_lm
 
-    model = load_causal_lm(checkpoints(name, kv)[0], torch.float32)
+    folder = checkpoints(name, kv)[0]
+    model = load_causal_lm(folder, torch.float32)
     on = _logits(model)
+    if name != "W4A16":  # W4A16's dequantize-only load differs anyway (bfloat16 products, below)
+        dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+        assert (on - _logits(dense)).abs().max() > 1e-4
     for m in model.modules():
         if getattr(m, "quantization_scheme", None) is not None:
             m.quantization_enabled = False
@@ -224,10 +231,12 @@ def test_float32_dequantization_is_exact(checkpoints):
 @pytest.mark.parametrize(("name", "kv"), [("W8A8", False), ("NVFP4", False), ("W4A16", True)])
 def test_scoring_path_equals_the_model_forward(checkpoints, name, kv):
     """evaluation.scoring runs the decoder body and the head apart, batched and right-padded."""
-    from raycompress.evaluation.scoring import loglikelihoods
+    from raycompress.evaluation.scoring import _scored_logits_fn, loglikelihoods
     from raycompress.models.load import load_causal_lm
 
     model = load_causal_lm(checkpoints(name, kv)[0], torch.float32)
+    logits_fn = _scored_logits_fn(model, IDS, [(0, IDS.shape[1])] * len(IDS))  # the logits it scores
+    assert torch.equal(logits_fn(0, IDS.numel()), _logits(model).flatten(0, 1))
     requests = [(IDS[0, :5].tolist(), IDS[0, 5:].tolist()), (IDS[1, :3].tolist(), IDS[1, 3:8].tolist())]
     scored = loglikelihoods(model, requests, max_len=64)
     for (ctx, cont), (ll, _) in zip(requests, scored):
@@ -265,3 +274,19 @@ def test_kv_cache_of_a_generating_model_holds_fp8_grid_values(checkpoints):
             codes = states / scale  # within an ulp of float8 values, whose spacing is >= 2^-9 here
             torch.testing.assert_close(codes, codes.to(torch.float8_e4m3fn).float(), rtol=1e-6, atol=0)
             assert codes.abs().max() <= 448 * (1 + 1e-6)  # clamped to float8_e4m3's range
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cpu", "disk"])
+def test_device_maps_with_offloading(checkpoints, device_map, tmp_path):
+    """`evaluate.device_map`: accelerate places the dequantized model, a layer offloaded to disk too."""
+    from raycompress.evaluation.scoring import _input_device
+    from raycompress.models.load import load_causal_lm
+
+    folder, ref = checkpoints(*(("W4A16", True) if device_map == "disk" else ("W8A8", False)))
+    if device_map == "disk":  # the KV checkpoint: k_scale / v_scale offloaded with their attention
+        device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                      "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = load_causal_lm(folder, torch.float32, device_map=device_map, offload_folder=str(tmp_path))
+    assert torch.equal(_logits(model), ref) and _input_device(model) == torch.device("cpu")
+    if isinstance(device_map, dict):
+        assert model.model.layers[1].mlp.up_proj.weight.device == torch.device("meta")  # on disk until run

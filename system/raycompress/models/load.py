@@ -16,29 +16,34 @@ dequantize of the key and value states as they are cached: after RoPE and k_norm
 modules whose forward takes `past_key_values`; transformers 5 renamed that argument `cache`, so the
 library skips every attention module (KV quantization silently off). `hook_kv_cache` routes the
 argument by whichever name the module's forward takes.
+
+The result equals, bit for bit in float32, the logits of the in-memory model the checkpoint was
+compressed from, run by compressed-tensors in status FROZEN (tests/models/test_load.py), and those
+of stock transformers' own `dequantize=False` load where that runs (not float32 NVFP4, whose
+unpacking to bfloat16 then fails in the float32 matmul; not the KV cache, which it ignores).
+With a `device_map` the dequantized model is placed by accelerate afterwards (`_dispatch`).
 """
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # transformers 5, 4.56+, older
 
 
 def _ct_config(folder) -> dict | None:
     """config.json's `quantization_config` when its method is compressed-tensors, else None."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    quant = json.loads(path.read_text()).get("quantization_config") or {}
+    from transformers import AutoConfig
+
+    quant = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
     return quant if quant.get("quant_method") == "compressed-tensors" else None
 
 
@@ -63,6 +68,7 @@ def load_causal_lm(folder, dtype: torch.dtype, **kwargs):
 
     kwargs = {**kwargs, "dtype": dtype, "trust_remote_code": False}
     quant = _ct_config(folder)
+    placement = {k: kwargs.pop(k, None) for k in ("device_map", "offload_folder", "max_memory")} if quant else {}
     if quant is not None:
         from transformers import CompressedTensorsConfig
 
@@ -75,6 +81,8 @@ def load_causal_lm(folder, dtype: torch.dtype, **kwargs):
         _decompress(model, dtype)
         if quant.get("kv_cache_scheme"):
             _quantize_kv_cache(model, folder, quant["kv_cache_scheme"])
+        if placement["device_map"] is not None:
+            model = _dispatch(model, dtype, **placement)
     packed = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
               and not isinstance(getattr(mod, "weight", None), torch.Tensor)]
     if packed:
@@ -117,12 +125,6 @@ def _decompress(model: nn.Module, dtype: torch.dtype) -> None:
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.utils import replace_direct_state_dict
 
-    placement = getattr(model, "hf_device_map", None) or {}
-    if {str(d) for d in placement.values()} & {"cpu", "disk"} and len({str(d) for d in placement.values()}) > 1:
-        from compressed_tensors.offload import from_accelerate
-
-        from_accelerate(model)  # accelerate's offloading -> compressed-tensors' (as its decompress_model does)
-        model.hf_device_map = placement  # where inputs go (`evaluation.scoring`)
     for module in model.modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.weights is None or module.quantization_status != QuantizationStatus.COMPRESSED:
@@ -139,6 +141,27 @@ def _decompress(model: nn.Module, dtype: torch.dtype) -> None:
         quantizer.compressor.remove_decompression_hook(model)
         if quantizer.compressor.quantization_config is not None:
             quantizer.compressor.quantization_config.quantization_status = QuantizationStatus.DECOMPRESSED
+
+
+def _dispatch(model: nn.Module, dtype: torch.dtype, device_map, offload_folder=None, max_memory=None) -> nn.Module:
+    """The loaded (dense) model placed by accelerate as `from_pretrained(device_map=...)` would:
+    "auto" / "balanced" / "balanced_low_0" / "sequential" are resolved over the available devices,
+    offloading to CPU memory or `offload_folder` what does not fit. transformers cannot load a
+    quantized checkpoint with `dequantize=False` straight into a disk-offloaded map (it initializes
+    the packed weights as missing keys), so the model is dequantized on the CPU first: this needs
+    CPU memory for the whole model in `dtype`."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, (str, torch.device)) and str(device_map) not in _DEVICE_MAP_STRATEGIES:
+        device_map = {"": str(device_map)}
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
 
 
 def cache_argument(attn: nn.Module) -> str:
@@ -202,6 +225,7 @@ def _quantize_kv_cache(model: nn.Module, folder, kv_args: dict) -> None:
     args = QuantizationArgs.model_validate(kv_args)
     mapping = get_quantization_parameter_to_path_mapping(str(folder))
     config = model.config.get_text_config(decoder=True)
+    count = 0
     for name, attn in match_named_modules(model, KV_CACHE_TARGETS):
         if getattr(attn, KV_CACHE_ATTR, None) is not None:
             continue  # compressed-tensors attached it itself (a transformers that passes past_key_values)
@@ -218,3 +242,5 @@ def _quantize_kv_cache(model: nn.Module, folder, kv_args: dict) -> None:
                 value = f.get_tensor(f"{name}.{key}")
             param.data = value.reshape(param.shape).to(param.device, param.dtype)
         attn.quantization_status = QuantizationStatus.FROZEN
+        count += 1
+    log.info("KV cache quantized (%s) in %d attention modules", args.type, count)
