@@ -75,7 +75,13 @@ def test_maxima_equal_the_states_computed_by_hand(kind):
     layer = model.model.decoder.layers[0] if kind == "opt" else model.model.layers[0]
     hidden, kwargs = _layer_inputs(model)
     k_ref, v_ref = _by_hand(layer, hidden, kwargs)
-    plain, before = _out(layer, hidden, kwargs), _hook_state(layer)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def global_state():
+        return sorted(ALL_ATTENTION_FUNCTIONS), sorted(ALL_MASK_ATTENTION_FUNCTIONS), model.config._attn_implementation
+
+    plain, before, registered = _out(layer, hidden, kwargs), _hook_state(layer), global_state()
     with KVObserver(layer.self_attn) as obs:
         assert obs.k_absmax is None and obs.v_absmax is None
         observed = _out(layer, hidden, kwargs)
@@ -83,6 +89,7 @@ def test_maxima_equal_the_states_computed_by_hand(kind):
     assert obs.k_absmax.dtype == torch.float32 and obs.k_absmax.dim() == 0
     assert torch.equal(obs.k_absmax, k_ref) and torch.equal(obs.v_absmax, v_ref)
     assert _hook_state(layer) == before and not hasattr(layer.self_attn, "kv_cache")
+    assert global_state() == registered
     assert torch.equal(_out(layer, hidden, kwargs), plain)
 
 
