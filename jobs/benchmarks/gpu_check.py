@@ -1,12 +1,17 @@
-"""GPU check: CPU-vs-CUDA agreement of the solvers, and compress speed on 70B-shaped layers; prints ONE JSON line.
+"""GPU check: CPU-vs-CUDA agreement of the solvers, compress speed on 70B-shaped layers, and vLLM
+serving of every quantization scheme; prints ONE JSON line.
 
     .venv/bin/python jobs/benchmarks/gpu_check.py [--workdir /tmp/raycompress-gpu]
-        [--samples 128 --seq-len 2048] [--layers 2 --hidden 8192 --ffn 28672 ...] [--no-speed] [--smoke]
+        [--samples 128 --seq-len 2048] [--layers 2 --hidden 8192 --ffn 28672 ...] [--no-speed]
+        [--no-serving] [--serve-schemes FP8,NVFP4] [--serving-model auto|synthetic|DIR]
+        [--vllm-python PYTHON] [--smoke]
 
-Without a CUDA device it prints {"skipped": "no CUDA device", ...} and exits 0 (`--device cpu`
-runs every step on the CPU instead, to test this script itself). The work folder is --workdir,
-else a new temporary folder. --smoke: one tiny point (a 1-layer Llama of hidden 64, 4 x 16
-calibration tokens, SparseGPT only); the test suite runs it, and without CUDA it reports the skip.
+Without a CUDA device it prints {"skipped": "no CUDA device", "serving": {...}, ...} and exits 0
+(`--device cpu` runs parts (a) and (b) on the CPU instead, to test this script itself; part (c)
+then reports its skip). The work folder is --workdir, else a new temporary folder. --smoke: one
+tiny point (a 1-layer Llama of hidden 64, 4 x 16 calibration tokens, SparseGPT only; part (c), only
+with CUDA and vLLM: FP8_DYNAMIC on a 2-layer synthetic Llama of hidden 256, 8 prompts x 16 + 16
+tokens); the test suite runs it, and without CUDA it reports the skip.
 
 (a) correctness: one random layer, W (d_out 256, d_in 512) and X (2048 tokens, 512), H = XᵀX
     formed once in float64 on the CPU; `sparsegpt_prune(W, H, 0.5)` and
@@ -27,14 +32,38 @@ calibration tokens, SparseGPT only); the test suite runs it, and without CUDA it
         projected_70b_minutes_8gpu = 80 × per_layer_8 / 60
     with the *_s from actor_timings_s summed over the run's L layers, and group_seconds (factor +
     sweeps of one input group) from the module records. Transfers between GPUs are not in it.
-A run that fails, times out, or whose compression.json lacks seconds_per_layer is reported under
-"errors" and the script exits 1.
+(c) serving: one model (`--serving-model auto`, the default: SmolLM2-135M-Instruct, the alias
+    `smollm2-135m-instruct` resolved into the node cache, when it resolves, else a synthetic Llama
+    of hidden 1024, 8 layers, FFN 4096, vocabulary 32768; `synthetic`; or a checkpoint folder)
+    compressed by `raycompress compress` on the GPU (one actor, `gpus_per_actor: 1`, calibration
+    --serve-samples x --serve-seq-len random token ids) once per scheme:
+        W4A16-GPTQ   gptq, W4A16               W8A8-INT8    gptq, W8A8-INT8, smoothquant alpha 0.5
+        FP8          rtn, FP8                  FP8_DYNAMIC  rtn, FP8_DYNAMIC
+        NVFP4        rtn, NVFP4                FP8-KV       gptq, W4A16, kv_cache fp8
+    The dense model and each checkpoint are then loaded by vLLM, each in its own process
+    (`_vllm_serve.py`: `vllm.LLM(dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=
+    --gpu-memory-utilization)`, kv_cache_dtype "fp8" for FP8-KV; its process group is killed after
+    --serve-timeout s), and generate one fixed batch: --serve-prompts prompts of --serve-prompt-len
+    random token ids, --serve-new-tokens greedy tokens each (ignore_eos), timed after a warm-up.
+    Per scheme: loads_in_vllm, error (null, or "compress: ..." / "load: ..." / "generate: ..." /
+    a timeout), tokens_per_s (generated tokens / timed seconds), speedup_vs_bf16 (tokens_per_s /
+    the dense bf16 run's, same batch, same process tree), first_tokens_agree_vs_bf16 (share of the
+    first 16 greedy ids of prompt 0 equal to the dense run's), quantization (the method vLLM
+    detected), compress (the job section). A scheme that does not compress or load is a result,
+    not a failure of the script. SmolLM2's width 576 is not a multiple of W4A16's groups of 128, so
+    there W4A16-GPTQ and FP8-KV report a compress error; `--serving-model synthetic` serves all six.
+    With --no-serving, --device cpu, no CUDA device, or no `import vllm` in --vllm-python (default:
+    this Python), every scheme is {"skipped": reason}.
+A run of (b) that fails, times out, or whose compression.json lacks seconds_per_layer, and a dense
+vLLM run of (c) that produces no tokens, are reported under "errors" and the script exits 1.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -43,15 +72,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs" / "benchmarks"))
-from _common import emit, work_folder  # noqa: E402
+from _common import emit, skipped, work_folder  # noqa: E402
 from _synthetic import (LlamaShape, MissingKey, job_dict, require, run_compress, write_checkpoint,  # noqa: E402
                         write_select_dir)
+
+CLI = str(ROOT / ".venv" / "bin" / "raycompress")
 
 ALGOS = {"sparsegpt": {"algorithm": "sparsegpt", "sparsity": 0.5},
          "gptq_w4g128": {"algorithm": "gptq", "quant": {"bits": 4, "group_size": 128}}}
 SMOKE = {"algorithms": "sparsegpt", "layers": 1, "hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": 256,
          "samples": 4, "seq_len": 16, "cpus": min(2, os.cpu_count() or 1)}
 AGREE = 0.999  # share of mask entries / integer codes that must match between CPU and device
+SERVING = {"W4A16-GPTQ": {"algorithm": "gptq", "scheme": "W4A16"},
+           "W8A8-INT8": {"algorithm": "gptq", "scheme": "W8A8-INT8", "smoothquant": {"alpha": 0.5}},
+           "FP8": {"algorithm": "rtn", "scheme": "FP8"},
+           "FP8_DYNAMIC": {"algorithm": "rtn", "scheme": "FP8_DYNAMIC"},
+           "NVFP4": {"algorithm": "rtn", "scheme": "NVFP4"},
+           "FP8-KV": {"algorithm": "gptq", "scheme": "W4A16", "kv_cache": {"type": "fp8"}}}
+SERVE_SHAPE = {"hidden": 1024, "heads": 16, "kv_heads": 4, "ffn": 4096, "layers": 8, "vocab": 32768}
+SMOKE_SERVE = {"serve_schemes": "FP8_DYNAMIC", "serving_model": "synthetic", "serve_samples": 4, "serve_seq_len": 16,
+               "serve_prompts": 8, "serve_prompt_len": 16, "serve_new_tokens": 16,
+               "serve_shape": {"hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 512, "layers": 2, "vocab": 1024}}
+SMOLLM2 = "smollm2-135m-instruct"
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,14 +113,32 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run part (b)")
     p.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints (large)")
     p.add_argument("--smoke", action="store_true", help="one tiny point (the test suite runs it)")
+    _serving_flags(p)
     a = p.parse_args(argv)
+    a.serve_shape = SERVE_SHAPE
     if a.smoke:
-        a.__dict__.update(SMOKE)
-    a.algorithms = a.algorithms.split(",")
-    unknown = sorted(set(a.algorithms) - set(ALGOS))
-    if unknown:
-        p.error(f"--algorithms: unknown {unknown}; choose from {sorted(ALGOS)}")
+        a.__dict__.update(SMOKE, **SMOKE_SERVE)
+    a.algorithms, a.serve_schemes = a.algorithms.split(","), a.serve_schemes.split(",")
+    for flag, names, known in (("algorithms", a.algorithms, ALGOS), ("serve-schemes", a.serve_schemes, SERVING)):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            p.error(f"--{flag}: unknown {unknown}; choose from {list(known)}")
     return a
+
+
+def _serving_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of part (c)."""
+    p.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True, help="run part (c)")
+    p.add_argument("--serve-schemes", default=",".join(SERVING), help=f"comma list of {list(SERVING)}")
+    p.add_argument("--serving-model", default="auto", help="auto (SmolLM2, else synthetic), synthetic, or a folder")
+    p.add_argument("--serve-samples", type=int, default=32, help="calibration sequences of each compress run")
+    p.add_argument("--serve-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--serve-prompts", type=int, default=64, help="prompts in the timed vLLM batch")
+    p.add_argument("--serve-prompt-len", type=int, default=128, help="token ids per prompt")
+    p.add_argument("--serve-new-tokens", type=int, default=128, help="greedy tokens generated per prompt")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of GPU memory")
+    p.add_argument("--serve-timeout", type=float, default=600.0, help="seconds per vLLM process before it is killed")
+    p.add_argument("--vllm-python", default=sys.executable, help="the Python that has vLLM (default: this one)")
 
 
 def _layer(d_out: int = 256, d_in: int = 512, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,14 +202,10 @@ def _speed_run(a: argparse.Namespace, name: str, model_dir: Path, select_dir: Pa
     """
     import shutil
 
-    gpus = 1 if a.device != "cpu" else 0
-    ray = {"compress_actors": 1, "gpus_per_actor": gpus, "num_cpus": a.cpus, "cpus_per_actor": a.cpus,
-           "torch_threads": a.cpus}
     out = a.workdir / "runs" / f"{name}-gpu"
-    job = job_dict(model_dir, select_dir, a.samples, a.seq_len, ALGOS[name], ray)
-    cli = str(ROOT / ".venv" / "bin" / "raycompress")
+    job = job_dict(model_dir, select_dir, a.samples, a.seq_len, ALGOS[name], _ray(a))
     try:
-        rec, wall, rss = run_compress(cli, out, select_dir, job, timeout_s=a.run_timeout)
+        rec, wall, rss = run_compress(CLI, out, select_dir, job, timeout_s=a.run_timeout)
     finally:
         if not a.keep_models:
             shutil.rmtree(out / "compress" / "model", ignore_errors=True)
@@ -161,6 +217,12 @@ def _speed_run(a: argparse.Namespace, name: str, model_dir: Path, select_dir: Pa
             "calibration_tokens": rec.get("calibration_tokens"), "process_wall_s": wall,
             "process_tree_peak_rss_gb": rss * 2**20 / 1e9,
             "projected_70b_minutes_8gpu": 80 * _per_layer_8(rec) / 60}
+
+
+def _ray(a: argparse.Namespace) -> dict:
+    """The job's `ray:` section: one compress actor with the GPU (none with --device cpu) and a.cpus cores."""
+    return {"compress_actors": 1, "gpus_per_actor": 1 if a.device != "cpu" else 0, "num_cpus": a.cpus,
+            "cpus_per_actor": a.cpus, "torch_threads": a.cpus}
 
 
 def _per_layer_8(rec: dict) -> float:
@@ -187,6 +249,100 @@ def speed(a: argparse.Namespace) -> tuple[dict, list[str]]:
     return res, errors
 
 
+def serving_skip(a: argparse.Namespace) -> str | None:
+    """Why part (c) cannot run here (flag, device, no vLLM), or None."""
+    if not a.serving:
+        return "--no-serving"
+    if a.device == "cpu":
+        return "--device cpu: vLLM serves on a CUDA device"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    import importlib.util
+
+    if a.vllm_python == sys.executable and importlib.util.find_spec("vllm") is None:
+        return f"vllm is not importable: {sys.executable} has no vllm package (see --vllm-python)"
+    try:
+        proc = subprocess.run([a.vllm_python, "-c", "import vllm"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"vllm is not importable by {a.vllm_python}: {exc}"
+    last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return f"vllm is not importable by {a.vllm_python}: {last}" if proc.returncode else None
+
+
+def serving_skipped(a: argparse.Namespace, why: str) -> dict:
+    """Part (c)'s record when it does not run: {"skipped": why} for the part and for every scheme."""
+    return {"skipped": why, "schemes": {name: skipped(why) for name in a.serve_schemes}}
+
+
+def _serving_model(a: argparse.Namespace, root: Path) -> tuple[Path, str]:
+    """(checkpoint folder, what it is) of part (c), chosen by --serving-model (see the docstring)."""
+    if a.serving_model not in ("auto", "synthetic"):
+        return Path(a.serving_model).resolve(), "--serving-model folder"
+    note = ""
+    if a.serving_model == "auto":
+        try:
+            from raycompress.models.fetch import resolve_model
+
+            return Path(resolve_model(SMOLLM2).local()), f"{SMOLLM2} (served as bf16)"
+        except Exception as exc:  # noqa: BLE001 - any failure to build it falls back to the synthetic model
+            note = f"{SMOLLM2} unavailable ({type(exc).__name__}: {str(exc)[:300]}); "
+    shape = LlamaShape(**a.serve_shape)
+    return write_checkpoint(root / "model", shape), f"{note}synthetic Llama {asdict(shape)}"
+
+
+def _vllm(a: argparse.Namespace, folder: Path, stem: Path, kv_cache_dtype: str | None = None) -> dict:
+    """`_vllm_serve.serve_in_subprocess` of `folder` with part (c)'s batch flags."""
+    from _vllm_serve import serve_in_subprocess
+
+    batch = {"prompts": a.serve_prompts, "prompt-len": a.serve_prompt_len, "new-tokens": a.serve_new_tokens,
+             "gpu-memory-utilization": a.gpu_memory_utilization, "kv-cache-dtype": kv_cache_dtype}
+    return serve_in_subprocess(a.vllm_python, folder, stem, batch, a.serve_timeout)
+
+
+def _agree(ids: list[int] | None, ref: list[int] | None) -> float | None:
+    """Share of positions where two greedy id lists agree (over the shorter), None if either is missing."""
+    n = min(len(ids or []), len(ref or []))
+    return sum(x == y for x, y in zip(ids[:n], ref[:n])) / n if n else None
+
+
+def _serve_scheme(a: argparse.Namespace, name: str, model_dir: Path, select_dir: Path, dense: dict) -> dict:
+    """Compress `model_dir` with scheme `name` on the GPU, then serve the checkpoint in vLLM."""
+    sec, root = SERVING[name], select_dir.parent
+    out = root / f"compress-{name}"
+    job = job_dict(model_dir, select_dir, a.serve_samples, a.serve_seq_len, sec, _ray(a))
+    try:
+        _, wall, _ = run_compress(CLI, out, select_dir, job, timeout_s=a.run_timeout)
+    except (RuntimeError, OSError, ValueError) as exc:
+        return {"compress": sec, "loads_in_vllm": False, "error": f"compress: {str(exc)[-1500:]}",
+                "tokens_per_s": None, "speedup_vs_bf16": None}
+    rec = _vllm(a, out / "compress" / "model", root / f"vllm-{name}", "fp8" if "kv_cache" in sec else None)
+    tps, base = rec.get("tokens_per_s"), dense.get("tokens_per_s")
+    return {"compress": sec, "compress_process_wall_s": round(wall, 1), **rec,
+            "speedup_vs_bf16": round(tps / base, 4) if tps and base else None,
+            "first_tokens_agree_vs_bf16": _agree(rec.get("first_tokens"), dense.get("first_tokens"))}
+
+
+def serving(a: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Part (c): the dense bf16 run and {scheme: record} (module docstring), and error messages."""
+    why = serving_skip(a)
+    if why:
+        return serving_skipped(a, why), []
+    torch.cuda.empty_cache()  # part (a)'s tensors: vLLM's processes measure the free memory
+    a.workdir = work_folder(a.workdir, "gpu")
+    root = a.workdir / "serving"
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir, what = _serving_model(a, root)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    select_dir = write_select_dir(root / "select", a.serve_samples, a.serve_seq_len, vocab)
+    dense = _vllm(a, model_dir, root / "vllm-bf16")
+    res = {"model": str(model_dir), "model_is": what, "bf16": dense, "schemes": {},
+           "batch": {"prompts": a.serve_prompts, "prompt_len": a.serve_prompt_len, "new_tokens": a.serve_new_tokens},
+           "calibration": {"samples": a.serve_samples, "seq_len": a.serve_seq_len}}
+    for name in a.serve_schemes:
+        res["schemes"][name] = _serve_scheme(a, name, model_dir, select_dir, dense)
+    return res, [] if dense.get("tokens_per_s") else [f"serving bf16: {dense.get('error')}"]
+
+
 def _device_info(device: str) -> dict:
     """Name, memory (GB) and CUDA version of GPU 0, or a note for --device cpu."""
     if device == "cpu":
@@ -196,7 +352,7 @@ def _device_info(device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Skip without CUDA; else parts (a) and (b), one JSON line; exit 1 if a speed run failed."""
+    """Skip without CUDA; else parts (a), (b) and (c), one JSON line; exit 1 on an error (docstring)."""
     a = _args(argv)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     # each compress run starts its own Ray: never attach to another cluster on this machine
@@ -204,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_ADDRESS"] = "local"
     base = {"torch": torch.__version__, "cores": os.cpu_count()}
     if a.device != "cpu" and not torch.cuda.is_available():
-        emit({"skipped": "no CUDA device", "smoke": a.smoke, **base})
+        emit({"skipped": "no CUDA device", "smoke": a.smoke, **base, "serving": serving_skipped(a, "no CUDA device")})
         return 0
     result = {**base, **_device_info(a.device), "correctness": correctness(a.device)}
     errors: list[str] = []
     if a.speed:
         result["speed"], errors = speed(a)
-    result.update(errors=errors, smoke=a.smoke)
+    result["serving"], serve_errors = serving(a)
+    result.update(errors=errors + serve_errors, smoke=a.smoke)
     emit(result)
     return 1 if errors else 0
 

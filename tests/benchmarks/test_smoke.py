@@ -85,11 +85,16 @@ def test_gpu_check(tmp_path, cache):
     import torch
 
     r = smoke("gpu_check", "--workdir", tmp_path, cache)
+    served = r["serving"]["schemes"]["FP8_DYNAMIC"]  # --smoke serves this one scheme
     if not torch.cuda.is_available():
-        assert r["skipped"] == "no CUDA device"
+        assert r["skipped"] == "no CUDA device" and served == {"skipped": "no CUDA device"}
         return
     assert r["errors"] == [] and all(c["pass"] for c in r["correctness"].values())
     assert r["speed"]["sparsegpt"]["seconds_per_layer"] > 0
+    if "skipped" in served:  # a GPU without vLLM: part (c) says so
+        assert served["skipped"].startswith("vllm is not importable")
+    else:
+        assert served["loads_in_vllm"] and served["tokens_per_s"] > 0 and served["speedup_vs_bf16"] > 0, served
 
 
 def test_calibration_sweep(tmp_path, cache):
