@@ -89,3 +89,39 @@ def test_mix_stats_weights_per_token_means():
     assert out.value.tolist() == [1.0 + 0.5, 2.0 + 0.0] and out.tokens == 1
     empty = InputStats.empty("sqnorm", 2)
     assert mix_stats(st([4.0, 8.0], 4), empty, 0.5).value.tolist() == [1.0, 2.0]
+
+
+def test_abssum_and_absmax_known_answer():
+    x = torch.tensor([[1.0, -2.0, 0.0], [-3.0, 0.5, 0.0]])
+    s, m = InputStats.empty("abssum", 3), InputStats.empty("absmax", 3)
+    s.add_batch(x)
+    m.add_batch(x)
+    assert s.value.tolist() == [4.0, 2.5, 0.0] and s.tokens == 2
+    assert m.value.tolist() == [3.0, 2.0, 0.0] and m.tokens == 2
+
+
+def test_absmax_reduces_with_max_in_any_order():
+    """absmax partials reduce with max: any grouping and order gives the same bits."""
+    torch.manual_seed(2)
+    xs = [torch.randn(5, 8) * (i + 1) for i in range(4)]
+    whole = InputStats.empty("absmax", 8)
+    for x in xs:
+        whole.add_batch(x)
+    parts = []
+    for x in xs:
+        p = InputStats.empty("absmax", 8)
+        p.add_batch(x)
+        parts.append(p)
+    left = parts[3].to("cpu")
+    for p in (parts[1], parts[0], parts[2]):
+        left.add_(p)
+    assert torch.equal(left.value, whole.value)
+    assert torch.equal(left.value, torch.cat(xs).abs().amax(0))
+    assert left.tokens == 20
+
+
+def test_absmax_keeps_nan_visible():
+    m = InputStats.empty("absmax", 2)
+    m.add_batch(torch.tensor([[float("nan"), 1.0]]))
+    m.add_batch(torch.tensor([[2.0, 3.0]]))
+    assert torch.isnan(m.value[0]) and m.value[1] == 3.0

@@ -36,7 +36,8 @@ def create_group(actors: list, backend: str, name: str) -> None:
 
 
 def collective_reduce(worker, keys: list[str], names: list[str], owner: int, world: int, group: str) -> None:
-    """Sum `worker.stats[key]` over all ranks onto rank `owner` (in place there; freed elsewhere).
+    """Sum `worker.stats[key]` over all ranks onto rank `owner` (in place there; freed elsewhere);
+    max instead of sum for the kinds `engine.stats.MAX_KINDS` reduces with max (absmax).
 
     Args:
         worker: an `engine.worker.LayerWorker` (its `stats`, `rank`, `device`).
@@ -45,13 +46,16 @@ def collective_reduce(worker, keys: list[str], names: list[str], owner: int, wor
             own traffic is not observed).
     """
     from ray.util import collective as col
+    from ray.util.collective.types import ReduceOp
+
+    from raycompress.engine.stats import MAX_KINDS
 
     for key in keys:
         st = worker.stats[key]
         buf = st._buffer()  # a rank that saw no rows of a subset still contributes zeros
         meta = torch.tensor([float(st.tokens)] + [st.out_sq.get(n, 0.0) for n in names],
                             dtype=torch.float64, device=buf.device)
-        col.reduce(buf, dst_rank=owner, group_name=group)
+        col.reduce(buf, dst_rank=owner, group_name=group, op=ReduceOp.MAX if st.kind in MAX_KINDS else ReduceOp.SUM)
         col.reduce(meta, dst_rank=owner, group_name=group)
         if worker.rank != owner:
             del worker.stats[key]

@@ -59,9 +59,9 @@ class _Shell(LayerWorker):
         chaos.layer_point(idx, "begin")
         return super().begin_layer(idx)
 
-    def accumulate(self, groups: dict, split: bool = False) -> dict[str, int]:
+    def accumulate(self, *args, **kwargs) -> dict[str, int]:
         chaos.layer_point(self.layer_idx, "stats")
-        return super().accumulate(groups, split)
+        return super().accumulate(*args, **kwargs)
 
     def solve_group(self, *args, **kwargs):
         chaos.layer_point(self.layer_idx, "solve")
@@ -86,8 +86,8 @@ class _Shell(LayerWorker):
         metrics.record("raycompress_hessian_bytes_moved", self.bytes_in.get(self.layer_idx, 0) - before,
                        self.job_name, transport=transport)
 
-    def write_layer(self, path: str, quant=None) -> dict:
-        out = super().write_layer(path, quant)
+    def write_layer(self, path: str, scheme=None) -> dict:
+        out = super().write_layer(path, scheme)
         chaos.layer_point(self.layer_idx, "write")  # the shard is durable, the driver has not marked it
         metrics.record("raycompress_bytes_written", out["bytes"], self.job_name, stage="compress")
         return out

@@ -93,6 +93,35 @@ def _check_sizes(job: JobConfig, om, files: dict[str, list[str]]) -> None:
                              f"or add corpus files")
 
 
+def _check_scheme(c, plan, om) -> None:
+    """The recipe's quantization scheme against the model: group size dividing every target's
+    d_in (NVFP4: 16), float8 dtypes in this torch for float formats, a norm-fed group for smoothing.
+
+    Raises:
+        PreflightError: naming the field and the first module that cannot take it.
+    """
+    import torch
+
+    scheme = plan.scheme
+    if scheme is None:
+        return
+    field = "compress.quant.group_size" if c.quant is not None else f"compress.scheme ({scheme.name})"
+    g = scheme.weight_spec.group_size
+    for t in plan.targets:
+        d_in = plan.shapes[t][1]
+        if g and d_in % g:
+            raise PreflightError(f"{field}: group size {g} does not divide d_in={d_in} of module {t} "
+                                 f"(decoder layer linears {om.layer_prefix(0)}.*); use a divisor of {d_in}")
+    acts = scheme.activations
+    floats = scheme.weight_spec.type != "int" or scheme.kv is not None or (acts is not None and str(acts.type) != "int"
+                                                                        and "INT" not in str(acts.type).upper())
+    if floats and not hasattr(torch, "float8_e4m3fn"):
+        raise PreflightError(f"{field}: needs float8 dtypes (torch.float8_e4m3fn), which torch {torch.__version__} lacks")
+    if (c.smoothquant is not None or c.algorithm == "awq") and not set(plan.groups) & set(dict(om.spec.norm_before)):
+        raise PreflightError(f"compress.{'smoothquant' if c.smoothquant else 'algorithm'}: no target input group of "
+                             f"{om.config.architectures} is fed by a norm (targets {plan.targets}); nothing to smooth")
+
+
 def preflight(job: JobConfig, model: ModelRef):
     """Check what the job names against the registries, the model's config and the task files.
     Returns the model's `OffloadedModel` (config and weight map only, no weights).
@@ -100,7 +129,7 @@ def preflight(job: JobConfig, model: ModelRef):
     Raises:
         PreflightError: naming the field (select.sources.<name>.path, select.method, select.seq_len,
             select.n_samples x select.seq_len, compress.algorithm, compress.targets, compress.sparsity,
-            compress.cus_prun.dimensions, compress.quant.group_size, model, evaluate.tasks).
+            compress.cus_prun.dimensions, compress.quant.group_size, compress.scheme, model, evaluate.tasks).
     """
     from raycompress.engine.pipeline import Plan
     from raycompress.engine.subsets import row_subsets
@@ -127,11 +156,7 @@ def preflight(job: JobConfig, model: ModelRef):
         raise PreflightError(str(exc)) from exc
     if isinstance(c.sparsity, list) and len(c.sparsity) != om.num_layers:
         raise PreflightError(f"compress.sparsity: {len(c.sparsity)} values for the model's {om.num_layers} decoder layers")
-    if c.quant is not None and c.quant.group_size:
-        bad = sorted({d_in for _, d_in in plan.shapes.values() if d_in % c.quant.group_size})
-        if bad:
-            raise PreflightError(f"compress.quant.group_size: {c.quant.group_size} does not divide the input width "
-                                 f"{bad} of some target linears; use a divisor of {bad[0]} (e.g. 32, 64, 128)")
+    _check_scheme(c, plan, om)
     try:
         tasks = resolve_tasks(job)
     except TaskError as exc:

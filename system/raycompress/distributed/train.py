@@ -71,7 +71,7 @@ def check_train(job: JobConfig) -> None:
     """Before Ray starts: what the train section asks must be possible.
 
     Raises:
-        ValueError: training would start from a quantized checkpoint (`compress.quant` set and
+        ValueError: training would start from a quantized checkpoint (`compress.quant` or `scheme` set and
             `train.init: compressed`), or `train.strategy: deepspeed` without DeepSpeed installed.
     """
     import importlib.util
@@ -79,8 +79,8 @@ def check_train(job: JobConfig) -> None:
     t = job.train
     if t is None:
         return
-    if t.init == "compressed" and job.compress.quant is not None:
-        raise ValueError(f"train: compress.quant is set ({job.compress.algorithm}), so compress writes a quantized "
+    if t.init == "compressed" and job.compress.quantized:
+        raise ValueError(f"train: compress.quant or compress.scheme is set ({job.compress.algorithm}), so compress writes a quantized "
                          "checkpoint, which train cannot update with its sparsity mask held; train a pruned "
                          "(unquantized) checkpoint, or set train.init: dense")
     if t.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:

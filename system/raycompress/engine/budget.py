@@ -17,8 +17,11 @@ Bytes moved per layer (K workers), the minimum for data-parallel statistics with
 input group: Σ over statistics keys of (K − 1) · size(key) (each partial sent once toward its
 owner) + (K − 1) · Σ over targets of d_out · d_in · bytes(checkpoint dtype) (every worker needs the
 new weights to compute the next layer's inputs) + (K − 1) · Σ over targets of their quantization
-parameters when quantized (`models.quantized.qparam_bytes`: one scale per output row and group in
-the checkpoint's dtype, plus an int8 zero point when asymmetric; they travel as they are written).
+parameters when quantized (`models.quantized.qparam_bytes` for the recipe's scheme: weight scales,
+zero points, global scales and static input scales as they are written; they travel so) + for
+smoothed groups (SmoothQuant, AWQ) (K − 1) · the rescaled norm's weight (d_in · bytes(checkpoint
+dtype)). Activation statistics of the schemes ("absmax", "abssum": d_in values per group, and a KV
+cache's 2 maxima per layer, accumulator dtype) count as statistics keys.
 FLOPs per layer: statistics 2 · tokens · d_in² per Hessian group (tokens · d_in for sqnorm), two
 forward passes 2 · 2 · tokens · params, and the algorithm's solve FLOPs (`Algorithm.flops`).
 """
@@ -47,8 +50,11 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     d_ff = int(getattr(model.config, model.spec.intermediate_key, 4 * hidden))
     keys = max(1, n_subsets) if plan.split else 1
     d_in = {g: layer0.get_submodule(g).in_features for g in plan.stat_groups}
-    numel = {g: d_in[g] ** 2 if kind == "hessian" else d_in[g] for g, (kind, _) in plan.stat_groups.items()}
-    stat_bytes = {g: keys * hb * n for g, n in numel.items()}
+    numel = {g: d_in[g] ** 2 if kind == "hessian" else d_in[g] if kind else 0
+             for g, (kind, _) in plan.stat_groups.items()}
+    stat_bytes = {g: keys * hb * n + hb * d_in[g] * len(plan.extras.get(g, ())) for g, n in numel.items()}
+    if plan.kv:
+        stat_bytes[plan.kv] = 2 * hb
     d_max = max((s[1] for s in plan.shapes.values()), default=hidden)
     mem = []
     for k, n_rows in enumerate(rows):
@@ -60,8 +66,10 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
                                   for j, g in enumerate(order)), default=0)
         mem.append(max(stats_phase, solve_phase))
     kk = len(rows)
-    new_weights = sum(o * i * cb + (qparam_bytes(o, i, cfg.quant, model.dtype) if cfg.quant else 0)
+    new_weights = sum(o * i * cb + (qparam_bytes(o, i, plan.scheme, model.dtype) if plan.scheme else 0)
                       for o, i in plan.shapes.values())
+    if cfg.smoothquant is not None or cfg.algorithm == "awq":
+        new_weights += sum(d_in[g] * cb for g in plan.groups if g in dict(model.spec.norm_before))
     moved = (kk - 1) * (sum(stat_bytes.values()) + new_weights)
     tokens = sum(rows) * seq
     flops = 4.0 * tokens * params + sum(2.0 * tokens * n for n in numel.values())

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from raycompress.config import CompressConfig
 from raycompress.models.checkpoint import finalize_checkpoint, shard_name
-from raycompress.models.quantized import quantization_config
+from raycompress.engine.smoothing import extra_key, extra_kinds
+from raycompress.models.quantized import quantization_config, resolve
 from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
 from raycompress.storage import uri
@@ -36,7 +37,7 @@ class WorkerAPI(Protocol):
     """`engine.worker.LayerWorker`'s methods as the pipeline calls them; each returns a Handle."""
 
     def begin_layer(self, idx: int) -> Handle: ...
-    def accumulate(self, groups: dict, split: bool) -> Handle: ...
+    def accumulate(self, groups: dict, split: bool, extras: dict | None = None, kv: str | None = None) -> Handle: ...
     def export_stats(self, keys: list[str]) -> Handle: ...
     def reduce_stats(self, partial: Handle) -> Handle: ...
     def drop_modules(self, names: list[str]) -> Handle: ...
@@ -46,8 +47,8 @@ class WorkerAPI(Protocol):
     def outlier_counts(self, targets: list[str], group_of: dict[str, str], m: float) -> Handle: ...
     def propagate_dense(self) -> Handle: ...
     def reset(self) -> Handle: ...
-    def write_layer(self, path: str, quant: Any) -> Handle: ...
-    def replay_layer(self, idx: int, shard: str, quant: Any) -> Handle: ...
+    def write_layer(self, path: str, scheme: Any) -> Handle: ...
+    def replay_layer(self, idx: int, shard: str, scheme: Any) -> Handle: ...
     def write_outside_layers(self, path: str) -> Handle: ...
     def end_layer(self) -> Handle: ...
     def pop_infos(self) -> Handle: ...
@@ -113,13 +114,20 @@ class Plan:
         self.k = k
         self.structured = self.algo.layer_solve is not None
         self.split = self.structured or cfg.mixcal is not None
+        self.scheme = resolve(cfg)
+        # activation statistics the scheme or the smoothing needs, per group, over all rows
+        self.extras = {g: kinds for g in self.groups if (kinds := extra_kinds(cfg, self.scheme, g, spec))}
+        self.kv = spec.attention if self.scheme is not None and self.scheme.kv is not None else None
         if self.structured:  # the down projection's input, per dimension
             self.stat_groups = {spec.mlp_down: (self.algo.stats, [spec.mlp_down])}
         else:
-            self.stat_groups = {g: (self.algo.stats, names) for g, names in self.groups.items()} if self.algo.stats else {}
+            self.stat_groups = {g: (self.algo.stats, names) for g, names in self.groups.items()
+                                if self.algo.stats or g in self.extras}
 
     def keys(self, group: str, subsets: list[str]) -> list[str]:
-        return [f"{group}@{s}" for s in subsets] if self.split else [group]
+        """Statistics keys of `group`: the algorithm's (per subset when split), then its extras."""
+        own = ([f"{group}@{s}" for s in subsets] if self.split else [group]) if self.algo.stats else []
+        return own + [extra_key(group, kind) for kind in self.extras.get(group, ())]
 
     def solve_order(self, rank: int) -> list[str]:
         """Groups this rank solves, smallest first (their Hessians are freed before the largest solve)."""
@@ -226,10 +234,11 @@ def _ffn_width(model: OffloadedModel, cfg: CompressConfig, sparsity: list[float]
     return max(kept_count(d_ff, s, cfg.cus_prun.multiple_of) for s in sparsity)
 
 
-def _config_updates(model: OffloadedModel, cfg: CompressConfig, records: list[dict]) -> dict:
+def _config_updates(model: OffloadedModel, plan: Plan, cfg: CompressConfig, records: list[dict]) -> dict:
     """config.json changes: the quantization block, or the shrunk FFN width (and true per-layer counts)."""
-    if cfg.quant is not None:
-        return {"quantization_config": quantization_config(cfg.quant, ignore=["lm_head"])}
+    if plan.scheme is not None:  # linears left dense are listed as ignored, so loaders keep them dense
+        dense = [f"re:.*\\.{t.replace('.', '[.]')}$" for t in model.spec.linears if t not in plan.targets]
+        return {"quantization_config": quantization_config(plan.scheme, ignore=["lm_head", *dense])}
     widths = [r["width"] for r in records if "width" in r]
     if not widths:
         return {}
@@ -245,15 +254,15 @@ def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: in
     except where a later call needs it)."""
     ws, k = backend.workers, plan.k
     _all(backend, "begin_layer", i)
-    backend.get([w.accumulate(plan.stat_groups, plan.split) for w in ws])
+    backend.get([w.accumulate(plan.stat_groups, plan.split, plan.extras, plan.kv) for w in ws])
+    pending = backend.reduce(0, [extra_key(plan.kv, "kv")], []) if plan.kv else []  # the writer's
     if plan.structured:
         owner = i % k  # one structured solve per layer, owners take turns
         down = next(iter(plan.stat_groups))
         backend.get(backend.reduce(owner, plan.keys(down, subsets), [down]))
         solved = ws[owner].solve_layer(layer_cfg, width, k > 1)
-        backend.get([w.apply(None if r == owner else solved) for r, w in enumerate(ws)])
+        backend.get(pending + [w.apply(None if r == owner else solved) for r, w in enumerate(ws)])
         return
-    pending = []
     for g in plan.stat_groups:
         pending += backend.reduce(plan.owners[g], plan.keys(g, subsets), plan.stat_groups[g][1])
     for r, w in enumerate(ws):  # weights another worker solves are not needed here until apply
@@ -289,13 +298,13 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     for i in tqdm(range(model.num_layers), desc=f"compress[{cfg.algorithm}]", unit="layer", disable=None):
         path = uri.join(ckpt, shard_name(i, total))
         if i in progress.done and uri.is_file(path):
-            _all(backend, "replay_layer", i, path, cfg.quant)
+            _all(backend, "replay_layer", i, path, plan.scheme)
             if on_layer:
                 on_layer(i, model.num_layers, {**progress.layers[str(i)], "seconds": 0.0, "replayed": True})
             continue
         t0 = time.perf_counter()
         _compress_one(backend, plan, cfg.for_layer(sparsity[i]), i, width, subsets)
-        shard = backend.get(backend.workers[0].write_layer(path, cfg.quant))
+        shard = backend.get(backend.workers[0].write_layer(path, plan.scheme))
         records = [r for part in _all(backend, "pop_infos") for r in part]
         _all(backend, "end_layer")
         layer = {"seconds": time.perf_counter() - t0, **{k: shard[k] for k in ("sha256", "bytes", "keys")}}
@@ -313,5 +322,5 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     written[rest] = outside
     records = [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]
     finalize_checkpoint(ckpt, model.ref, [shard_name(i, total) for i in range(total)],
-                        _config_updates(model, cfg, records), written)
+                        _config_updates(model, plan, cfg, records), written)
     return records

@@ -25,12 +25,12 @@ from raycompress.algorithms.cus_prun import kept_count, neuron_impact, relevance
 from raycompress.algorithms.gptq import gptq_quantize
 from raycompress.algorithms.magnitude import magnitude_prune
 from raycompress.algorithms.obs import obs_factor_
-from raycompress.algorithms.quant import QuantSpec
+from raycompress.algorithms.quant import rtn
 from raycompress.algorithms.sparsegpt import sparsegpt_prune
 from raycompress.algorithms.wanda import wanda_prune
 from raycompress.config import CompressConfig
 from raycompress.engine.stats import InputStats, mean_
-from raycompress.models.quantized import qparams
+from raycompress.models.quantized import qparams, resolve
 from raycompress.registry import ALGORITHMS
 
 @dataclass(frozen=True)
@@ -54,9 +54,6 @@ def _nm(cfg: CompressConfig) -> tuple[int, int] | None:
     return tuple(cfg.n_m) if cfg.n_m else None
 
 
-def _spec(cfg: CompressConfig) -> QuantSpec:
-    q = cfg.quant
-    return QuantSpec(bits=q.bits, symmetric=q.symmetric, group_size=q.group_size)
 
 
 def _none(stats, cfg):
@@ -80,22 +77,43 @@ def _factor(stats: InputStats, cfg: CompressConfig):
     the result, and keeps the damping relative)."""
     mean_(stats)
     h, stats.value = stats.value, None
-    act_order = cfg.quant is not None and cfg.quant.act_order and cfg.algorithm == "gptq"
+    scheme = resolve(cfg)
+    act_order = scheme is not None and scheme.act_order and cfg.algorithm == "gptq"
     return obs_factor_(h if h.dtype == torch.float32 else h.float(), cfg.damping, act_order)
 
 
 def _sparsegpt(w, f, cfg):
-    quant = _spec(cfg) if cfg.quant is not None else None
+    scheme = resolve(cfg)
+    quant = scheme.weight_spec if scheme is not None else None
     r = sparsegpt_prune(w, None, cfg.sparsity, _nm(cfg), cfg.block_size, quant=quant, factor=f)
     tensors = {"weight": r.weight}
     if quant is not None:  # SparseGPT paper Sec. 3.5: joint sparsification and quantization
-        tensors.update(qparams(r.scale, r.zero, cfg.quant, w.dtype))
+        tensors.update(qparams(r, scheme, w.dtype))
     return tensors, {"damping": r.damping, "loss": r.loss}
 
 
 def _gptq(w, f, cfg):
-    r = gptq_quantize(w, None, _spec(cfg), cfg.block_size, factor=f)
-    return {"weight": r.weight, **qparams(r.scale, r.zero, cfg.quant, w.dtype)}, {"damping": r.damping, "loss": r.loss}
+    scheme = resolve(cfg)
+    r = gptq_quantize(w, None, scheme.weight_spec, cfg.block_size, factor=f)
+    return {"weight": r.weight, **qparams(r, scheme, w.dtype)}, {"damping": r.damping, "loss": r.loss}
+
+
+def _mean_hessian(stats, cfg):
+    """AWQ: the group's per-token mean Hessian (already smoothed by `engine.smoothing`), kept to
+    report the round-to-nearest error tr(D H D^T)."""
+    return mean_(stats).value
+
+
+def _rtn(w, h, cfg):
+    """Round to nearest on the scheme's grid (the GPTQ paper's RTN baseline; llm-compressor's
+    QuantizationModifier); with a per-token mean Hessian h, info["loss"] = tr(D h D^T)."""
+    scheme = resolve(cfg)
+    r = rtn(w, scheme.weight_spec)
+    info = {}
+    if h is not None:
+        d = w.to(h.dtype) - r.weight.to(h.dtype)
+        info["loss"] = float(((d @ h) * d).sum())
+    return {"weight": r.weight.to(w.dtype), **qparams(r, scheme, w.dtype)}, info
 
 
 def _cus_prun(up: dict, down_name: str, down: dict, stats: dict[str, InputStats], cfg: CompressConfig,
@@ -128,4 +146,6 @@ ALGORITHMS.register("magnitude")(Algorithm(None, _none, _magnitude, lambda o, i:
 ALGORITHMS.register("wanda")(Algorithm("sqnorm", _norms, _wanda, lambda o, i: o * i))
 ALGORITHMS.register("sparsegpt")(Algorithm("hessian", _factor, _sparsegpt, lambda o, i: i * i * (o + i), flops=_obs_flops))
 ALGORITHMS.register("gptq")(Algorithm("hessian", _factor, _gptq, lambda o, i: i * i * (o + i), flops=_obs_flops))
+ALGORITHMS.register("rtn")(Algorithm(None, _none, _rtn, lambda o, i: o * i))
+ALGORITHMS.register("awq")(Algorithm("hessian", _mean_hessian, _rtn, lambda o, i: i * i * o))
 ALGORITHMS.register("cus_prun")(Algorithm("sqnorm", None, None, lambda o, i: o, layer_solve=_cus_prun))

@@ -4,6 +4,11 @@ data-parallel workers to the one worker that solves that input group.
 Kinds:
 - "hessian": H = sum over tokens of x x^T, (d_in, d_in) — SparseGPT / GPTQ.
 - "sqnorm": sum over tokens of x_j^2, (d_in,) — Wanda's ||X_j||_2^2.
+- "abssum": sum over tokens of |x_j|, (d_in,) — AWQ's activation magnitude (mean |x_j| = abssum / tokens).
+- "absmax": max over tokens of |x_j|, (d_in,) — SmoothQuant's max|X_j|, the observers of static
+  activation scales (FP8 input_scale, NVFP4 input_global_scale: max over channels), and a KV
+  cache's max |k|, max |v| (d_in = 2). Reduced with max instead of a sum: exact in any order, so
+  bit-identical whatever the number of workers and shard sizes.
 Each micro-batch's product is computed in float32 on the worker's device and added to an
 accumulator of `dtype` (float32 by default, `compress.hessian_dtype`), allocated at the first
 micro-batch, not before. Micro-batches are aligned to the calibration set (every shard starts at a
@@ -20,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("hessian", "sqnorm")
+KINDS = ("hessian", "sqnorm", "abssum", "absmax")
+MAX_KINDS = ("absmax",)  # reduced with max; the others add
 
 
 @dataclass
@@ -29,7 +35,7 @@ class InputStats:
     d_in: int
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
-    value: torch.Tensor | None = None  # (d_in, d_in) for hessian, (d_in,) for sqnorm; None until the first batch
+    value: torch.Tensor | None = None  # (d_in, d_in) for hessian, (d_in,) otherwise; None until the first batch
     tokens: int = 0
     out_sq: dict[str, float] = field(default_factory=dict)  # module -> sum over tokens of ||W x||²
 
@@ -63,18 +69,30 @@ class InputStats:
                 acc.addmm_(x.T, x)  # (d_in, d_in), no temporary
             else:
                 acc.add_((x.T @ x).to(acc.dtype))
-        else:
+        elif self.kind == "sqnorm":
             acc.add_((x * x).sum(0).to(acc.dtype))  # (d_in,)
+        elif self.kind == "abssum":
+            acc.add_(x.abs().sum(0).to(acc.dtype))  # (d_in,)
+        else:
+            self.add_max(x.abs().amax(0) if x.shape[0] else torch.zeros_like(acc))
         self.tokens += x.shape[0]
+
+    def add_max(self, m: torch.Tensor) -> None:
+        """absmax: fold a (d_in,) tensor of maxima in (elementwise max; NaN propagates)."""
+        acc = self._buffer()
+        torch.maximum(acc, m.to(acc.device, acc.dtype), out=acc)
 
     def add_output(self, module: str, sq: float) -> None:
         self.out_sq[module] = self.out_sq.get(module, 0.0) + sq
 
     def add_(self, other: "InputStats") -> "InputStats":
-        """In-place sum with a partial of the same kind (moved to this accumulator's device)."""
+        """In-place sum (max for `MAX_KINDS`) with a partial of the same kind (moved to this
+        accumulator's device)."""
         if other.kind != self.kind:
             raise ValueError(f"cannot add {self.kind} and {other.kind} statistics")
-        if other.value is not None:
+        if other.value is not None and self.kind in MAX_KINDS:
+            self.add_max(other.value)
+        elif other.value is not None:
             self._buffer().add_(other.value.to(self.value.device, self.value.dtype))
         self.tokens += other.tokens
         for k, v in other.out_sq.items():
@@ -92,6 +110,16 @@ class InputStats:
         value = None if self.value is None else self.value.to(device)
         return InputStats(self.kind, self.d_in, self.dtype, device, value, self.tokens, dict(self.out_sq))
 
+
+
+def require_finite(stats: list[InputStats | None]) -> None:
+    """Raise ValueError naming the statistic when a reduced statistic holds NaN or Inf (activations
+    of the calibration set that overflowed, or NaN-producing inputs, reached this linear)."""
+    for st in stats:
+        if st is not None and st.value is not None and not bool(torch.isfinite(st.value).all()):
+            bad = int((~torch.isfinite(st.value)).sum())
+            raise ValueError(f"the {st.kind} activation statistic has {bad} non-finite values over {st.tokens} "
+                             "calibration tokens: check the calibration sources named in the select manifest")
 
 
 def mean_(s: InputStats) -> InputStats:

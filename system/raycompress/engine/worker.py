@@ -25,10 +25,11 @@ from torch import nn
 from raycompress.algorithms.obs import HessianNotPositiveDefinite
 from raycompress.config import CompressConfig
 from raycompress.engine.memory import PeakMemory
-from raycompress.engine.stats import InputStats, mix_stats
+from raycompress.engine.stats import InputStats, mix_stats, require_finite
 from raycompress.engine.transfer import cpu_tensors, nbytes, to_device
 from raycompress.models.checkpoint import write_shard
-from raycompress.models.quantized import pack_quantized
+from raycompress.engine.smoothing import extra_key, smooth_group
+from raycompress.models.quantized import input_qparams, kv_qparams, pack, resolve
 from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
 
@@ -115,25 +116,26 @@ class LayerWorker:
             if keep:
                 self.hidden[self._rows] = out.reshape(self.hidden[self._rows].shape)
 
-    def _hooks(self, name: str, targets: dict[str | None, InputStats], inputs: bool) -> list:
-        """Hooks adding a micro-batch's inputs x (b, seq, d_in) and output norms ||W x||² to the
-        statistics of every subset its rows belong to (key None: all rows)."""
+    def _hooks(self, name: str, targets: dict[str | None, list[InputStats]], inputs: bool) -> list:
+        """Hooks adding a micro-batch's inputs x (b, seq, d_in) to the statistics of every subset its
+        rows belong to (key None: all rows), and its output norms ||W x||² to each subset's first."""
         def rows(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # OPT flattens to (b*seq, d)
             return t.reshape(m.numel(), -1, t.shape[-1])[m]
 
         def pre(module, args):
-            for subset, st in targets.items():
+            for subset, sts in targets.items():
                 m = None if subset is None else self.subsets[subset][self._rows]
                 if m is None or m.any():
-                    st.add_batch(args[0] if m is None else rows(args[0], m))
+                    for st in sts:
+                        st.add_batch(args[0] if m is None else rows(args[0], m))
 
         def post(module, args, out):
             y = out if getattr(module, "bias", None) is None else out - module.bias
-            for subset, st in targets.items():
+            for subset, sts in targets.items():
                 m = None if subset is None else self.subsets[subset][self._rows]
                 if m is None or m.any():
                     norm = torch.linalg.vector_norm(y if m is None else rows(y, m), dtype=torch.float32)
-                    st.add_output(name, float(norm) ** 2)  # no float32 copy of the output
+                    sts[0].add_output(name, float(norm) ** 2)  # no float32 copy of the output
 
         lin = self.layer.get_submodule(name)
         return [lin.register_forward_pre_hook(pre)] if inputs else [lin.register_forward_hook(post)]
@@ -154,34 +156,60 @@ class LayerWorker:
         return self.hidden.shape[0]
 
     @torch.no_grad()
-    def accumulate(self, groups: dict[str, tuple[str, list[str]]], split: bool = False) -> dict[str, int]:
+    def accumulate(self, groups: dict[str, tuple[str | None, list[str]]], split: bool = False,
+                   extras: dict[str, tuple[str, ...]] | None = None, kv: str | None = None) -> dict[str, int]:
         """Partial statistics of this shard for each input group, kept on this worker.
 
         Args:
-            groups: group name -> (stats kind "hessian"/"sqnorm", linears reading that input).
-            split: statistics per row subset, under `<group>@<subset>`, instead of over all rows.
+            groups: group name -> (the algorithm's stats kind "hessian"/"sqnorm", or None; linears
+                reading that input).
+            split: the algorithm's statistics per row subset, under `<group>@<subset>`, instead of
+                over all rows.
+            extras: group -> activation statistics kinds ("absmax", "abssum") over all rows, under
+                `engine.smoothing.extra_key(group, kind)`.
+            kv: the attention module whose key / value states' max |k|, max |v| are observed
+                (an "absmax" statistic of 2 values under `extra_key(kv, "kv")`), or None.
         Returns:
-            statistics key (group or group@subset) -> tokens accumulated.
+            statistics key -> tokens accumulated.
         """
         t0 = time.perf_counter()
-        hooks = []
+        hooks, extras = [], extras or {}
         for group, (kind, names) in groups.items():
-            lin = self.layer.get_submodule(group)
-            keys = {f"{group}@{s}": s for s in self.subsets} if split else {group: None}
-            targets = {}
+            d_in = self.layer.get_submodule(group).in_features
+            targets: dict[str | None, list[InputStats]] = {}
+            keys = ({f"{group}@{s}": s for s in self.subsets} if split else {group: None}) if kind else {}
             for key, subset in keys.items():
-                self.stats[key] = targets[subset] = InputStats.empty(kind, lin.in_features, self.hessian_dtype, self.device)
+                self.stats[key] = InputStats.empty(kind, d_in, self.hessian_dtype, self.device)
+                targets.setdefault(subset, []).append(self.stats[key])
+            for ek in extras.get(group, ()):
+                self.stats[extra_key(group, ek)] = InputStats.empty(ek, d_in, self.hessian_dtype, self.device)
+                targets.setdefault(None, []).append(self.stats[extra_key(group, ek)])
             hooks += self._hooks(group, targets, inputs=True)  # the shared input, once
             for name in names:  # every target linear's output norm
                 hooks += self._hooks(name, targets, inputs=False)
         try:
-            if groups:
+            if kv is not None:
+                self._observe_kv(kv)
+            elif groups:
                 self._run_all(keep=False)
         finally:
             for hk in hooks:
                 hk.remove()
         self._tick("stats", t0)
         return {k: s.tokens for k, s in self.stats.items()}
+
+    def _observe_kv(self, attn: str) -> None:
+        """Run every micro-batch with the KV observer on `attn` (`engine.kv.KVObserver`)."""
+        from raycompress.engine.kv import KVObserver
+
+        with KVObserver(self.layer.get_submodule(attn)) as obs:
+            self._run_all(keep=False)
+        st = InputStats.empty("absmax", 2, self.hessian_dtype, self.device)
+        for i, m in enumerate((obs.k_absmax, obs.v_absmax)):
+            if m is not None:
+                st._buffer()[i] = m.to(st.dtype)
+        st.tokens = self.hidden.shape[0] * (self.hidden.shape[1] if self.hidden.dim() > 1 else 0)
+        self.stats[extra_key(attn, "kv")] = st
 
     def export_stats(self, keys: list[str]) -> dict[str, InputStats]:
         """Hand this worker's partial statistics `keys` on (on the CPU) and free them here."""
@@ -226,13 +254,21 @@ class LayerWorker:
         t0 = time.perf_counter()
         algo = ALGORITHMS.get(cfg.algorithm)
         stats = self._group_stats(group, cfg)
-        exported = {}
+        extra = {k.split("#", 1)[1]: self.stats.pop(k) for k in list(self.stats) if k.startswith(group + "#")}
+        scheme = resolve(cfg)
         try:
+            require_finite([stats, *extra.values()])
+            smoothed, sinfo = smooth_group(self.layer, group, names, self.model.spec, cfg, scheme, stats, extra)
+            inputs = input_qparams(extra["absmax"].value, scheme, self.model.dtype) if "absmax" in extra and \
+                scheme.static_inputs else {}
+            exported = {n: cpu_tensors(t) for n, t in smoothed.items()}
             ctx = algo.prepare(stats, cfg)  # e.g. the OBS factor, shared by the group's linears
             out_sq = dict(stats.out_sq) if stats is not None else {}  # per token, as the loss
             for name in names:
                 t1 = time.perf_counter()
                 tensors, info = algo.solve(self.layer.get_submodule(name).weight.data, ctx, cfg)
+                tensors.update({k: v.clone() for k, v in inputs.items()})  # one tensor per linear
+                info.update(sinfo)
                 self._install(name, tensors)  # the old weight is freed here
                 loss = info.pop("loss", None)
                 self.infos.append({"layer": self.layer_idx, "module": name,
@@ -242,6 +278,8 @@ class LayerWorker:
                 if export:
                     exported[name] = cpu_tensors(tensors)
         except (HessianNotPositiveDefinite, ValueError) as exc:
+            if isinstance(exc, SolveError):
+                raise
             raise SolveError(f"layer {self.layer_idx} module {group} ({', '.join(names)}): {exc} "
                              f"(compress.damping={cfg.damping})") from exc
         for rec in self.infos[-len(names):]:  # the whole group's time, factor included
@@ -272,11 +310,13 @@ class LayerWorker:
         return {n: cpu_tensors(t) for n, t in solved.items()} if export else None
 
     def _install(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """New weights of module `name` (a linear, or a norm a smoothing step rescaled)."""
         lin = self.layer.get_submodule(name)
         lin.weight = nn.Parameter(tensors["weight"].to(self.device, self.model.dtype), requires_grad=False)
         if "bias" in tensors:
             lin.bias = nn.Parameter(tensors["bias"].to(self.device, self.model.dtype), requires_grad=False)
-        lin.out_features, lin.in_features = lin.weight.shape
+        if lin.weight.dim() == 2:
+            lin.out_features, lin.in_features = lin.weight.shape
         if "weight_scale" in tensors:
             self._qparams[name] = {k: v for k, v in tensors.items() if k != "weight"}
 
@@ -316,9 +356,11 @@ class LayerWorker:
         """Back to the embeddings of the calibration shard (after a pre-pass)."""
         self.hidden, self._kwargs = self._embed()
 
-    def write_layer(self, path: str, quant=None) -> dict:
+    def write_layer(self, path: str, scheme=None) -> dict:
         """Persist the current layer's tensors, with full checkpoint names, at `path` (a local path
-        or URI; atomic); quantized linears are packed (compressed-tensors pack-quantized) with `quant`.
+        or URI; atomic); quantized linears are packed in `scheme`'s compressed-tensors format
+        (`models.quantized.Scheme`), and a KV cache's k_scale / v_scale come from the reduced
+        observer statistics this worker holds.
 
         Returns:
             {"path", "sha256", "bytes", "keys"} of the shard written.
@@ -330,16 +372,25 @@ class LayerWorker:
         state = {k: v.to("cpu") for k, v in self.layer.state_dict().items()}
         for name, q in self._qparams.items():
             q = {"weight": state.pop(f"{name}.weight"), **{k: v.to("cpu") for k, v in q.items()}}
-            state.update({f"{name}.{k}": v for k, v in pack_quantized(q, quant, self.model.dtype).items()})
+            state.update({f"{name}.{k}": v for k, v in pack(q, scheme, self.model.dtype).items()})
+        attn = self.model.spec.attention
+        kv = self.stats.get(extra_key(attn, "kv"))
+        if scheme is not None and scheme.kv is not None and kv is not None:
+            try:
+                require_finite([kv])
+            except ValueError as exc:
+                raise SolveError(f"layer {self.layer_idx} module {attn} (KV cache): {exc}") from exc
+            k_max, v_max = kv.value.float().tolist()
+            state.update({f"{attn}.{k}": v.to("cpu") for k, v in kv_qparams(k_max, v_max, scheme, self.model.dtype).items()})
         out = write_shard({f"{prefix}.{k}": v for k, v in state.items()}, path)
         self._tick("io", t0)
         return out
 
     @torch.no_grad()
-    def replay_layer(self, idx: int, shard: str, quant=None) -> None:
+    def replay_layer(self, idx: int, shard: str, scheme=None) -> None:
         """Resume: propagate this shard through layer `idx` as already written at `shard` (local or URI)."""
         t0 = time.perf_counter()
-        self.layer = self.model.load_layer_from_shard(idx, shard, quant)
+        self.layer = self.model.load_layer_from_shard(idx, shard, scheme)
         self.layer_idx = idx
         self._run_all(keep=True)
         self.layer = None

@@ -232,9 +232,10 @@ class OffloadedModel:
         """Decoder layer `idx` with its weights read from disk, in eval mode."""
         return self.load_module(self.layer_prefix(idx))
 
-    def load_layer_from_shard(self, idx: int, shard: str | Path, quant=None) -> nn.Module:
+    def load_layer_from_shard(self, idx: int, shard: str | Path, scheme=None) -> nn.Module:
         """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names), read from
-        its location (local or URI); pack-quantized linears are dequantized with `quant` (a QuantConfig)."""
+        its location (local or URI); quantized linears are dequantized with `scheme`
+        (`models.quantized.Scheme`), their activation and KV-cache scales dropped."""
         from safetensors.torch import load
 
         prefix = self.layer_prefix(idx) + "."
@@ -243,10 +244,10 @@ class OffloadedModel:
                 state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         else:
             state = {k[len(prefix):]: v for k, v in load(uri.read_bytes(shard)).items() if k.startswith(prefix)}
-        if quant is not None:
-            from raycompress.models.quantized import unpack_quantized
+        if scheme is not None:
+            from raycompress.models.quantized import unpack
 
-            state = unpack_quantized(state, quant)
+            state = unpack(state, scheme)
         state = {k: v.to(self.device, self.dtype) for k, v in state.items()}
         module = _clone_meta(self.skeleton.get_submodule(self.layer_prefix(idx)))
         _reshape_meta(module, state)  # structured pruning may have shrunk some linears

@@ -25,7 +25,8 @@ from raycompress.storage import uri
 
 # config keys shown first in run labels when they differ; other differing keys follow, sorted
 LABEL_KEYS = ["select.method", "select.multi_source", "select.mix", "select.n_samples", "compress.algorithm",
-              "compress.sparsity", "compress.n_m", "compress.quant", "compress.mixcal", "compress.owl"]
+              "compress.sparsity", "compress.n_m", "compress.quant", "compress.scheme", "compress.smoothquant",
+              "compress.kv_cache", "compress.mixcal", "compress.owl"]
 IGNORED_PREFIXES = ("name", "base_dir", "ray.", "evaluate.")
 MAX_LABEL_KEYS = 4
 

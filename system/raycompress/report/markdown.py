@@ -74,10 +74,11 @@ def _compression_lines(c: dict) -> list[str]:
         return []
     text = f"Compression: {c['algorithm']}, {c['modules']} modules, mean sparsity {c['mean_sparsity']:.4f}"
     measure = error_measure(c)
+    serving = ["", c["serving"]] if c.get("serving") else []
     if measure is None:
-        return ["", "## Compression", "", text]
+        return ["", "## Compression", "", text] + serving
     text += f", mean {measure['name']} {c['mean_rel_error']:.4f}"
-    return ["", "## Compression", "", text, "", f"{measure['name'].capitalize()} = {measure['definition']}."]
+    return ["", "## Compression", "", text, "", f"{measure['name'].capitalize()} = {measure['definition']}."] + serving
 
 
 def training_text(t: dict) -> str:

@@ -74,7 +74,29 @@ _CUS_PRUN_SHARE = {
                   "input, E: mean over a dimension's calibration tokens). The cross-neuron terms "
                   "E[a_i a_j]·W_down[:, i]ᵀW_down[:, j] are left out, so this is not ‖ΔWX‖²/‖WX‖² of the down "
                   "projection; the two are equal only when different neurons' activations are uncorrelated"}
-REL_ERROR_MEASURES = {"sparsegpt": _OBS_ERROR, "gptq": _OBS_ERROR, "cus_prun": _CUS_PRUN_SHARE}
+_RTN_ERROR = {
+    "name": "relative reconstruction error", "unit": "‖ΔWX‖²/‖WX‖²",
+    "definition": "AWQ then round to nearest: ‖WX − ŴX‖² / ‖WX‖² of each linear on the calibration inputs X "
+                  "(tr(ΔW H ΔWᵀ) with the undamped H = XXᵀ, in the smoothed space where AWQ scaled the group)"}
+REL_ERROR_MEASURES = {"sparsegpt": _OBS_ERROR, "gptq": _OBS_ERROR, "awq": _RTN_ERROR, "cus_prun": _CUS_PRUN_SHARE}
+PRUNED_NOT_SERVED = ("The zeros of a pruned checkpoint are not used by the serving engine: vLLM no longer "
+                     "accelerates 2:4 or unstructured sparsity (vllm-project/vllm#36799), so it serves at dense "
+                     "memory and speed; a quantized scheme is what makes it smaller and faster.")
+
+
+def serving_note(recipe: dict | None, mean_sparsity: float | None) -> str:
+    """What the checkpoint is to a serving engine: its quantization scheme, and whether its
+    sparsity buys anything there (it does not, see `PRUNED_NOT_SERVED`)."""
+    recipe = recipe or {}
+    parts = []
+    if recipe.get("scheme") or recipe.get("quant"):
+        scheme = recipe.get("scheme") or f"W{recipe['quant'].get('bits')}A16 (integer, from compress.quant)"
+        parts.append(f"Quantization scheme {scheme}" + (", FP8 KV cache" if recipe.get("kv_cache") else "")
+                     + (f", SmoothQuant α={recipe['smoothquant'].get('alpha')}" if recipe.get("smoothquant") else "")
+                     + ", written as compressed-tensors (loads in transformers and vLLM).")
+    if mean_sparsity and mean_sparsity > 0.01 and recipe.get("algorithm") != "cus_prun":
+        parts.append(PRUNED_NOT_SERVED)
+    return " ".join(parts)
 
 
 def compression_summary(compression: dict) -> dict:
@@ -91,6 +113,7 @@ def compression_summary(compression: dict) -> dict:
         "rel_error_measure": rel_error_measure(compression.get("algorithm")) if errs else None,
         "modules": len(mods),
         "layers": layer_summary(mods),
+        "serving": serving_note(compression.get("config"), sum(m["sparsity"] for m in mods) / len(mods) if mods else None),
     }
 
 
