@@ -66,10 +66,10 @@ def _watch(proc, cmd, log, t0) -> tuple[str, float, float]:
 
 def load_dense(model_dir: Path):
     """`model_dir` as a float32 causal LM whose linears all hold a dense `weight`: a
-    compressed-tensors checkpoint is dequantized as it loads (`models.quantized.load_causal_lm`)."""
+    compressed-tensors checkpoint runs fake-quantized as it is served (`models.load.load_causal_lm`)."""
     import torch
 
-    from raycompress.models.quantized import load_causal_lm
+    from raycompress.models.load import load_causal_lm
 
     return load_causal_lm(model_dir, torch.float32)
 

@@ -1,4 +1,4 @@
-"""models.quantized.load_causal_lm (the eval pool's and the benchmarks' loader): a GPTQ checkpoint
+"""models.load.load_causal_lm (the eval pool's and the benchmarks' loader): a GPTQ checkpoint
 (compressed-tensors pack-quantized, ours or llm-compressor's) is scored dequantized. Loaded as is, transformers keeps its linears packed until the top-level
 model's first forward, which the scorer (decoder body and head run apart) never calls: the
 benchmark's perplexity step failed with "'Linear' object has no attribute 'weight'"."""

@@ -49,7 +49,7 @@ class EvalActor:
     def __init__(self, ref: ModelRef, threads: int, dtype: str, device_map: str | None) -> None:
         import torch
 
-        from raycompress.models.quantized import load_causal_lm
+        from raycompress.models.load import load_causal_lm
 
         torch.set_num_threads(threads)
         folder = ref.local()  # this node's copy: read in place if local, else fetched into the node cache
@@ -58,7 +58,7 @@ class EvalActor:
             import tempfile
 
             kwargs.update(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="raycompress-offload-"))
-        self.model = load_causal_lm(folder, getattr(torch, dtype), **kwargs)  # quantized: dequantized
+        self.model = load_causal_lm(folder, getattr(torch, dtype), **kwargs)  # quantized: fake-quantized as served
         if not device_map and torch.cuda.is_available():
             self.model.to("cuda")
 
