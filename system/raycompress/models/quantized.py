@@ -61,7 +61,7 @@ class Scheme:
         return act is not None and act.dynamic in (False, "local")
 
 
-def _weight_spec(args, act_order: bool = False) -> QuantSpec:
+def _weight_spec(args) -> QuantSpec:
     """The QuantSpec of compressed-tensors weight QuantizationArgs (int / fp8 / NVFP4)."""
     kind = _TYPES.get((args.type, args.num_bits))
     if kind is None or args.strategy not in ("group", "channel", "tensor", "tensor_group"):
