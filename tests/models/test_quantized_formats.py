@@ -164,7 +164,8 @@ def test_resolve_legacy_and_presets():
     assert Q.resolve(CompressConfig(algorithm="magnitude")) is None
     for name in PRESETS:  # a Scheme travels to Ray workers
         s = Q.resolve(CompressConfig(algorithm="rtn", scheme=name, kv_cache={}))
-        assert pickle.loads(pickle.dumps(s)) == s and s.name == name
+        copy = pickle.loads(pickle.dumps(s))
+        assert copy == s and hash(copy) == hash(s) and s.name == name
     legacy = Q.resolve(CompressConfig(algorithm="gptq", quant={"bits": 8, "group_size": None, "act_order": True}))
     assert legacy.name == "legacy" and legacy.format == "pack-quantized" and legacy.act_order
     assert legacy.ct.weights.strategy == "channel" and legacy.ct.weights.actorder == "static"

@@ -48,6 +48,10 @@ class Scheme:
     weight_spec: QuantSpec
     act_order: bool = False
 
+    def __hash__(self) -> int:  # the compressed-tensors models are not hashable; their JSON is
+        return hash((self.name, self.format, self.weight_spec, self.act_order, self.ct.model_dump_json(),
+                     None if self.kv is None else self.kv.model_dump_json()))
+
     @property
     def activations(self):
         """The input activations' QuantizationArgs, None for weight-only schemes."""
