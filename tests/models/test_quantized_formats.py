@@ -180,3 +180,13 @@ def test_resolve_legacy_and_presets():
     kv = Q.kv_qparams(448.0, 0.0, w8a8, torch.bfloat16)
     assert kv["k_scale"].tolist() == [1.0] and kv["v_scale"].item() == torch.finfo(torch.bfloat16).eps
     assert Q.input_qparams(torch.tensor([0.5, 6.0]), nv, torch.float32)["input_global_scale"].tolist() == [448.0]
+
+
+def test_qparams_warns_when_the_stored_scale_is_not_the_one_used(caplog):
+    scheme = _scheme("W4A16", False)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="raycompress.models.quantized"):
+        Q.qparams(rtn(w.bfloat16(), scheme.weight_spec), scheme, torch.bfloat16)  # scales solved in bf16
+        assert not caplog.records
+        Q.qparams(rtn(w, scheme.weight_spec), scheme, torch.bfloat16)  # float32 scales stored as bf16
+    assert "not representable" in caplog.text

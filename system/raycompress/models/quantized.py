@@ -19,6 +19,7 @@ written as `ModelCompressor.update_config` writes it.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from raycompress.algorithms.quant import QuantSpec  # the grid type the solvers round on
 from raycompress.config import SCHEMES, CompressConfig, QuantConfig
 
+log = logging.getLogger(__name__)
 _TYPES = {("int", 4): "int", ("int", 8): "int", ("float", 8): "fp8", ("float", 4): "fp4"}
 _FP8_MAX = 448.0  # largest float8_e4m3fn value
 _DROPPED_ON_UNPACK = ("input_scale", "input_global_scale", "input_zero_point", "k_scale", "v_scale",
@@ -140,6 +142,9 @@ def qparams(result, scheme, dtype, *legacy) -> dict[str, torch.Tensor]:
         return {"weight_scale": scale.to(torch.float8_e4m3fn),
                 "weight_global_scale": getattr(result, "global_scale").to(torch.float32).reshape(1)}
     out = {"weight_scale": scale.to(dtype)}
+    if not torch.equal(out["weight_scale"].float(), scale.float()):
+        log.warning("weight_scale is not representable in %s: the weight was rounded with another scale than "
+                    "the one stored (solve with QuantSpec.weight_dtype=%s)", dtype, dtype)
     if not spec.symmetric:
         out["weight_zero_point"] = result.zero.to(torch.int8)
     return out
