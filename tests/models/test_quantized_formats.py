@@ -190,3 +190,18 @@ def test_qparams_warns_when_the_stored_scale_is_not_the_one_used(caplog):
         assert not caplog.records
         Q.qparams(rtn(w, scheme.weight_spec), scheme, torch.bfloat16)  # float32 scales stored as bf16
     assert "not representable" in caplog.text
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_gptq_weights_round_trip_through_the_checkpoint(name):
+    """GPTQ's compensated weights are on their grids: packed and unpacked they come back exactly."""
+    from raycompress.algorithms.gptq import gptq_quantize
+
+    scheme = _scheme(name, False)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 64, generator=g).bfloat16()
+    x = torch.randn(64, 256, generator=g)
+    r = gptq_quantize(w, x @ x.T, scheme.weight_spec, block_size=32)
+    packed = Q.pack({"weight": r.weight, **Q.qparams(r, scheme, torch.bfloat16)}, scheme, torch.bfloat16)
+    back = Q.unpack({f"proj.{k}": v for k, v in packed.items()}, scheme)["proj.weight"]
+    assert torch.equal(back.bfloat16(), r.weight)
