@@ -142,7 +142,9 @@ class OffloadedModel:
         sends to it. Meant for preflight.
 
         Raises:
-            CheckpointError: naming the file (and the tensor) and what would be right.
+            CheckpointError: naming the file (and the tensor) and what would be right; for a
+                mixture-of-experts model, also a decoder layer whose router or experts do not
+                match the table row (`models.moe.check_layer_layout`).
         """
         by_file: dict[str, list[str]] = {}
         for k, fname in self.weight_map.items():
@@ -153,6 +155,21 @@ class OffloadedModel:
                 raise CheckpointError(f"{uri.display(self._location(fname))}: model.safetensors.index.json puts tensor "
                                       f"'{absent[0]}' ({len(absent)} in all) in this file, but its header has no such "
                                       "tensor; fix the index or restore the file")
+        self._check_moe_layout()
+
+    def _check_moe_layout(self) -> None:
+        """Every MoE decoder layer's tensor names match the table's `MoESpec` row (`models.moe`)."""
+        if self.spec.moe is None:
+            return
+        from raycompress.models.moe import check_layer_layout, is_moe_layer, num_experts
+
+        n = num_experts(self.config, self.spec)
+        layers = _get_submodule(self.skeleton, self.spec.layers)
+        for i in range(self.num_layers):
+            if is_moe_layer(layers[i], self.spec):
+                prefix = self.layer_prefix(i) + "."
+                names = [k[len(prefix):] for k in self.weight_map if k.startswith(prefix)]
+                check_layer_layout(names, self.spec, n, f"{uri.display(self.ref.location)} layer {i}")
 
     def _file(self, name: str) -> Path:
         """A weight file of the checkpoint on this node (fetched into the node cache if remote), its
@@ -220,8 +237,23 @@ class OffloadedModel:
             state = self.read_tensors(dotted)
         except KeyError:
             state = self._tied_fallback(dotted)
+        if self._is_layer(dotted):
+            state = self._to_live(state)
         module.load_state_dict(state, assign=True, strict=True)
         return module.eval()
+
+    def _is_layer(self, dotted: str) -> bool:
+        head, _, idx = dotted.rpartition(".")
+        return head == self.spec.layers and idx.isdigit()
+
+    def _to_live(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A decoder layer's tensors in the live module's layout: an MoE checkpoint's per-expert
+        tensors fused (`models.moe.to_live`); others unchanged."""
+        if self.spec.moe is None:
+            return state
+        from raycompress.models.moe import num_experts, to_live
+
+        return to_live(state, self.spec, num_experts(self.config, self.spec))
 
     def _tied_fallback(self, dotted: str) -> dict[str, torch.Tensor]:
         if dotted == "lm_head" and getattr(self.config, "tie_word_embeddings", False):
@@ -235,7 +267,8 @@ class OffloadedModel:
     def load_layer_from_shard(self, idx: int, shard: str | Path, scheme=None) -> nn.Module:
         """Decoder layer `idx` with weights from a shard we wrote (full checkpoint names), read from
         its location (local or URI); quantized linears are dequantized with `scheme`
-        (`models.quantized.Scheme`), their activation and KV-cache scales dropped."""
+        (`models.quantized.Scheme`), their activation and KV-cache scales dropped. MoE experts may
+        be stored fused (the live module's state_dict names) or per expert (the checkpoint's)."""
         from safetensors.torch import load
 
         prefix = self.layer_prefix(idx) + "."
@@ -248,7 +281,7 @@ class OffloadedModel:
             from raycompress.models.quantized import unpack
 
             state = unpack(state, scheme)
-        state = {k: v.to(self.device, self.dtype) for k, v in state.items()}
+        state = self._to_live({k: v.to(self.device, self.dtype) for k, v in state.items()})
         module = _clone_meta(self.skeleton.get_submodule(self.layer_prefix(idx)))
         _reshape_meta(module, state)  # structured pruning may have shrunk some linears
         module.load_state_dict(state, assign=True, strict=True)
