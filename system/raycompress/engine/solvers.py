@@ -25,7 +25,7 @@ from raycompress.algorithms.cus_prun import kept_count, neuron_impact, relevance
 from raycompress.algorithms.gptq import gptq_quantize
 from raycompress.algorithms.magnitude import magnitude_prune
 from raycompress.algorithms.obs import obs_factor_
-from raycompress.algorithms.quant import rtn
+from raycompress.algorithms.quant import rtn, with_weight_dtype
 from raycompress.algorithms.sparsegpt import sparsegpt_prune
 from raycompress.algorithms.wanda import wanda_prune
 from raycompress.config import CompressConfig
@@ -84,7 +84,7 @@ def _factor(stats: InputStats, cfg: CompressConfig):
 
 def _sparsegpt(w, f, cfg):
     scheme = resolve(cfg)
-    quant = scheme.weight_spec if scheme is not None else None
+    quant = with_weight_dtype(scheme.weight_spec, w.dtype) if scheme is not None else None  # scales as stored
     r = sparsegpt_prune(w, None, cfg.sparsity, _nm(cfg), cfg.block_size, quant=quant, factor=f)
     tensors = {"weight": r.weight}
     if quant is not None:  # SparseGPT paper Sec. 3.5: joint sparsification and quantization

@@ -118,7 +118,7 @@ def require_finite(stats: list[InputStats | None]) -> None:
     for st in stats:
         if st is not None and st.value is not None and not bool(torch.isfinite(st.value).all()):
             bad = int((~torch.isfinite(st.value)).sum())
-            raise ValueError(f"the {st.kind} activation statistic has {bad} non-finite values over {st.tokens} "
+            raise ValueError(f"the {st.kind} activation statistic has {bad} NaN or Inf values over {st.tokens} "
                              "calibration tokens: check the calibration sources named in the select manifest")
 
 

@@ -122,7 +122,7 @@ def _as_scheme(s) -> Scheme:
     return _legacy(s) if isinstance(s, QuantConfig) else s
 
 
-def qparams(result, scheme, dtype, *legacy) -> dict[str, torch.Tensor]:
+def qparams(result, scheme, dtype) -> dict[str, torch.Tensor]:
     """A solved linear's weight parameters as the checkpoint stores them (they travel between
     workers no wider): `weight_scale` ((d_out, n_groups), (d_out, 1) per channel, (1,) per tensor)
     in `dtype` (float8_e4m3fn for NVFP4), `weight_zero_point` (d_out, n_groups) int8 when
@@ -130,12 +130,7 @@ def qparams(result, scheme, dtype, *legacy) -> dict[str, torch.Tensor]:
 
     result: a QuantResult, GPTQResult or SparseGPTResult (its scale / zero (d_out, n_groups)
     float32; global_scale (1,) float32, needed for NVFP4 only).
-    Legacy form, kept until callers switch: qparams(scale, zero, q: QuantConfig, dtype).
     """
-    if isinstance(result, torch.Tensor):  # legacy qparams(scale, zero, q, dtype)
-        from types import SimpleNamespace
-
-        result, scheme, dtype = SimpleNamespace(scale=result, zero=scheme, global_scale=None), _legacy(dtype), legacy[0]
     spec = _as_scheme(scheme).weight_spec
     scale = result.scale[:1, :1].reshape(1) if spec.tensor else result.scale
     if spec.type == "fp4":
@@ -284,55 +279,3 @@ def quantization_config(scheme, ignore: list[str]) -> dict:
     return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
             "sparsity_config": {}, "transform_config": {},
             **cfg.model_dump(mode="json", exclude={"quant_method"})}
-
-
-# ---- legacy names (QuantConfig callers), thin wrappers until every caller passes a Scheme ----
-
-def scheme(q: QuantConfig):
-    """The compressed-tensors QuantizationScheme for a legacy QuantConfig (weights only)."""
-    return _legacy(q).ct
-
-
-def pack_quantized(tensors: dict[str, torch.Tensor], q: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`pack` for a legacy QuantConfig."""
-    return pack(tensors, _legacy(q), dtype)
-
-
-def unpack_quantized(state: dict[str, torch.Tensor], q: QuantConfig) -> dict[str, torch.Tensor]:
-    """`unpack` for a legacy QuantConfig."""
-    return unpack(state, _legacy(q))
-
-
-def load_causal_lm(folder, dtype: torch.dtype, **kwargs):
-    """`folder` as an eval-mode transformers causal LM in `dtype` whose linears all hold a dense
-    `weight` (what `evaluation.scoring` runs: the decoder body and the output head apart).
-
-    A compressed-tensors checkpoint (our `pack-quantized` output, or llm-compressor's) is
-    dequantized as it loads. Loaded as is, transformers 5 with compressed-tensors keeps each
-    quantized linear packed (`weight_packed`, `weight_scale`, no `weight`) and unpacks them in a
-    forward pre-hook of the top-level model only, which the scorer never calls. `kwargs` go to
-    `from_pretrained` (device_map, offload_folder); `trust_remote_code` is always False.
-
-    Raises:
-        RuntimeError: a linear is still packed after loading (a transformers / compressed-tensors
-            pair whose loading options differ from these).
-    """
-    import inspect
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = {**kwargs, "dtype": dtype, "trust_remote_code": False}
-    quant = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "quantization_config", None) or {}
-    if (quant if isinstance(quant, dict) else quant.to_dict()).get("quant_method") == "compressed-tensors":
-        from transformers import CompressedTensorsConfig
-
-        # `dequantize` replaced `run_compressed` (its opposite) in transformers 5
-        new_api = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
-        kwargs["quantization_config"] = CompressedTensorsConfig(**({"dequantize": True} if new_api
-                                                                   else {"run_compressed": False}))
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    packed = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-              and not isinstance(getattr(mod, "weight", None), torch.Tensor)]
-    if packed:
-        raise RuntimeError(f"{folder}: {len(packed)} linears still packed after loading (first: {packed[0]})")
-    return model
