@@ -1,4 +1,5 @@
 """config.load_config: the shipped job validates; errors name field and file."""
+import re
 import shutil
 from pathlib import Path
 
@@ -130,3 +131,30 @@ def test_impossible_ray_values_fail_at_load(tmp_path, field, value):
     p = _variant(tmp_path, lambda r: r.setdefault("ray", {}).update({field: value}), "ray.yaml")
     with pytest.raises(ConfigError, match=rf"field 'ray.{field}"):
         load_config(p)
+
+
+@pytest.mark.parametrize(("compress", "message"), [
+    ({"algorithm": "gptq", "scheme": "W3A5"}, "unknown scheme 'W3A5'"),
+    ({"algorithm": "awq", "scheme": "FP8"}, "algorithm 'awq' takes a weight-only integer scheme"),
+    ({"algorithm": "wanda", "scheme": "FP8"}, "'scheme' is supported with gptq, rtn, awq or sparsegpt"),
+    ({"algorithm": "wanda", "smoothquant": {"alpha": 0.5}}, "'smoothquant' smooths before quantizing"),
+    ({"algorithm": "gptq", "scheme": "W8A8", "smoothquant": {"alpha": 1.5}}, "less than or equal to 1"),
+    ({"algorithm": "sparsegpt", "kv_cache": {"type": "fp8"}}, "'kv_cache' is written with a quantized checkpoint"),
+    ({"algorithm": "gptq", "scheme": "W4A16", "quant": {"bits": 4}}, "give 'scheme' or 'quant', not both"),
+    ({"algorithm": "rtn"}, "algorithm 'rtn' needs a 'scheme'"),
+    ({"algorithm": "gptq", "scheme": "W4A16", "awq": {"n_grid": 10}}, "an 'awq' section needs algorithm 'awq'"),
+])
+def test_scheme_recipes_refused_with_the_field(compress, message):
+    from raycompress.config import CompressConfig
+
+    with pytest.raises(ValueError, match=re.escape(message) if "(" not in message else message):
+        CompressConfig.model_validate(compress)
+
+
+def test_scheme_aliases_resolve_to_presets():
+    from raycompress.config import CompressConfig
+    from raycompress.models.quantized import resolve
+
+    assert resolve(CompressConfig(algorithm="gptq", scheme="w8a8-int8")).name == "W8A8"
+    assert resolve(CompressConfig(algorithm="rtn", scheme="FP8", kv_cache={"type": "fp8"})).kv is not None
+    assert resolve(CompressConfig(algorithm="sparsegpt")) is None

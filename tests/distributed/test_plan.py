@@ -300,3 +300,32 @@ def test_cli_run_refuses_an_impossible_request_before_any_stage(ray_local, tmp_p
             "evaluate: 1000000 actors x 1.0 CPU = 1e+06 CPU, the cluster has 2 (lower ray.eval_actors or "
             "ray.cpus_per_actor)\n") in err, err
     assert not (tmp_path / "o" / "select").exists()  # no stage ran
+
+
+def _scheme_job(model: Path, corpus: Path, **compress) -> JobConfig:
+    job = _tiny_job(model, {"a": corpus}, seq_len=16, n_samples=2)
+    return job.model_copy(update={"compress": job.compress.model_validate(compress)})
+
+
+def test_preflight_refuses_a_scheme_the_shapes_or_torch_cannot_take(tiny_llama_dir, tmp_path, monkeypatch):
+    """Before Ray: a group size not dividing a target's d_in (W4A16's 128 on hidden 64; NVFP4's 16
+    on hidden 40) names the field and the module; a float format on a torch without float8 dtypes
+    is refused."""
+    import torch
+
+    from raycompress.distributed.plan import PreflightError, preflight
+    from tests.conftest import make_tiny_llama
+
+    corpus = _jsonl(tmp_path / "a.jsonl", ["word " * 400])
+    ref = ModelRef(str(tiny_llama_dir))
+    preflight(_scheme_job(tiny_llama_dir, corpus, algorithm="rtn", scheme="NVFP4"), ref)
+    with pytest.raises(PreflightError, match=r"^compress.scheme \(W4A16\): group size 128 does not divide d_in=64 "
+                                             r"of module self_attn.q_proj"):
+        preflight(_scheme_job(tiny_llama_dir, corpus, algorithm="gptq", scheme="W4A16"), ref)
+    odd = tmp_path / "odd"
+    make_tiny_llama(odd, hidden=40, inter=80)
+    with pytest.raises(PreflightError, match=r"^compress.scheme \(NVFP4\): group size 16 does not divide d_in=40"):
+        preflight(_scheme_job(odd, corpus, algorithm="rtn", scheme="NVFP4"), ModelRef(str(odd)))
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(PreflightError, match=r"^compress.scheme \(FP8_DYNAMIC\): needs float8 dtypes"):
+        preflight(_scheme_job(tiny_llama_dir, corpus, algorithm="rtn", scheme="FP8_DYNAMIC"), ref)
