@@ -162,6 +162,42 @@ def test_an_expert_without_tokens_gets_no_callback(moe_dir):
     assert called == sorted(idx.flatten().tolist()) and len(called) == 2
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_tap_is_bit_identical_in_bf16(moe_dir, impl):
+    _, path, _ = moe_dir
+    m = OffloadedModel(path, dtype=torch.bfloat16)
+    layer = m.load_layer(0)
+    block = layer.get_submodule(m.spec.moe.block)
+    block.get_submodule(m.spec.moe.experts).config._experts_implementation = impl
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    dtypes = set()
+    with torch.no_grad():
+        plain = block(x)
+        with ExpertTap(layer, m.spec, lambda e, xi, h, w: dtypes.add((xi.dtype, h.dtype))):
+            tapped = block(x)
+    assert torch.equal(tapped, plain) and dtypes == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_all_tokens_reaches_every_expert_and_keeps_the_output(moe_dir):
+    _, path, _ = moe_dir
+    m = OffloadedModel(path)
+    layer = m.load_layer(0)
+    block = layer.get_submodule(m.spec.moe.block)
+    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(4))
+    seen = {}
+    with torch.no_grad():
+        plain = block(x)
+        with ExpertTap(layer, m.spec, lambda e, xi, h, w, tok: seen.setdefault(e, (xi, w, tok)),
+                       with_tokens=True, all_tokens=True):
+            tapped = block(x)
+        idx, weights, _ = route(block, x, m.spec)
+    assert torch.equal(tapped, plain) and sorted(seen) == list(range(8))
+    for e, (xi, w, tok) in seen.items():
+        assert torch.equal(xi, x[0]) and tok.tolist() == [0, 1, 2]
+        want = [float(weights[t][idx[t] == e].sum()) for t in range(3)]
+        assert w.tolist() == want
+
+
 def test_tap_restores_forward_when_the_body_raises(moe_dir):
     _, path, _ = moe_dir
     m = OffloadedModel(path)

@@ -76,7 +76,9 @@ def to_live(state: dict[str, torch.Tensor], spec: ArchSpec, n_experts: int) -> d
         state: name -> tensor; per-expert gate/up (I, H) and down (H, I), any dtype.
         n_experts: E, from the config.
     Returns:
-        a new dict; fused gate_up (E, 2*I, H) and down (E, H, I) in the experts' dtype.
+        a new dict; fused gate_up (E, 2*I, H) and down (E, H, I) in the experts' dtype. Memory: the
+        fused copies exist beside the per-expert tensors until the caller drops `state` (2x the
+        layer's experts at peak).
     Raises:
         CheckpointError: some but not all of the E experts' tensors are present, or their shapes
             disagree (naming the tensor); the checkpoint does not match its `MoESpec` row.
@@ -95,8 +97,11 @@ def to_live(state: dict[str, torch.Tensor], spec: ArchSpec, n_experts: int) -> d
         gate, up, down = ([out.pop(n) for n in names[r]] for r in ("gate", "up", "down"))
         _check_shapes(gate, up, down, names)
         gate_up_name, down_name = _fused_names(moe)
-        out[gate_up_name] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
-        out[down_name] = torch.stack(down)
+        inter, hidden = gate[0].shape
+        fused = gate[0].new_empty((n_experts, 2 * inter, hidden))  # filled in place: no stacked temporaries
+        for e in range(n_experts):
+            fused[e, :inter], fused[e, inter:] = gate[e], up[e]
+        out[gate_up_name], out[down_name] = fused, torch.stack(down)
     return {_rename(k, moe): v for k, v in out.items()}
 
 
@@ -210,16 +215,23 @@ class ExpertTap:
     and recomputes the routed inputs for the callbacks (one extra gate/up product per expert).
     The original forward is restored on exit, also when the body raises.
 
+    `all_tokens=True` (statistics for every expert, e.g. for experts the router starves): every
+    expert is called back with all N tokens of the block input (token_idx = arange(N)), `weights`
+    holding the router weight where the router chose e and 0 elsewhere; the output still follows
+    the router (the original forward computes it). Costs E gate/up products over all N tokens.
+
     Raises:
         ValueError: the layer has no MoE block (a dense layer, or `spec.moe` is None).
     """
 
     def __init__(self, layer: nn.Module, spec: ArchSpec, on_expert: ExpertCallback,
-                 on_shared: Callable[[str, torch.Tensor], None] | None = None, with_tokens: bool = False) -> None:
+                 on_shared: Callable[[str, torch.Tensor], None] | None = None, with_tokens: bool = False,
+                 all_tokens: bool = False) -> None:
         if not is_moe_layer(layer, spec):
             raise ValueError("ExpertTap: the layer has no mixture-of-experts block")
         self.experts, self.moe = _experts(layer, spec)
         self.layer, self.on_expert, self.on_shared, self.with_tokens = layer, on_expert, on_shared, with_tokens
+        self.all_tokens = all_tokens
         self._handles: list = []
         self._orig: Callable | None = None
 
@@ -264,7 +276,18 @@ class ExpertTap:
         self.on_expert(e, x, h, w[:, 0], *extra)
         return h, w
 
+    def _all_tokens(self, hidden, top_k_index, top_k_weights) -> None:
+        n_tok, n_exp = hidden.shape[0], getattr(self.experts, self.moe.gate_up).shape[0]
+        dense = top_k_weights.new_zeros((n_tok, n_exp + 1))  # column n_exp: padding index, as transformers
+        dense.scatter_(1, top_k_index, top_k_weights)
+        everyone = torch.arange(n_tok, device=hidden.device)
+        for e in range(n_exp):
+            self._expert_mid(hidden, dense[:, e:e + 1], e, torch.zeros_like(everyone), everyone)
+
     def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.all_tokens:
+            self._all_tokens(hidden_states, top_k_index, top_k_weights)
+            return self._orig(hidden_states, top_k_index, top_k_weights)
         if getattr(self.experts.config, "_experts_implementation", None) not in (None, "eager"):
             for e, pos, tok in self._routed(top_k_index):
                 self._expert_mid(hidden_states, top_k_weights, e, pos, tok)

@@ -165,11 +165,14 @@ class OffloadedModel:
 
         n = num_experts(self.config, self.spec)
         layers = _get_submodule(self.skeleton, self.spec.layers)
+        by_layer: dict[str, list[str]] = {}
+        for k in self.weight_map:  # one pass: "model.layers.7.mlp.gate.weight" -> "7": ["mlp.gate.weight"]
+            if k.startswith(self.spec.layers + "."):
+                idx, _, rest = k[len(self.spec.layers) + 1:].partition(".")
+                by_layer.setdefault(idx, []).append(rest)
         for i in range(self.num_layers):
             if is_moe_layer(layers[i], self.spec):
-                prefix = self.layer_prefix(i) + "."
-                names = [k[len(prefix):] for k in self.weight_map if k.startswith(prefix)]
-                check_layer_layout(names, self.spec, n, f"{uri.display(self.ref.location)} layer {i}")
+                check_layer_layout(by_layer.get(str(i), []), self.spec, n, f"{uri.display(self.ref.location)} layer {i}")
 
     def _file(self, name: str) -> Path:
         """A weight file of the checkpoint on this node (fetched into the node cache if remote), its
