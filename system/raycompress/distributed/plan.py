@@ -149,6 +149,10 @@ def preflight(job: JobConfig, model: ModelRef):
     except (OSError, ValueError, KeyError) as exc:
         raise PreflightError(f"model: {exc}") from exc
     _check_sizes(job, om, files)
+    if om.spec.moe is not None:  # the table knows the layout; the engine does not solve experts yet
+        raise PreflightError(f"model: {om.config.architectures} is a mixture of experts; its experts cannot be "
+                             "compressed yet (only the layer loading and routed-token taps exist), and compressing "
+                             "attention alone would leave every expert dense without saying so")
     try:
         plan = Plan(om, c, job.ray.compress_actors)
         row_subsets(c, sorted(job.select.sources))  # a Cus-Prun dimension no source feeds
