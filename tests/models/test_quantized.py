@@ -9,6 +9,7 @@ from raycompress.config import CompressConfig, ConfigError
 from raycompress.engine.pipeline import LocalBackend, compress_layers
 from raycompress.engine.worker import LayerWorker
 from raycompress.models.weights import OffloadedModel
+from raycompress.models.quantized import resolve
 
 
 @pytest.mark.parametrize("quant,algo", [({"bits": 4, "group_size": 32}, "gptq"), ({"bits": 8, "group_size": None}, "gptq"),
@@ -29,7 +30,7 @@ def test_quantized_checkpoint_reloads(tiny_llama_dir, tmp_path, quant, algo):
         assert torch.allclose(last, model.model.norm(worker.hidden), atol=1e-5)
     # replay path: a written quantized layer unpacks to the same dequantized weights
     om = OffloadedModel(tiny_llama_dir)
-    layer = om.load_layer_from_shard(1, tmp_path / "model" / "model-00002-of-00003.safetensors", cfg.quant)
+    layer = om.load_layer_from_shard(1, tmp_path / "model" / "model-00002-of-00003.safetensors", resolve(cfg))
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(layer.mlp(x), model.model.layers[1].mlp(x), atol=1e-5)
@@ -38,7 +39,6 @@ def test_quantized_checkpoint_reloads(tiny_llama_dir, tmp_path, quant, algo):
 def test_asymmetric_quant_config_resolves_to_a_zero_point_scheme():
     """Asymmetric integer quantization is no longer refused: it writes pack-quantized weights with
     packed zero points (see tests/models/test_quantized_formats.py for how they reload)."""
-    from raycompress.models.quantized import resolve
 
     scheme = resolve(CompressConfig(algorithm="gptq", quant={"bits": 4, "symmetric": False}))
     assert not scheme.weight_spec.symmetric and not scheme.ct.weights.symmetric and scheme.format == "pack-quantized"
