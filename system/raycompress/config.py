@@ -142,6 +142,18 @@ class OWLConfig(_Strict):
     m: float = Field(5.0, gt=0.0, description="a weight is an outlier if its Wanda score > m × the layer mean")
 
 
+class MoEConfig(_Strict):
+    """Mixture-of-experts models: what happens to a routed expert that the calibration set starves
+    (`engine.experts`). Tokens are counted as the router sends them (routed tokens per expert)."""
+
+    min_tokens_per_expert: int = Field(1, ge=0, description="routed calibration tokens an expert needs to be "
+                                       "solved from its own statistics")
+    policy: Literal["all_tokens", "fallback", "refuse"] = Field(
+        "fallback", description="all_tokens: every expert's statistics from every calibration token (the output "
+        "still follows the router); fallback: below the threshold a data-free method (rtn when quantized, "
+        "magnitude when pruning), listed in the records; refuse: stop before solving, naming layer and expert")
+
+
 class CusPrunConfig(_Strict):
     """Cus-Prun structured FFN-neuron pruning: each named dimension (language, domain, task, ...)
     is scored on the calibration rows of its own sources; a neuron is kept if it is relevant to any
@@ -186,6 +198,8 @@ class CompressConfig(_Strict):
         "whatever the number of actors, at twice the memory")
     micro_batch: int = Field(4, gt=0, description="calibration sequences per forward pass of a decoder layer")
     targets: list[str] | None = Field(None, description="module names inside a decoder layer; default: all linears")
+    moe: MoEConfig | None = Field(None, description="mixture-of-experts models: the low-token policy "
+                                  "(default: min_tokens_per_expert 1, policy fallback)")
 
     @field_validator("n_m", mode="before")
     @classmethod

@@ -20,8 +20,8 @@ from raycompress.distributed import metrics
 from raycompress.distributed.resources import actor_options, torch_threads
 from raycompress.distributed.restarts import RestartBudget
 from raycompress.distributed.select import load_calibration
-from raycompress.engine.budget import layer_floors
-from raycompress.engine.pipeline import Plan, Progress, compress_layers, reduce_to
+from raycompress.engine.budget import model_floors
+from raycompress.engine.pipeline import Progress, compress_layers, reduce_to
 from raycompress.engine.subsets import row_subsets
 from raycompress.engine.transfer import shard_calibration
 from raycompress.engine.worker import LayerWorker
@@ -195,8 +195,7 @@ def _summary(job: JobConfig, model: OffloadedModel, out_dir: str, fingerprint: s
              n_subsets: int, reports: list[dict]) -> dict:
     """Measured figures per layer and per actor, next to their analytic floors (`engine.budget`)."""
     progress = Progress(uri.join(out_dir, "progress.json"), fingerprint)
-    floors = layer_floors(model, job.compress, Plan(model, job.compress, len(rows)), rows, seq,
-                          job.compress.micro_batch, n_subsets)
+    floors = model_floors(model, job.compress, len(rows), rows, seq, job.compress.micro_batch, n_subsets)
     idx = sorted(int(i) for i in progress.layers)
     moved = [sum(r["bytes_in"].get(i, r["bytes_in"].get(str(i), 0)) for r in reports) for i in idx]
     gb = 1e9

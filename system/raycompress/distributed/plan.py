@@ -122,6 +122,42 @@ def _check_scheme(c, plan, om) -> None:
                              f"{om.config.architectures} is fed by a norm (targets {plan.targets}); nothing to smooth")
 
 
+def _check_moe(job: JobConfig, om) -> None:
+    """A mixture of experts' low-token policy (`compress.moe`) against the calibration budget, and
+    its routing fields against the config. The router sends N·k routed tokens over E experts
+    (N = select.n_samples x select.seq_len tokens, k = num_experts_per_tok), so the least-fed expert
+    gets at most ⌊N·k/E⌋: policy refuse with a larger min_tokens_per_expert must fail; no expert
+    can receive more than N tokens, so any policy with min_tokens_per_expert > N cannot be met
+    (all_tokens gives every expert N; fallback would fall back on every expert).
+    Smoothing (SmoothQuant, AWQ's scales) applies where the table row names a norm before a group:
+    on MoE rows the attention input only (the norm before the block also feeds the router).
+
+    Raises:
+        PreflightError: naming the field and the module.
+    """
+    from raycompress.models.moe import num_experts
+
+    spec, c, s = om.spec, job.compress, job.select
+    if spec.moe is None:
+        return
+    module = f"{om.layer_prefix(0).rsplit('.', 1)[0]}.*.{spec.moe.path(spec.moe.experts)}"
+    e, k = num_experts(om.config, spec), int(getattr(om.config, spec.moe.top_k_key, 0) or 0)
+    if not 0 < k <= e:
+        raise PreflightError(f"model: config.json {spec.moe.top_k_key}={k} must be in [1, {spec.moe.num_experts_key}="
+                             f"{e}] (module {module})")
+    min_tok, policy = (c.moe.min_tokens_per_expert, c.moe.policy) if c.moe is not None else (1, "fallback")
+    n = s.n_samples * s.seq_len
+    if min_tok > n:
+        raise PreflightError(f"compress.moe.min_tokens_per_expert: {min_tok} tokens per expert of module {module}, "
+                             f"but the calibration set has {n} tokens (select.n_samples x select.seq_len); no expert "
+                             f"can receive more (policy {policy})")
+    if policy == "refuse" and min_tok * e > n * k:
+        raise PreflightError(f"compress.moe.min_tokens_per_expert: {min_tok} routed tokens for each of the {e} experts "
+                             f"of module {module} needs at least {-(-min_tok * e // k)} calibration tokens ({e} x "
+                             f"{min_tok} / {spec.moe.top_k_key}={k}); select.n_samples x select.seq_len = {n}: policy "
+                             "refuse would stop; raise the budget, lower the threshold, or use all_tokens / fallback")
+
+
 def preflight(job: JobConfig, model: ModelRef):
     """Check what the job names against the registries, the model's config and the task files.
     Returns the model's `OffloadedModel` (config and weight map only, no weights).
@@ -131,7 +167,7 @@ def preflight(job: JobConfig, model: ModelRef):
             select.n_samples x select.seq_len, compress.algorithm, compress.targets, compress.sparsity,
             compress.cus_prun.dimensions, compress.quant.group_size, compress.scheme, model, evaluate.tasks).
     """
-    from raycompress.engine.pipeline import Plan
+    from raycompress.engine.pipeline import Plan, layer_kinds
     from raycompress.engine.subsets import row_subsets
     from raycompress.evaluation.taskfiles import TaskError, resolve_tasks
     from raycompress.evaluation.tasks import check_templates
@@ -149,18 +185,16 @@ def preflight(job: JobConfig, model: ModelRef):
     except (OSError, ValueError, KeyError) as exc:
         raise PreflightError(f"model: {exc}") from exc
     _check_sizes(job, om, files)
-    if om.spec.moe is not None:  # the table knows the layout; the engine does not solve experts yet
-        raise PreflightError(f"model: {om.config.architectures} is a mixture of experts; its experts cannot be "
-                             "compressed yet (only the layer loading and routed-token taps exist), and compressing "
-                             "attention alone would leave every expert dense without saying so")
     try:
-        plan = Plan(om, c, job.ray.compress_actors)
+        plans = [Plan(om, c, job.ray.compress_actors, i) for i in layer_kinds(om)]  # MoE: sparse and dense layers
         row_subsets(c, sorted(job.select.sources))  # a Cus-Prun dimension no source feeds
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     if isinstance(c.sparsity, list) and len(c.sparsity) != om.num_layers:
         raise PreflightError(f"compress.sparsity: {len(c.sparsity)} values for the model's {om.num_layers} decoder layers")
-    _check_scheme(c, plan, om)
+    for plan in plans:
+        _check_scheme(c, plan, om)
+    _check_moe(job, om)
     try:
         tasks = resolve_tasks(job)
     except TaskError as exc:
@@ -188,7 +222,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
             table; evaluate.tasks names a task that does not exist (TaskError).
     """
     from raycompress.distributed.resources import gpus_per_actor
-    from raycompress.engine.budget import layer_floors
+    from raycompress.engine.budget import model_floors
     from raycompress.engine.pipeline import Plan
     from raycompress.engine.subsets import row_subsets
     from raycompress.engine.transfer import shard_calibration
@@ -201,7 +235,7 @@ def build_plan(job: JobConfig, model: ModelRef, cluster_gpus: float, om=None) ->
     rows = [p.n for p in shard_calibration(s.n_samples, r.compress_actors, c.micro_batch)]
     plan = Plan(om, c, len(rows))
     n_subsets = len(row_subsets(c, sorted(s.sources)))  # as compress counts its masks (rows from every source)
-    floors = layer_floors(om, c, plan, rows, s.seq_len, c.micro_batch, n_subsets)
+    floors = model_floors(om, c, len(rows), rows, s.seq_len, c.micro_batch, n_subsets)  # largest layer kind
     root = om.model_dir if model.is_alias else model.location
     files = sorted(set(om.weight_map.values()))
     gpus = gpus_per_actor(r, cluster_gpus)

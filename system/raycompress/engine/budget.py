@@ -22,6 +22,19 @@ zero points, global scales and static input scales as they are written; they tra
 smoothed groups (SmoothQuant, AWQ) (K − 1) · the rescaled norm's weight (d_in · bytes(checkpoint
 dtype)). Activation statistics of the schemes ("absmax", "abssum": d_in values per group, and a KV
 cache's 2 maxima per layer, accumulator dtype) count as statistics keys.
+Mixture-of-experts layers (`Plan.moe`; E routed experts of intermediate I, top-k routing, hidden H):
+every expert adds two statistics keys (gate/up: H² or H; down: I² or I, accumulator dtype), so the
+statistics are E·(H² + I²)·bytes(accumulator) for Hessian methods, all on the worker in the stats
+phase and spread over the owners (LPT by solve cost) in the solve phase; the layer weights include
+the fused experts E·3·I·H·bytes(checkpoint dtype), held whole by every worker (a fused parameter
+cannot be freed one expert at a time); the MLP activations of one micro-batch are those of one
+expert at a time (mb·seq·3·I, its tokens at most all of them, plus a float32 weighted copy
+mb·seq·I·4 of the down input) and of the shared expert's MLP (3·I_shared); bytes moved add
+(K − 1)·E·(H² + I²)·bytes(accumulator) of statistics and (K − 1)·E·3·I·H·bytes(checkpoint dtype)
+(+ their quantization parameters) of new expert weights, by the same two sums above. FLOPs add
+2·tokens·(H² + I²) per expert under the `all_tokens` policy, 2·k·tokens·(H² + I²)/E per expert on
+average when routed (here counted as all tokens: an upper bound). `model_floors` takes, for a
+model whose layers differ (an MoE model's dense-MLP layers), the largest figure over layer kinds.
 FLOPs per layer: statistics 2 · tokens · d_in² per Hessian group (tokens · d_in for sqnorm), two
 forward passes 2 · 2 · tokens · params, and the algorithm's solve FLOPs (`Algorithm.flops`).
 """
@@ -44,12 +57,17 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     """{"memory_bytes_per_worker": [...], "bytes_moved_per_layer": int, "flops_per_layer": float}."""
     cb = _bytes(model.dtype)
     hb = _bytes(torch.float64 if cfg.hessian_dtype == "float64" else torch.float32)
-    layer0 = model.skeleton.get_submodule(model.layer_prefix(0))
+    layer0 = model.skeleton.get_submodule(model.layer_prefix(plan.layer))
     params = sum(p.numel() for p in layer0.parameters())
     hidden = int(model.config.hidden_size)
     d_ff = int(getattr(model.config, model.spec.intermediate_key, 4 * hidden))
+    if plan.moe:  # one expert's MLP at a time, its float32 weighted down input, and the shared expert's MLP
+        moe = model.spec.moe
+        inter = int(getattr(model.config, moe.intermediate_key))
+        shared = int(getattr(model.config, "shared_expert_intermediate_size", 0) or 0) if moe.shared_expert else 0
+        d_ff = inter + shared + (4 * inter + cb - 1) // (3 * cb)
     keys = max(1, n_subsets) if plan.split else 1
-    d_in = {g: layer0.get_submodule(g).in_features for g in plan.stat_groups}
+    d_in = {g: plan.d_in[g] for g in plan.stat_groups}
     numel = {g: d_in[g] ** 2 if kind == "hessian" else d_in[g] if kind else 0
              for g, (kind, _) in plan.stat_groups.items()}
     stat_bytes = {g: keys * hb * n + hb * d_in[g] * len(plan.extras.get(g, ())) for g, n in numel.items()}
@@ -76,3 +94,15 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     if not plan.structured:
         flops += sum(plan.algo.flops([plan.shapes[t] for t in names]) for names in plan.groups.values())
     return {"memory_bytes_per_worker": mem, "bytes_moved_per_layer": moved, "flops_per_layer": flops}
+
+
+def model_floors(model: OffloadedModel, cfg: CompressConfig, k: int, rows: list[int], seq: int, micro_batch: int,
+                 n_subsets: int) -> dict:
+    """`layer_floors` over every layer kind of the model (`engine.pipeline.layer_kinds`: an MoE
+    model's sparse and dense-MLP layers), the largest of each figure (memory per worker elementwise)."""
+    from raycompress.engine.pipeline import layer_kinds
+
+    each = [layer_floors(model, cfg, Plan(model, cfg, k, i), rows, seq, micro_batch, n_subsets) for i in layer_kinds(model)]
+    return {"memory_bytes_per_worker": [max(m) for m in zip(*(f["memory_bytes_per_worker"] for f in each))],
+            "bytes_moved_per_layer": max(f["bytes_moved_per_layer"] for f in each),
+            "flops_per_layer": max(f["flops_per_layer"] for f in each)}

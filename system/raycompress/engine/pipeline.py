@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from raycompress.config import CompressConfig
 from raycompress.models.checkpoint import finalize_checkpoint, shard_name
+from raycompress.engine.experts import checkpoint_module, fallback_config, layer_groups, low_token_plan, expert_tokens, parse_expert, weight
 from raycompress.engine.smoothing import extra_key, extra_kinds
+from raycompress.models.moe import is_moe_layer, num_experts
 from raycompress.models.quantized import quantization_config, resolve
 from raycompress.models.weights import OffloadedModel
 from raycompress.registry import ALGORITHMS
@@ -37,7 +39,8 @@ class WorkerAPI(Protocol):
     """`engine.worker.LayerWorker`'s methods as the pipeline calls them; each returns a Handle."""
 
     def begin_layer(self, idx: int) -> Handle: ...
-    def accumulate(self, groups: dict, split: bool, extras: dict | None = None, kv: str | None = None) -> Handle: ...
+    def accumulate(self, groups: dict, split: bool, extras: dict | None = None, kv: str | None = None,
+                   all_tokens: bool = False) -> Handle: ...
     def export_stats(self, keys: list[str]) -> Handle: ...
     def reduce_stats(self, partial: Handle) -> Handle: ...
     def drop_modules(self, names: list[str]) -> Handle: ...
@@ -94,32 +97,54 @@ def assign_owners(costs: dict[str, float], k: int) -> dict[str, int]:
 
 class Plan:
     """What one layer's compression does: targets by input group, owners of each group, and the
-    statistics to accumulate. Built from the architecture table, never from names."""
+    statistics to accumulate. Built from the architecture table, never from names.
 
-    def __init__(self, model: OffloadedModel, cfg: CompressConfig, k: int) -> None:
-        spec = model.spec
+    `layer`: the decoder layer whose structure the plan follows (default 0). In a mixture-of-experts
+    model (`ArchSpec.moe`) a layer's groups are `engine.experts.layer_groups`: the dense groups, the
+    shared expert's, then every routed expert's two groups ("<experts>.<e>.gate" for gate/up,
+    "<experts>.<e>.down"), shapes from the fused parameters; owners are balanced over all of them by
+    solve cost (LPT), so a layer's experts are solved by all workers at once. A target names a
+    linear or a dotted prefix of linears ("mlp.experts" all experts, "mlp.experts.3" one).
+
+    Raises:
+        ValueError: a target that is no linear of the layer; OWL or a structured method on an MoE
+            layer (their layer-wide passes read `nn.Linear` modules only).
+    """
+
+    def __init__(self, model: OffloadedModel, cfg: CompressConfig, k: int, layer: int = 0) -> None:
+        spec = self.spec = model.spec
+        self.layer = layer
         self.algo = ALGORITHMS.get(cfg.algorithm)
-        self.targets = list(cfg.targets or spec.linears)
-        unknown = [t for t in self.targets if t not in spec.linears]
-        if unknown:
-            raise ValueError(f"compress.targets: {unknown} are not linears of a decoder layer; known: {list(spec.linears)}")
-        self.group_of = {name: group[0] for group in spec.input_groups for name in group}
+        layer0 = model.skeleton.get_submodule(model.layer_prefix(layer))
+        self.moe = is_moe_layer(layer0, spec)
+        all_groups = layer_groups(layer0, spec)
+        linears = [name for group in all_groups for name in group]
+        self.linears = linears
+        self.targets = _select(cfg.targets, linears, spec)
+        if self.moe and (cfg.owl is not None or self.algo.layer_solve is not None):
+            raise ValueError(f"compress.{'owl' if cfg.owl is not None else 'algorithm'}: not supported on "
+                             f"mixture-of-experts layers (decoder layer {layer}, module {spec.moe.block})")
+        self.group_of = {name: group[0] for group in all_groups for name in group}
         self.groups: dict[str, list[str]] = {}
         for t in self.targets:
             self.groups.setdefault(self.group_of[t], []).append(t)
-        layer0 = model.skeleton.get_submodule(model.layer_prefix(0))
-        self.shapes = {t: tuple(layer0.get_submodule(t).weight.shape) for t in self.targets}  # (d_out, d_in)
+        self.shapes = {t: tuple(weight(layer0, spec, t).shape) for t in self.targets}  # (d_out, d_in)
+        self.d_in = {g: self.shapes[names[0]][1] for g, names in self.groups.items()}
         costs = {g: sum(self.algo.cost(*self.shapes[t]) for t in names) for g, names in self.groups.items()}
         self.owners = assign_owners(costs, k)
         self.k = k
         self.structured = self.algo.layer_solve is not None
         self.split = self.structured or cfg.mixcal is not None
         self.scheme = resolve(cfg)
+        self.all_tokens = cfg.moe is not None and cfg.moe.policy == "all_tokens"
+        self.experts = {g for g in self.groups if parse_expert(spec, g) is not None}
+        self.n_experts = num_experts(model.config, spec) if self.moe else 0
         # activation statistics the scheme or the smoothing needs, per group, over all rows
         self.extras = {g: kinds for g in self.groups if (kinds := extra_kinds(cfg, self.scheme, g, spec))}
         self.kv = spec.attention if self.scheme is not None and self.scheme.kv is not None else None
         if self.structured:  # the down projection's input, per dimension
             self.stat_groups = {spec.mlp_down: (self.algo.stats, [spec.mlp_down])}
+            self.d_in[spec.mlp_down] = layer0.get_submodule(spec.mlp_down).in_features
         else:
             self.stat_groups = {g: (self.algo.stats, names) for g, names in self.groups.items()
                                 if self.algo.stats or g in self.extras}
@@ -133,6 +158,37 @@ class Plan:
         """Groups this rank solves, smallest first (their Hessians are freed before the largest solve)."""
         mine = [g for g in self.groups if self.owners[g] == rank]
         return sorted(mine, key=lambda g: (self.shapes[self.groups[g][0]][1], g))
+
+
+def _select(targets: list[str] | None, linears: list[str], spec) -> list[str]:
+    """The layer's linears named by `targets` (a name or a dotted prefix each; None: all), in the
+    layer's order. A target that names nothing in this layer but a linear of another layer kind of
+    the architecture (an MoE model's dense-MLP layers) is skipped here.
+
+    Raises:
+        ValueError: a target that names no linear of any decoder layer (lists the known ones).
+    """
+    if targets is None:
+        return list(linears)
+    hit = {t: [n for n in linears if n == t or n.startswith(t + ".")] for t in targets}
+    known = set(spec.linears) | ({n for g in spec.moe.shared_groups + spec.moe.dense_groups for n in g}
+                                 if spec.moe is not None else set())
+    unknown = [t for t, names in hit.items() if not names and t not in known]
+    if unknown:
+        raise ValueError(f"compress.targets: {unknown} are not linears of a decoder layer; known: {linears}")
+    chosen = {n for names in hit.values() for n in names}
+    return [n for n in linears if n in chosen]
+
+
+def layer_kinds(model: OffloadedModel) -> list[int]:
+    """One decoder layer index per distinct layer structure (an MoE model's sparse and dense-MLP
+    layers), first occurrence each; [0] for a dense model."""
+    if model.spec.moe is None:
+        return [0]
+    seen: dict[bool, int] = {}
+    for i in range(model.num_layers):
+        seen.setdefault(is_moe_layer(model.skeleton.get_submodule(model.layer_prefix(i)), model.spec), i)
+    return sorted(seen.values())
 
 
 def reduce_to(backend: Backend, owner: int, keys: list[str]) -> list[Handle]:
@@ -234,11 +290,22 @@ def _ffn_width(model: OffloadedModel, cfg: CompressConfig, sparsity: list[float]
     return max(kept_count(d_ff, s, cfg.cus_prun.multiple_of) for s in sparsity)
 
 
-def _config_updates(model: OffloadedModel, plan: Plan, cfg: CompressConfig, records: list[dict]) -> dict:
+def _ignored(model: OffloadedModel, plans: list[Plan]) -> list[str]:
+    """compressed-tensors `ignore` patterns (checkpoint module names) of the linears no plan
+    compresses, then the modules never compressed (MoE routers, shared-expert gates)."""
+    spec, out = model.spec, []
+    for plan in plans:
+        out += [checkpoint_module(spec, t) for t in plan.linears if t not in plan.targets]
+    if spec.moe is not None:
+        out += [checkpoint_module(spec, n) for n in spec.moe.never_compress]
+    return [f"re:.*\\.{t.replace('.', '[.]')}$" for t in dict.fromkeys(out)]
+
+
+def _config_updates(model: OffloadedModel, plans: list[Plan], cfg: CompressConfig, records: list[dict]) -> dict:
     """config.json changes: the quantization block, or the shrunk FFN width (and true per-layer counts)."""
+    plan = plans[0]
     if plan.scheme is not None:  # linears left dense are listed as ignored, so loaders keep them dense
-        dense = [f"re:.*\\.{t.replace('.', '[.]')}$" for t in model.spec.linears if t not in plan.targets]
-        return {"quantization_config": quantization_config(plan.scheme, ignore=["lm_head", *dense])}
+        return {"quantization_config": quantization_config(plan.scheme, ignore=["lm_head", *_ignored(model, plans)])}
     widths = [r["width"] for r in records if "width" in r]
     if not widths:
         return {}
@@ -249,12 +316,19 @@ def _config_updates(model: OffloadedModel, plan: Plan, cfg: CompressConfig, reco
 
 
 def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: int, width: int | None,
-                  subsets: list[str]) -> None:
+                  subsets: list[str]) -> dict[str, dict]:
     """Statistics, reduction to owners, solves and propagation of decoder layer i (not waited on
-    except where a later call needs it)."""
+    except where a later call needs it). Returns what the records of routed experts' linears add
+    (`_expert_facts`): module -> {"expert", "tokens", optional "fallback"}.
+
+    Raises:
+        engine.experts.ExpertStarved: `compress.moe.policy: refuse` and an expert below the threshold
+            (before any solve).
+    """
     ws, k = backend.workers, plan.k
     _all(backend, "begin_layer", i)
-    backend.get([w.accumulate(plan.stat_groups, plan.split, plan.extras, plan.kv) for w in ws])
+    counts = backend.get([w.accumulate(plan.stat_groups, plan.split, plan.extras, plan.kv, plan.all_tokens)
+                          for w in ws])
     pending = backend.reduce(0, [extra_key(plan.kv, "kv")], []) if plan.kv else []  # the writer's
     if plan.structured:
         owner = i % k  # one structured solve per layer, owners take turns
@@ -262,14 +336,45 @@ def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: in
         backend.get(backend.reduce(owner, plan.keys(down, subsets), [down]))
         solved = ws[owner].solve_layer(layer_cfg, width, k > 1)
         backend.get(pending + [w.apply(None if r == owner else solved) for r, w in enumerate(ws)])
-        return
+        return {}
+    facts, fallback = _expert_facts(plan, layer_cfg, i, counts)
     for g in plan.stat_groups:
         pending += backend.reduce(plan.owners[g], plan.keys(g, subsets), plan.stat_groups[g][1])
     for r, w in enumerate(ws):  # weights another worker solves are not needed here until apply
-        pending.append(w.drop_modules([t for g, names in plan.groups.items() if plan.owners[g] != r for t in names]))
-    solved = {g: ws[r].solve_group(g, plan.groups[g], layer_cfg, k > 1) for r in range(k) for g in plan.solve_order(r)}
+        pending.append(w.drop_modules([t for g, names in plan.groups.items() if plan.owners[g] != r
+                                       and g not in plan.experts for t in names]))  # experts: fused, kept
+    fb_cfg = fallback_config(layer_cfg) if fallback else layer_cfg
+    solved = {g: ws[r].solve_group(g, plan.groups[g], fb_cfg if g in fallback else layer_cfg, k > 1)
+              for r in range(k) for g in plan.solve_order(r)}
     backend.get(pending)
     backend.get([w.apply(*[h for g, h in solved.items() if plan.owners[g] != r]) for r, w in enumerate(ws)])
+    return facts
+
+
+def _expert_facts(plan: Plan, cfg: CompressConfig, i: int, counts: list[dict]):
+    """Routed tokens per expert (summed over workers) and the low-token policy's decision
+    (`engine.experts.low_token_plan`): (module -> record additions, groups solved by the fallback).
+    Data-free methods (no expert statistics, no tokens counted) add nothing."""
+    if not plan.experts & set(plan.stat_groups):
+        return {}, set()
+    spec, merged = plan.spec, {}
+    for c in counts:
+        for key, n in c.items():
+            merged[key] = merged.get(key, 0) + n
+    routed = expert_tokens(spec, merged)
+    fall = low_token_plan(spec, cfg, i, routed, plan.n_experts)
+    facts, groups = {}, set()
+    for g in plan.experts:
+        e = parse_expert(spec, g)[0]
+        for name in plan.groups[g]:
+            facts[name] = {"expert": e, "tokens": routed.get(e, 0)}
+            if e in fall:
+                facts[name]["fallback"] = fall[e]
+                groups.add(g)
+    if fall:
+        log.warning("layer %d: %d experts below compress.moe.min_tokens_per_expert fall back to %s: %s", i,
+                    len(fall), next(iter(fall.values()))["method"], sorted(fall))
+    return facts, groups
 
 
 def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig, out_dir: str | Path,
@@ -286,7 +391,13 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
             reports seconds 0. The adapter records metrics with it.
     """
     k = len(backend.workers)
-    plan = Plan(model, cfg, k)
+    kinds = layer_kinds(model)
+    plans = {j: Plan(model, cfg, k, j) for j in kinds}
+    plan = plans[kinds[0]]
+
+    def plan_of(i: int) -> Plan:
+        return plans[kinds[0]] if len(kinds) == 1 else next(
+            p for p in plans.values() if p.moe == is_moe_layer(model.skeleton.get_submodule(model.layer_prefix(i)), model.spec))
     if subsets is None:
         subsets = (["domain", "general"] if cfg.mixcal is not None
                    else sorted(cfg.cus_prun.dimensions) if cfg.cus_prun is not None else [])
@@ -303,9 +414,9 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
                 on_layer(i, model.num_layers, {**progress.layers[str(i)], "seconds": 0.0, "replayed": True})
             continue
         t0 = time.perf_counter()
-        _compress_one(backend, plan, cfg.for_layer(sparsity[i]), i, width, subsets)
+        added = _compress_one(backend, plan_of(i), cfg.for_layer(sparsity[i]), i, width, subsets)
         shard = backend.get(backend.workers[0].write_layer(path, plan.scheme))
-        records = [r for part in _all(backend, "pop_infos") for r in part]
+        records = [{**r, **added.get(r["module"], {})} for part in _all(backend, "pop_infos") for r in part]
         _all(backend, "end_layer")
         layer = {"seconds": time.perf_counter() - t0, **{k: shard[k] for k in ("sha256", "bytes", "keys")}}
         progress.mark(i, sorted(records, key=lambda r: r["module"]), layer)
@@ -322,5 +433,5 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
     written[rest] = outside
     records = [r for i in range(model.num_layers) for r in progress.records.get(str(i), [])]
     finalize_checkpoint(ckpt, model.ref, [shard_name(i, total) for i in range(total)],
-                        _config_updates(model, plan, cfg, records), written)
+                        _config_updates(model, list(plans.values()), cfg, records), written)
     return records

@@ -16,6 +16,7 @@ This class knows nothing about Ray; `distributed.compress` wraps it in an actor.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -24,10 +25,12 @@ from torch import nn
 
 from raycompress.algorithms.obs import HessianNotPositiveDefinite
 from raycompress.config import CompressConfig
+from raycompress.engine.experts import ExpertCollector, routed_key, checkpoint_module, install, parse_expert, weight
 from raycompress.engine.memory import PeakMemory
 from raycompress.engine.stats import InputStats, mix_stats, require_finite
 from raycompress.engine.transfer import cpu_tensors, nbytes, to_device
 from raycompress.models.checkpoint import write_shard
+from raycompress.models.moe import ExpertTap, is_moe_layer, to_checkpoint
 from raycompress.engine.smoothing import extra_key, smooth_group
 from raycompress.models.quantized import input_qparams, kv_qparams, pack, resolve
 from raycompress.models.weights import OffloadedModel
@@ -157,46 +160,67 @@ class LayerWorker:
 
     @torch.no_grad()
     def accumulate(self, groups: dict[str, tuple[str | None, list[str]]], split: bool = False,
-                   extras: dict[str, tuple[str, ...]] | None = None, kv: str | None = None) -> dict[str, int]:
+                   extras: dict[str, tuple[str, ...]] | None = None, kv: str | None = None,
+                   all_tokens: bool = False) -> dict[str, int]:
         """Partial statistics of this shard for each input group, kept on this worker.
 
         Args:
             groups: group name -> (the algorithm's stats kind "hessian"/"sqnorm", or None; linears
-                reading that input).
+                reading that input). A routed expert's groups (`engine.experts`) take their
+                statistics from the tokens the router sends that expert (`models.moe.ExpertTap`;
+                the down group weighted by the router weight, see `engine.experts`).
             split: the algorithm's statistics per row subset, under `<group>@<subset>`, instead of
                 over all rows.
             extras: group -> activation statistics kinds ("absmax", "abssum") over all rows, under
                 `engine.smoothing.extra_key(group, kind)`.
             kv: the attention module whose key / value states' max |k|, max |v| are observed
                 (an "absmax" statistic of 2 values under `extra_key(kv, "kv")`), or None.
+            all_tokens: experts' statistics from every token (`compress.moe.policy: all_tokens`).
         Returns:
-            statistics key -> tokens accumulated.
+            statistics key -> tokens accumulated; for an MoE layer also "<experts>.<e>#routed" ->
+            tokens the router sent expert e (every expert, 0 included).
         """
         t0 = time.perf_counter()
-        hooks, extras = [], extras or {}
+        hooks, extras, spec = [], extras or {}, self.model.spec
+        expert_targets, weighted, outputs = {}, set(), {}
         for group, (kind, names) in groups.items():
-            d_in = self.layer.get_submodule(group).in_features
+            expert = parse_expert(spec, group) is not None
+            d_in = weight(self.layer, spec, group).shape[1]
             targets: dict[str | None, list[InputStats]] = {}
             keys = ({f"{group}@{s}": s for s in self.subsets} if split else {group: None}) if kind else {}
             for key, subset in keys.items():
                 self.stats[key] = InputStats.empty(kind, d_in, self.hessian_dtype, self.device)
                 targets.setdefault(subset, []).append(self.stats[key])
+                weighted.add(id(self.stats[key]))
             for ek in extras.get(group, ()):
                 self.stats[extra_key(group, ek)] = InputStats.empty(ek, d_in, self.hessian_dtype, self.device)
                 targets.setdefault(None, []).append(self.stats[extra_key(group, ek)])
+            if expert:
+                expert_targets[group], outputs[group] = targets, list(names) if kind else []
+                continue
             hooks += self._hooks(group, targets, inputs=True)  # the shared input, once
             for name in names:  # every target linear's output norm
                 hooks += self._hooks(name, targets, inputs=False)
+        collector = None
         try:
-            if kv is not None:
-                self._observe_kv(kv)
-            elif groups:
-                self._run_all(keep=False)
+            with contextlib.ExitStack() as stack:
+                if expert_targets:
+                    collector = ExpertCollector(self.layer, spec, expert_targets, weighted, outputs,
+                                                lambda s: self.subsets[s][self._rows], self.hidden.shape[1], all_tokens)
+                    stack.enter_context(ExpertTap(self.layer, spec, collector, with_tokens=True, all_tokens=all_tokens))
+                if kv is not None:
+                    self._observe_kv(kv)
+                elif groups:
+                    self._run_all(keep=False)
         finally:
             for hk in hooks:
                 hk.remove()
         self._tick("stats", t0)
-        return {k: s.tokens for k, s in self.stats.items()}
+        counts = {k: s.tokens for k, s in self.stats.items()}
+        if collector is not None:
+            n = getattr(self.layer.get_submodule(spec.moe.path(spec.moe.experts)), spec.moe.gate_up).shape[0]
+            counts.update({routed_key(spec, e): collector.routed.get(e, 0) for e in range(n)})
+        return counts
 
     def _observe_kv(self, attn: str) -> None:
         """Run every micro-batch with the KV observer on `attn` (`engine.kv.KVObserver`)."""
@@ -266,7 +290,7 @@ class LayerWorker:
             out_sq = dict(stats.out_sq) if stats is not None else {}  # per token, as the loss
             for name in names:
                 t1 = time.perf_counter()
-                tensors, info = algo.solve(self.layer.get_submodule(name).weight.data, ctx, cfg)
+                tensors, info = algo.solve(weight(self.layer, self.model.spec, name), ctx, cfg)
                 tensors.update({k: v.clone() for k, v in inputs.items()})  # one tensor per linear
                 info.update(sinfo)
                 self._install(name, tensors)  # the old weight is freed here
@@ -311,14 +335,16 @@ class LayerWorker:
 
     def _install(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """New weights of module `name` (a linear, or a norm a smoothing step rescaled)."""
+        if "weight_scale" in tensors:
+            self._qparams[name] = {k: v for k, v in tensors.items() if k != "weight"}
+        if install(self.layer, self.model.spec, name, tensors["weight"]):  # a routed expert's view
+            return
         lin = self.layer.get_submodule(name)
         lin.weight = nn.Parameter(tensors["weight"].to(self.device, self.model.dtype), requires_grad=False)
         if "bias" in tensors:
             lin.bias = nn.Parameter(tensors["bias"].to(self.device, self.model.dtype), requires_grad=False)
         if lin.weight.dim() == 2:
             lin.out_features, lin.in_features = lin.weight.shape
-        if "weight_scale" in tensors:
-            self._qparams[name] = {k: v for k, v in tensors.items() if k != "weight"}
 
     @torch.no_grad()
     def apply(self, *solved: dict[str, dict[str, torch.Tensor]] | None) -> None:
@@ -369,11 +395,15 @@ class LayerWorker:
         """
         t0 = time.perf_counter()
         prefix = self.model.layer_prefix(self.layer_idx)
+        spec = self.model.spec
         state = {k: v.to("cpu") for k, v in self.layer.state_dict().items()}
+        if spec.moe is not None:  # fused experts back to the Hub's per-expert tensors
+            state = to_checkpoint(state, spec)
         for name, q in self._qparams.items():
+            name = checkpoint_module(spec, name)
             q = {"weight": state.pop(f"{name}.weight"), **{k: v.to("cpu") for k, v in q.items()}}
             state.update({f"{name}.{k}": v for k, v in pack(q, scheme, self.model.dtype).items()})
-        attn = self.model.spec.attention
+        attn = spec.attention
         kv = self.stats.get(extra_key(attn, "kv"))
         if scheme is not None and scheme.kv is not None and kv is not None:
             try:
