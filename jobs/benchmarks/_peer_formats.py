@@ -10,7 +10,10 @@ peer script ``_peer_oneshot.py``, which stands on its own too).
 
 Formats (the recipe each builds; ``lm_head`` is never quantized, every other ``Linear`` is):
 
-- ``W4A16-GPTQ``: GPTQModifier(scheme="W4A16") (its default activation order, "static").
+- ``W4A16-GPTQ``: GPTQModifier(scheme="W4A16") (its default activation order, "static"). With
+  ``--w4-group G`` other than 128 (the preset's), the preset's weight arguments with groups of G:
+  SmolLM2-135M's width 576 is not a multiple of 128, which llm-compressor refuses (and its
+  observers cannot flatten). The same holds for the other W4A16 formats below.
 - ``W4A16-AWQ``: AWQModifier(n_grid, duo_scaling=False) then QuantizationModifier(scheme="W4A16").
   ``duo_scaling=False`` is the search of the AWQ paper (s = mean|X|^r), the one raycompress's
   ``awq`` implements; llm-compressor's default (True) also divides by a weight term.
@@ -54,30 +57,54 @@ def _kv_fp8():
     return QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
 
 
-def recipe(name: str, alpha: float = 0.5, n_grid: int = 20) -> list:
-    """The llm-compressor modifiers for format `name` (see the module docstring).
+def _w4a16(group_size: int) -> dict:
+    """The W4A16 arguments: the preset (`scheme="W4A16"`, groups of 128) when `group_size` is 128,
+    else the preset's weights (int4, symmetric, per group) with `group_size` columns per group."""
+    if group_size == 128:
+        return {"scheme": "W4A16"}
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}}
+
+
+def recipe(name: str, alpha: float = 0.5, n_grid: int = 20, w4_group: int = 128) -> list:
+    """The llm-compressor modifiers for format `name` (see the module docstring); the W4A16
+    formats quantize `w4_group` columns per scale.
 
     Raises:
         ValueError: `name` is not one of FORMATS.
     """
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    lin = {"targets": ["Linear"], "ignore": IGNORE}
+    lin = {"ignore": IGNORE}
+    w4 = {**lin, **_w4a16(w4_group)}
     if name == "W4A16-GPTQ":
-        return [GPTQModifier(scheme="W4A16", **lin)]
+        return [GPTQModifier(**w4)]
     if name == "W4A16-AWQ":
         from llmcompressor.modifiers.transform import AWQModifier
 
-        return [AWQModifier(n_grid=n_grid, duo_scaling=False), QuantizationModifier(scheme="W4A16", **lin)]
+        return [AWQModifier(n_grid=n_grid, duo_scaling=False), QuantizationModifier(**w4)]
     if name == "W8A8-INT8":
         from llmcompressor.modifiers.transform import SmoothQuantModifier
 
-        return [SmoothQuantModifier(smoothing_strength=alpha), GPTQModifier(scheme="W8A8", **lin)]
+        return [SmoothQuantModifier(smoothing_strength=alpha), GPTQModifier(scheme="W8A8", targets=["Linear"], **lin)]
     if name in ("FP8", "FP8_DYNAMIC", "NVFP4"):
-        return [QuantizationModifier(scheme=name, **lin)]
+        return [QuantizationModifier(scheme=name, targets=["Linear"], **lin)]
     if name == "FP8-KV":
-        return [GPTQModifier(scheme="W4A16", kv_cache_scheme=_kv_fp8(), **lin)]
+        return [GPTQModifier(kv_cache_scheme=_kv_fp8(), **w4)]
     raise ValueError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
+
+
+def _no_pinning_without_cuda() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations (`IntermediatesCache.pin_memory`) for
+    faster host-to-device copies, unconditionally; a CPU-only torch raises "Cannot access
+    accelerator device". Pinning changes no value, so without CUDA it is made a no-op."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +115,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (W8A8-INT8)")
     p.add_argument("--n-grid", type=int, default=20, help="AWQ grid points (W4A16-AWQ)")
+    p.add_argument("--w4-group", type=int, default=128, help="columns per scale of the W4A16 formats (preset: 128)")
     return p.parse_args(argv)
 
 
@@ -113,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_grad_enabled(False)
     dataset, n_rows, seq_len = _load_calibration(args.calibration)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32, local_files_only=True).eval()
+    # the checkpoint's own dtype, as our engine computes in (scales are written in it)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype="auto", local_files_only=True).eval()
     processor = _tokenizer_or_stand_in(args.model)
-    modifiers = recipe(args.format, args.alpha, args.n_grid)
+    _no_pinning_without_cuda()
+    modifiers = recipe(args.format, args.alpha, args.n_grid, args.w4_group)
     args.output.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = oneshot(model=model, processor=processor, dataset=dataset, recipe=modifiers,

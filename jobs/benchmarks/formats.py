@@ -25,9 +25,9 @@ seconds_ours (Σ of compression.json's seconds_per_layer: the layer pipeline, ac
 model skeleton load excluded), seconds_peer (`oneshot` only, model load and save excluded),
 wall_ratio (ours / peer), process walls of both, bytes_on_disk and bits_per_weight of both,
 loads_in_transformers of both, and eval_matches_stock: the evaluator's logits on a fixed prompt
-equal (≤ 1e-4) the stock transformers forward (fake-quantized). That needs the evaluator's loader
-`raycompress.models.load.load_causal_lm`; without it the field is null with a "why" and the diff
-of the older `models.quantized.load_causal_lm` (dequantized weights only) is reported beside it.
+equal (≤ 1e-4) the stock transformers forward (compressed-tensors' fake-quantized modules), the
+evaluator's model loaded by `raycompress.models.load.load_causal_lm`; null with a "why" when the
+stock load or forward fails.
 A failed run of one side is reported under the scheme's "errors"; nothing is invented.
 Results also go to OUT/formats.json. --smoke: the smoke job's random tiny Llama, random-id
 calibration (4 x 32), W8A8-INT8 and FP8_DYNAMIC (per-channel: the tiny widths do not divide
@@ -62,13 +62,37 @@ PROMPT = ("Atrial fibrillation is the most common sustained arrhythmia; anticoag
           "direct oral anticoagulant reduces the risk of stroke in patients with additional risk factors.")
 
 
-def compress_section(name: str, base: dict, alpha: float, n_grid: int) -> dict:
-    """Our job's `compress:` mapping for scheme `name`, keeping the base job's damping and block size."""
+W4 = ("W4A16-GPTQ", "W4A16-AWQ", "FP8-KV")  # the schemes with W4A16 weights
+
+
+def compress_section(name: str, base: dict, args) -> dict:
+    """Our job's `compress:` mapping for scheme `name`, keeping the base job's damping and block size.
+
+    The W4A16 schemes use the preset when --w4-group is 128 (its group size), else the same weights
+    through `quant` (int4, symmetric, --w4-group columns per scale, static activation order as the
+    peer's GPTQ default) where the config takes `quant` with that algorithm.
+
+    Raises:
+        ValueError: the config cannot express W4A16 with --w4-group for this algorithm (the message
+            says which field is refused).
+    """
+    from pydantic import ValidationError
+
+    from raycompress.config import CompressConfig
+
     sec = {**OURS[name], **{k: base[k] for k in ("damping", "block_size") if k in base}}
     if name == "W4A16-AWQ":
-        sec["awq"] = {"n_grid": n_grid}
+        sec["awq"] = {"n_grid": args.n_grid}
     if name == "W8A8-INT8":
-        sec["smoothquant"] = {"alpha": alpha}
+        sec["smoothquant"] = {"alpha": args.alpha}
+    if name in W4 and args.w4_group != 128:
+        sec.pop("scheme")
+        sec["quant"] = {"bits": 4, "group_size": args.w4_group, "act_order": sec["algorithm"] == "gptq"}
+    try:
+        CompressConfig.model_validate(sec)
+    except ValidationError as exc:
+        raise ValueError(f"W4A16 with groups of {args.w4_group} (the preset's 128 does not divide this model's "
+                         f"widths) is not expressible for {name}: {exc.errors()[0]['msg']}") from exc
     return sec
 
 
@@ -79,6 +103,7 @@ def job_raw(args) -> dict:
         length = {"max_length": 32}
     else:
         raw = job_mapping(args.job)
+        raw["select"].update({k: v for k, v in (("n_samples", args.n_samples), ("seq_len", args.seq_len)) if v})
         length = {}
     raw["evaluate"] = {"tasks": [{"name": t, "max_tokens": args.eval_tokens, **length} for t in PPL_TASKS],
                        "include_dense": False}
@@ -86,9 +111,9 @@ def job_raw(args) -> dict:
 
 
 def calibration(args, raw: dict, job_file: Path) -> Path:
-    """OUT/select-run/select (calibration.parquet + manifest.json): a select run of the job, reused
+    """OUT/select-NxL/select (calibration.parquet + manifest.json): a select run of the job, reused
     when present; --smoke: random ids in the model's vocabulary (no select run)."""
-    select_dir = args.output / "select-run" / "select"
+    select_dir = args.output / f"select-{raw['select']['n_samples']}x{raw['select']['seq_len']}" / "select"
     if args.smoke:
         from compression import smoke_select
 
@@ -103,7 +128,7 @@ def run_ours(args, name: str, raw: dict, select_dir: Path) -> dict:
     """Our compress run for `name`: {"dir", "process_wall_s", "seconds", "peak_rss_mb"}."""
     from compression import compress_run
 
-    sec = compress_section(name, raw["compress"], args.alpha, args.n_grid)
+    sec = compress_section(name, raw["compress"], args)
     out = args.output / f"ours-{name}"
     wall, rss, rec = compress_run(args.cli, {**raw, "compress": sec}, select_dir, out)
     spl = rec.get("seconds_per_layer")
@@ -112,27 +137,27 @@ def run_ours(args, name: str, raw: dict, select_dir: Path) -> dict:
 
 
 def run_peer(args, name: str, model_dir: Path, select_dir: Path) -> dict:
-    """The peer's run for `name` in .venv-peer: {"dir", "process_wall_s", "seconds", "peak_rss_mb", "recipe"}."""
-    out = args.output / f"peer-{name}"
-    cmd = [str(args.peer_python), str(ROOT / "jobs/benchmarks/_peer_formats.py"), "--model", str(model_dir),
+    """The peer's run for `name` in .venv-peer: {"dir", "process_wall_s", "seconds", "peak_rss_mb", "recipe"};
+    with --reuse-peer, an earlier run's record (OUT/peer-NAME.json, written after its checkpoint) instead."""
+    out, record = args.output / f"peer-{name}", args.output / f"peer-{name}.json"
+    if args.reuse_peer and record.is_file() and (out / "config.json").is_file():
+        return {**json.loads(record.read_text()), "dir": out, "reused": True}
+    cmd = ["timeout", "-k", "10", str(args.timeout), str(args.peer_python), str(ROOT / "jobs/benchmarks/_peer_formats.py"), "--model", str(model_dir),
            "--calibration", str(select_dir / "calibration.parquet"), "--format", name, "--alpha", str(args.alpha),
-           "--n-grid", str(args.n_grid), "--output", str(out)]
+           "--n-grid", str(args.n_grid), "--w4-group", str(args.w4_group), "--output", str(out)]
     text, wall, rss = run_measured(cmd, args.output / f"peer-{name}.log")
     rec = json.loads(text.strip().splitlines()[-1])
-    return {"dir": out, "process_wall_s": wall, "peak_rss_mb": max(rss, rec["peak_rss_mb"]), "seconds": rec["wall_s"],
-            "recipe": rec["recipe"]}
+    res = {"process_wall_s": wall, "peak_rss_mb": max(rss, rec["peak_rss_mb"]), "seconds": rec["wall_s"],
+           "recipe": rec["recipe"]}
+    record.write_text(json.dumps(res))
+    return {**res, "dir": out}
 
 
 def evaluator_loader():
-    """(load(folder, dtype), its name, whether it is the evaluator's own loader `models.load`)."""
-    try:
-        from raycompress.models.load import load_causal_lm
+    """(load(folder, dtype), its name): the evaluator's loader, `raycompress.models.load.load_causal_lm`."""
+    from raycompress.models.load import load_causal_lm
 
-        return load_causal_lm, "raycompress.models.load.load_causal_lm", True
-    except ImportError:
-        from raycompress.models.quantized import load_causal_lm
-
-        return load_causal_lm, "raycompress.models.quantized.load_causal_lm (dequantized weights only)", False
+    return load_causal_lm, "raycompress.models.load.load_causal_lm"
 
 
 def word_ppl(job, folder: Path, tokenizer, loader) -> dict:
@@ -151,10 +176,24 @@ def measure(folder: Path, ctx: dict) -> dict:
     """Perplexities and checkpoint checks of one compressed folder."""
     from _format_checks import bits_per_weight, disk_bytes, stock_and_evaluator
 
-    loader, _, own = ctx["loader"]
+    loader = ctx["loader"][0]
     checks = stock_and_evaluator(folder, loader, ctx["ids"])
     return {"ppl": word_ppl(ctx["job"], folder, ctx["tokenizer"], loader), "bytes": disk_bytes(folder),
-            "bits": round(bits_per_weight(folder, ctx["dense"]), 4), "checks": checks, "own_loader": own}
+            "bits": round(bits_per_weight(folder, ctx["dense"]), 4), "checks": checks}
+
+
+def measure_cached(run: dict, ctx: dict, eval_tokens: int) -> dict:
+    """`measure` of a run's checkpoint; a reused peer run's earlier measurement (DIR.measure.json)
+    when it was taken with the same evaluator loader and eval tokens."""
+    cache = run["dir"].with_suffix(".measure.json")
+    key = {"loader": ctx["loader"][1], "eval_tokens": eval_tokens}
+    if run.get("reused") and cache.is_file():
+        old = json.loads(cache.read_text())
+        if old.get("key") == key:
+            return old["measure"]
+    m = measure(run["dir"], ctx)
+    cache.write_text(json.dumps({"key": key, "measure": m}))
+    return m
 
 
 def _pair(ours: dict | None, peer: dict | None, key: str):
@@ -166,16 +205,13 @@ def _ratio(a, b, digits: int = 4):
 
 
 def _eval_match(m: dict | None, loader_name: str) -> dict:
-    """eval_matches_stock of one checkpoint: a bool only with the evaluator's own loader."""
+    """eval_matches_stock of one checkpoint: null with "why" when either forward could not run."""
     if m is None:
         return {"value": None, "why": "no checkpoint"}
     c = m["checks"]
     base = {"logits_max_abs_diff": c["logits_max_abs_diff"], "loader": loader_name}
     if c["logits_equal"] is None:
         return {"value": None, "why": c.get("why"), **base}
-    if not m["own_loader"]:
-        return {"value": None, "why": "raycompress.models.load.load_causal_lm not available; the diff is that of "
-                "models.quantized.load_causal_lm, which dequantizes weights and drops activation quantization", **base}
     return {"value": c["logits_equal"], **base}
 
 
@@ -196,6 +232,7 @@ def scheme_record(name: str, runs: dict, meas: dict, errors: list[str], loader_n
                                   for k, m in (("ours", mo), ("peer", mp))},
         "eval_matches_stock": {"ours": _eval_match(mo, loader_name), "peer": _eval_match(mp, loader_name)},
         "ours_compress": None if o is None else o["compress"], "peer_recipe": None if p is None else p["recipe"],
+        "peer_reused": bool(p and p.get("reused")),
     }
     rec["wall_ratio"] = _ratio(rec["seconds_ours"], rec["seconds_peer"], 3)
     bad = {k: m["checks"] for k, m in (("ours", mo), ("peer", mp)) if m and not m["checks"]["loads_in_transformers"]}
@@ -211,8 +248,8 @@ def scheme_record(name: str, runs: dict, meas: dict, errors: list[str], loader_n
 def one_scheme(args, name: str, raw: dict, select_dir: Path, ctx: dict) -> dict:
     """Run both sides for `name`, measure each checkpoint; a failure is recorded, not raised."""
     runs, meas, errors = {}, {}, []
-    sides = [("ours", lambda: run_ours(args, name, raw, select_dir))]
-    if ctx["peer_why"] is None:
+    sides = [("ours", lambda: run_ours(args, name, raw, select_dir))] if "ours" in args.sides else []
+    if ctx["peer_why"] is None and "peer" in args.sides:
         sides.append(("peer", lambda: run_peer(args, name, ctx["model_dir"], select_dir)))
     for side, run in sides:
         try:
@@ -222,7 +259,7 @@ def one_scheme(args, name: str, raw: dict, select_dir: Path, ctx: dict) -> dict:
             errors.append(f"{side} compress: {str(exc)[:300]}\n{log_tail(log, 4)}")
             continue
         try:
-            meas[side] = measure(runs[side]["dir"], ctx)
+            meas[side] = measure_cached(runs[side], ctx, args.eval_tokens)
         except Exception as exc:  # noqa: BLE001 - one checkpoint's failure must not hide the others
             errors.append(f"{side} measure: {type(exc).__name__}: {str(exc)[:600]}")
     return scheme_record(name, runs, meas, errors, ctx["loader"][1], ctx["peer_why"])
@@ -236,6 +273,15 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per perplexity task")
     ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant α (W8A8-INT8, both sides)")
     ap.add_argument("--n-grid", type=int, default=20, help="AWQ grid points (W4A16-AWQ, both sides)")
+    ap.add_argument("--w4-group", type=int, default=64,
+                    help="columns per scale of the W4A16 schemes, both sides (the preset's 128 does not divide "
+                    "SmolLM2-135M's width 576: 128 uses the preset by name)")
+    ap.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default: the job's, 64)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default: the job's, 512)")
+    ap.add_argument("--sides", default="ours,peer", help="which sides run: ours, peer or both")
+    ap.add_argument("--timeout", type=int, default=1500, help="seconds one peer run may take (then exit 124)")
+    ap.add_argument("--reuse-peer", action="store_true",
+                    help="reuse peer checkpoints of an earlier run in --output (same calibration and flags)")
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peer/bin/python")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 schemes (the test suite runs it)")
     a = ap.parse_args(argv)
@@ -272,19 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     peer_why = None if args.peer_python.exists() else f"{args.peer_python} missing: llm-compressor runs there (make peer-env)"
     ctx = {"job": job, "tokenizer": tokenizer, "dense": model_dir, "model_dir": model_dir, "peer_why": peer_why,
            "loader": evaluator_loader(), "ids": prompt_ids(tokenizer, PROMPT, 32 if args.smoke else 64)}
-    result = {"model": job.model, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len,
+    result = {"model": job.model, "sides": args.sides, "calibration": {"n": job.select.n_samples, "seq_len": job.select.seq_len,
                                                   "parquet": str(select_dir / "calibration.parquet")},
-              "eval_tokens_per_task": args.eval_tokens, "evaluator_loader": ctx["loader"][1],
+              "eval_tokens_per_task": args.eval_tokens, "w4a16_group_size": args.w4_group, "evaluator_loader": ctx["loader"][1],
               "seconds_measure": {"ours": "sum of compression.json seconds_per_layer (actor start-up and model "
                                   "skeleton load excluded)", "peer": "oneshot() wall (model load and save excluded)"},
               "schemes": {}}
-    for name in args.schemes:
+    for name in args.schemes:  # the file is rewritten after each scheme, so a cut-short run leaves its part
         result["schemes"][name] = one_scheme(args, name, raw, select_dir, ctx)
+        (args.output / "formats.json").write_text(json.dumps({**result, "partial": True}, indent=2))
     from _format_checks import bits_per_weight, disk_bytes
 
     result["dense"] = {"ppl": word_ppl(job, model_dir, tokenizer, ctx["loader"][0]), "bytes_on_disk": disk_bytes(model_dir),
                        "bits_per_weight": round(bits_per_weight(model_dir, model_dir), 4)}
-    result.update(work=str(args.output), total_wall_s=round(time.perf_counter() - t0, 1), smoke=args.smoke)
+    result.update(work=str(args.output), total_wall_s=round(time.perf_counter() - t0, 1), smoke=args.smoke, partial=False)
     (args.output / "formats.json").write_text(json.dumps(result, indent=2))
     emit(result)
     return 0

@@ -1,12 +1,13 @@
 """Scale benchmark: our compress stage on Llama-3-70B-shaped layers, on the CPUs of this machine; prints ONE JSON line.
 
     .venv/bin/python jobs/benchmarks/scale.py [--workdir /tmp/raycompress-scale] [--actors 1,2]
-        [--algorithms sparsegpt,gptq_w4g128] [--layers 2 --hidden 8192 --ffn 28672 --heads 64
-        --kv-heads 8 --vocab 4096] [--samples 8 --seq-len 512] [--no-peer] [--smoke]
+        [--algorithms sparsegpt,gptq_w4g128,FP8,W8A8-INT8,NVFP4]
+        [--layers 2 --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --vocab 4096] [--samples 8 --seq-len 512] [--no-peer] [--smoke]
 
 Builds a synthetic bf16 Llama checkpoint (`_synthetic.py`, reused when its shapes match) and a
-random calibration set, then runs `raycompress compress` as a subprocess for SparseGPT 50% and
-GPTQ W4 g128 with 1 and 2 compression actors sharing `--cpus` cores (each actor gets cpus / K
+random calibration set, then runs `raycompress compress` as a subprocess for SparseGPT 50%,
+GPTQ W4 g128 and the quantization schemes FP8 (rtn), W8A8-INT8 (SmoothQuant α 0.5 + GPTQ) and
+NVFP4 (rtn), each with 1 and 2 compression actors sharing `--cpus` cores (each actor gets cpus / K
 cores and as many torch threads), and reads the pipeline's own measurements from
 OUT/compress/compression.json: seconds, bytes moved and FLOPs per layer, peak and analytic RSS
 per actor, and per-actor time in stats / solve / propagate / io / reduce.
@@ -52,7 +53,13 @@ from _synthetic import (LlamaShape, MissingKey, job_dict, log_tail, require, run
                         write_checkpoint, write_select_dir)
 
 ALGOS = {"sparsegpt": {"algorithm": "sparsegpt", "sparsity": 0.5},
-         "gptq_w4g128": {"algorithm": "gptq", "quant": {"bits": 4, "group_size": 128}}}
+         "gptq_w4g128": {"algorithm": "gptq", "quant": {"bits": 4, "group_size": 128}},
+         # compressed-tensors schemes by preset name: per-channel FP8 weights with a static per-tensor
+         # FP8 input scale (rtn); SmoothQuant α = 0.5 then GPTQ on int8 weights, dynamic per-token int8
+         # inputs; FP4 weights in groups of 16 with FP8 scales and a global scale, static input global scale
+         "FP8": {"algorithm": "rtn", "scheme": "FP8"},
+         "W8A8-INT8": {"algorithm": "gptq", "scheme": "W8A8-INT8", "smoothquant": {"alpha": 0.5}},
+         "NVFP4": {"algorithm": "rtn", "scheme": "NVFP4"}}
 KEYS = ("actors", "seconds_per_layer", "bytes_moved_per_layer", "analytic_bytes_per_layer", "peak_rss_gb_per_actor",
         "analytic_rss_gb_per_actor", "flops_per_layer", "actor_timings_s", "calibration_tokens")
 TIMING_KEYS = ("stats", "solve", "propagate", "io", "reduce")
