@@ -25,12 +25,15 @@ Default beta = 16: when the budget is tight one window can meet only about 1/k o
 need, so the routing term is O(1/k) while the lexical term spans [0, 1]; beta of the order of k
 makes expert coverage lead and lexical coverage decide among windows that cover alike. On the
 tiny random Qwen3-MoE of `jobs/benchmarks/routing_selection.py` (3,108 biomedical windows of 128
-tokens), beta = 1 left as many experts starved as beta = 0 (ZipCal's order), beta = 16 left none
-at k = 8 / m = 200 and k = 16 / m = 400, for 2% fewer concepts covered.
+tokens), starved experts at k = 8 / m = 200 and k = 16 / m = 400 were 4 and 2 with beta = 0
+(ZipCal's order), 2 and 2 with beta = 1, none with beta = 16, for 6% and 2% fewer concepts covered.
 
 Registered as selection method "routing"; its model input is `ctx.extra["route_fn"]`
 (windows -> (n, layers, experts) routed-token counts, e.g. `router_probe.RouterProbe`), with
-`ctx.extra["min_tokens_per_expert"]` (default 16) and `ctx.extra["beta"]` (default 16).
+`ctx.extra["min_tokens_per_expert"]` (default 16), `ctx.extra["beta"]` (default 16) and optionally
+`ctx.extra["routing_prior"]` ((layers, experts) tokens already routed by another source's chosen
+windows, so that with a domain/general mix the second source fills only what the first left). The
+number of probed layers k is the probe's (`router_probe.load_probe(model_dir, probe_layers)`).
 """
 from __future__ import annotations
 
@@ -70,13 +73,16 @@ def route_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
 class RoutingCoverage:
     """Expert coverage of a chosen set. Arrays are (layers, experts): `tokens` int64 routed tokens
     (prior included), `reached` bool (the candidate pool routes >= 1 token there); `infeasible`
-    maps a reason to the (layer, expert) pairs it concerns: "pool_short" (the whole pool routes
-    fewer than m tokens there) and "budget_short" (its k best windows together route fewer than m)."""
+    holds the necessary conditions for every reached expert to get m tokens from k windows that
+    fail: "pool_short" (layer, expert) pairs to which the whole pool routes fewer than m tokens,
+    "budget_short" pairs to which even the expert's own k best windows route fewer than m, and
+    "budget_short_layers" layers whose total need exceeds the routed slots of the k windows with
+    the most tokens. None failing does not prove a cover exists (greedy may still starve)."""
 
     tokens: np.ndarray
     reached: np.ndarray
     min_tokens_per_expert: int
-    infeasible: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    infeasible: dict[str, list] = field(default_factory=dict)
 
     @property
     def starved(self) -> np.ndarray:
@@ -93,7 +99,7 @@ class RoutingCoverage:
             "tokens_per_expert_min": int(reached.min()) if reached.size else None,
             "min_tokens_per_expert": self.min_tokens_per_expert,
             "feasible": not any(self.infeasible.values()),
-            "infeasible": {k: [list(p) for p in v] for k, v in self.infeasible.items()},
+            "infeasible": {k: [list(p) if isinstance(p, tuple) else p for p in v] for k, v in self.infeasible.items()},
             "starved": [[int(l), int(e)] for l, e in np.argwhere(self.starved)],
             "tokens": self.tokens.tolist(),
         }
@@ -112,9 +118,12 @@ def coverage_of(counts: np.ndarray, chosen: list[int], min_tokens_per_expert: in
     pool_short = want & (base + counts.sum(0) < min_tokens_per_expert)
     best_k = np.sort(counts, axis=0)[::-1][:k].sum(0) if k else np.zeros_like(base)
     budget_short = want & ~pool_short & (base + best_k < min_tokens_per_expert)
-    pairs = {"pool_short": pool_short, "budget_short": budget_short}
-    return RoutingCoverage(tokens, reached, min_tokens_per_expert,
-                           {r: [(int(l), int(e)) for l, e in np.argwhere(m)] for r, m in pairs.items()})
+    need = np.where(want, np.minimum(min_tokens_per_expert, base + counts.sum(0)) - base, 0).sum(1)  # (layers,)
+    slots = np.sort(counts.sum(2), axis=0)[::-1][:k].sum(0) if k else np.zeros(len(need), np.int64)
+    infeasible: dict[str, list] = {r: [(int(l), int(e)) for l, e in np.argwhere(m)]
+                                   for r, m in (("pool_short", pool_short), ("budget_short", budget_short))}
+    infeasible["budget_short_layers"] = [int(l) for l in np.flatnonzero(need > slots)]
+    return RoutingCoverage(tokens, reached, min_tokens_per_expert, infeasible)
 
 
 def _new_concepts(flat: np.ndarray, owner: np.ndarray, covered: np.ndarray, n: int) -> np.ndarray:
@@ -203,9 +212,10 @@ def _pick(windows: list[Window], k: int, ctx: SelectContext, rng: np.random.Gene
         return []
     _, m, beta = _params(ctx)
     counts = window_counts(windows, ctx)
+    prior = ctx.extra.get("routing_prior")  # (layers, experts) tokens from windows chosen elsewhere
     chosen, gains = routing_greedy([w.concepts for w in windows], counts, k, rng, min_tokens_per_expert=m,
-                                   beta=beta, pool=ctx.candidate_pool, prior=ctx.extra.get("routing_prior"))
-    ctx.extra.setdefault("routing_coverage", {})[key] = coverage_of(counts, chosen, m, k, ctx.extra.get("routing_prior"))
+                                   beta=beta, pool=ctx.candidate_pool, prior=prior)
+    ctx.extra.setdefault("routing_coverage", {})[key] = coverage_of(counts, chosen, m, k, prior)
     for i, g in zip(chosen, gains):
         windows[i].score = g
     return [windows[i] for i in chosen]
