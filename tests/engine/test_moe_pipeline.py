@@ -131,6 +131,13 @@ def test_stock_transformers_loads_every_output(moe_dirs, tmp_path):
         w = model.model.layers[0].mlp.experts.gate_up_proj
         assert 0.45 < float((w == 0).float().mean()) < 0.55, arch
         assert torch.isfinite(model(ids).logits).all()
+    path = moe_dirs["Qwen2MoeForCausalLM"]  # int4 experts packed per expert: compressed-tensors decompresses them
+    _run(path, ids, tmp_path / "q", CompressConfig(**QUANT, micro_batch=2), 1)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "q" / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    dense = AutoModelForCausalLM.from_pretrained(path)
+    w, w0 = model.model.layers[1].mlp.experts.down_proj, dense.model.layers[1].mlp.experts.down_proj
+    assert not torch.equal(w, w0) and float(torch.linalg.norm(w - w0) / torch.linalg.norm(w0)) < 0.3
 
 
 def _starved(path, tmp_path, cfg_kw, policy, min_tokens=1):

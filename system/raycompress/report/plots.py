@@ -108,6 +108,33 @@ def layer_chart(layers: list[dict], error_label: str | None = None) -> str | Non
     return _png(fig)
 
 
+def expert_tokens_chart(experts: dict | None) -> str | None:
+    """A mixture of experts' routed calibration tokens as a heat map, decoder layer (rows) x expert
+    (columns), log colour scale; experts that fell back to a data-free method are crossed.
+
+    experts: `report.expert_summary` ({"layers", "tokens": [[per expert] per layer], "fallbacks"}).
+    """
+    if not experts or not experts.get("tokens"):
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    data = np.asarray(experts["tokens"], dtype=float)
+    n_layers, n_exp = data.shape
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 0.12 * n_exp), min(10.0, 1.5 + 0.3 * n_layers)),
+                           layout="constrained")
+    img = ax.imshow(np.log10(1.0 + data), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(img, ax=ax, label="log10(1 + routed tokens)")
+    rows = {lay: i for i, lay in enumerate(experts["layers"])}
+    for fb in experts.get("fallbacks", []):
+        ax.plot(fb["expert"], rows[fb["layer"]], marker="x", color="#C44E52", markersize=6)
+    ax.set_yticks(range(n_layers), [str(x) for x in experts["layers"]])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("decoder layer")
+    ax.set_title("Routed calibration tokens per expert (x: fell back to a data-free method)", fontsize=10)
+    return _png(fig)
+
+
 def calibration_chart(sources: dict[str, dict]) -> str | None:
     """Per source: sequences chosen, and histograms of documents per sequence and distinct tokens per sequence."""
     if not any(s["sequences"] for s in sources.values()):

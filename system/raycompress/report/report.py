@@ -48,15 +48,53 @@ def load_run_config(out_dir: str | os.PathLike) -> dict:
 
 
 def layer_summary(modules: list[dict]) -> list[dict]:
-    """Per decoder layer: mean sparsity over its modules and each module's sparsity and rel_error."""
+    """Per decoder layer: mean sparsity over its modules and each module's sparsity and rel_error.
+    A mixture of experts' routed-expert linears (records with "expert") are summarised per role,
+    e.g. "mlp.experts.*.down": the means over the layer's experts."""
     layers: dict[int, dict] = {}
     for m in modules:
-        lay = layers.setdefault(int(m["layer"]), {"layer": int(m["layer"]), "modules": {}})
-        lay["modules"][m["module"]] = {"sparsity": m.get("sparsity"), "rel_error": m.get("rel_error")}
+        lay = layers.setdefault(int(m["layer"]), {"layer": int(m["layer"]), "modules": {}, "_n": {}})
+        name = m["module"]
+        if m.get("expert") is not None:
+            head, _, role = name.rpartition(".")
+            name = f"{head.rpartition('.')[0]}.*.{role}"
+        cur, n = lay["modules"].get(name), lay["_n"].get(name, 0)
+        new = {"sparsity": m.get("sparsity"), "rel_error": m.get("rel_error")}
+        lay["modules"][name] = new if cur is None else {k: _mean(cur[k], new[k], n) for k in new}
+        lay["_n"][name] = n + 1
     for lay in layers.values():
+        del lay["_n"]
         vals = [v["sparsity"] for v in lay["modules"].values() if v["sparsity"] is not None]
         lay["sparsity"] = sum(vals) / len(vals) if vals else 0.0
     return [layers[k] for k in sorted(layers)]
+
+
+def _mean(acc: float | None, x: float | None, n: int) -> float | None:
+    """Running mean of n values `acc` with one more value `x` (None values are skipped)."""
+    if x is None or acc is None:
+        return acc if x is None else x
+    return (acc * n + x) / (n + 1)
+
+
+def expert_summary(modules: list[dict]) -> dict | None:
+    """A mixture of experts' routed tokens per layer x expert (from the gate/up records, which every
+    expert has) and every expert that fell back to a data-free method, with why; None without
+    expert records (a dense model, or a data-free method that counts no tokens)."""
+    recs = [m for m in modules if m.get("expert") is not None and "tokens" in m]
+    if not recs:
+        return None
+    layers = sorted({int(m["layer"]) for m in recs})
+    n_exp = 1 + max(int(m["expert"]) for m in recs)
+    tokens = [[0] * n_exp for _ in layers]
+    fallbacks = {}
+    for m in recs:
+        tokens[layers.index(int(m["layer"]))][int(m["expert"])] = int(m["tokens"])
+        if m.get("fallback"):
+            fallbacks[(int(m["layer"]), int(m["expert"]))] = {"layer": int(m["layer"]), "expert": int(m["expert"]),
+                                                              **m["fallback"]}
+    flat = [t for row in tokens for t in row]
+    return {"layers": layers, "tokens": tokens, "tokens_min": min(flat), "tokens_max": max(flat),
+            "fallbacks": [fallbacks[k] for k in sorted(fallbacks)]}
 
 
 # What compression.json's per-module `rel_error` measures, by algorithm (engine/worker.py divides
@@ -113,6 +151,7 @@ def compression_summary(compression: dict) -> dict:
         "rel_error_measure": rel_error_measure(compression.get("algorithm")) if errs else None,
         "modules": len(mods),
         "layers": layer_summary(mods),
+        "experts": expert_summary(mods),
         "serving": serving_note(compression.get("config"), sum(m["sparsity"] for m in mods) / len(mods) if mods else None),
     }
 
