@@ -74,6 +74,15 @@ def test_selection(tmp_path, cache):
     assert "skipped" in r["perplexity"] and "skipped" in r["synthetic"]
 
 
+def test_routing_selection(tmp_path, cache):
+    r = smoke("routing_selection", "--output", tmp_path, cache)
+    assert r["config"]["smoke"] is True and r["config"]["token_budget"] == 4 * 32
+    for name in ("routing_aware", "zipcal", "random"):
+        assert r[name]["windows"] == 4 and r[name]["experts_reached"] == 16
+        assert r[name]["perplexity_after_compression"] is None and r[name]["perplexity_note"]
+    assert r["routing_aware"]["starved_experts"] == 0 and r["min_tokens_sweep"] == {"skipped": "--smoke"}
+
+
 def test_scale(tmp_path, cache):
     r = smoke("scale", "--workdir", tmp_path, cache)
     assert r["errors"] == [] and r["shape"]["layers"] == 1
@@ -153,4 +162,4 @@ def test_formats(tmp_path, cache):
 
 
 COVERED = ("compression", "cus_prun", "selection", "scale", "gpu_check", "calibration_sweep", "sparse_transfer",
-           "chaos", "eval_parity", "peer_llmcompressor", "formats")
+           "chaos", "eval_parity", "peer_llmcompressor", "formats", "routing_selection")
