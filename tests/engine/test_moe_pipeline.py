@@ -219,3 +219,21 @@ def test_preflight_accepts_moe_and_refuses_an_impossible_policy(moe_dirs, tmp_pa
     plan = build_plan(_job(path, corpus, algorithm="gptq", quant={"bits": 4, "group_size": 16}), ref, 0)
     compress = next(s for s in plan["stages"] if s["stage"] == "compress")
     assert compress["targets_per_layer"] == 4 + 8 * 3 and compress["bytes_moved_per_layer"] == 0
+
+
+def test_smoothquant_is_restricted_to_attention_and_static_scales_need_tokens(moe_dirs, tmp_path):
+    """SmoothQuant smooths the group a norm feeds in the table row: on MoE rows the attention input
+    only (the norm before the block also feeds the router); experts are quantized unsmoothed. An
+    expert with no token cannot get a static FP8 input scale: refused before solving."""
+    path = moe_dirs["Qwen3MoeForCausalLM"]
+    cfg = CompressConfig(algorithm="gptq", scheme="W8A8-INT8", smoothquant={"alpha": 0.5}, micro_batch=2)
+    recs = _run(path, _ids(4), tmp_path / "sq", cfg, 2)
+    smoothed = {r["module"] for r in recs if "smooth_alpha" in r}
+    assert smoothed == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    assert all("expert" in r and r["tokens"] > 0 for r in recs if r["module"].startswith("mlp."))
+    with pytest.raises(ExpertStarved, match=r"no routed calibration token, and scheme FP8 stores a calibrated input"):
+        _starved(path, tmp_path, dict(algorithm="rtn", scheme="FP8"), "fallback")
+    recs = _starved(path, tmp_path, dict(algorithm="rtn", scheme="FP8"), "all_tokens")
+    shards = _shards(tmp_path / "all_tokens")
+    scales = [t for s in shards.values() for n, t in s.items() if "experts" in n and n.endswith("input_scale")]
+    assert len(scales) == 2 * 8 * 3 and all(torch.isfinite(t.float()).all() and float(t) > 0 for t in scales)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycompress.models.arch import ArchSpec
+from raycompress.models.quantized import resolve
 from raycompress.models.moe import expert_groups, expert_weights, is_moe_layer, moe_spec, set_expert_weights
 
 ROUTED = "#routed"  # suffix of the accumulate result key counting an expert's routed tokens
@@ -152,7 +153,9 @@ def low_token_plan(spec: ArchSpec, cfg, layer_idx: int, routed: dict[int, int], 
     experts solved by the fallback method (empty under all_tokens, which calibrates every expert).
 
     Raises:
-        ExpertStarved: policy refuse and some expert below the threshold (the first is named).
+        ExpertStarved: policy refuse and some expert below the threshold (the first is named); policy
+            fallback, an expert with no token, and a scheme with static input scales (FP8, NVFP4:
+            an input scale needs observed inputs).
     """
     moe = cfg.moe
     min_tok, policy = (moe.min_tokens_per_expert, moe.policy) if moe is not None else (1, "fallback")
@@ -165,6 +168,11 @@ def low_token_plan(spec: ArchSpec, cfg, layer_idx: int, routed: dict[int, int], 
                             f"calibration tokens < compress.moe.min_tokens_per_expert={min_tok} with policy refuse "
                             f"({len(starved)} experts starved: {sorted(starved)}); use policy all_tokens or fallback, "
                             "or a calibration set that reaches them")
+    silent = [e for e, n in starved.items() if n == 0]
+    if silent and getattr(resolve(cfg), "static_inputs", False):
+        raise ExpertStarved(f"layer {layer_idx} expert {silent[0]} ({spec.moe.path(spec.moe.experts)}.{silent[0]}): no "
+                            f"routed calibration token, and scheme {cfg.scheme} stores a calibrated input scale per "
+                            "linear, which no data-free method gives; use compress.moe.policy all_tokens")
     method = fallback_method(cfg)
     return {e: {"tokens": n, "method": method,
                 "reason": f"{n} routed tokens < min_tokens_per_expert={min_tok}"} for e, n in starved.items()}
