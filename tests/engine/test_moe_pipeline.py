@@ -237,3 +237,16 @@ def test_smoothquant_is_restricted_to_attention_and_static_scales_need_tokens(mo
     shards = _shards(tmp_path / "all_tokens")
     scales = [t for s in shards.values() for n, t in s.items() if "experts" in n and n.endswith("input_scale")]
     assert len(scales) == 2 * 8 * 3 and all(torch.isfinite(t.float()).all() and float(t) > 0 for t in scales)
+
+
+def test_resume_replays_quantized_experts(moe_dirs, tmp_path):
+    """A rerun in the same folder replays every layer from its shard (per-expert packed tensors
+    unpacked and fused again) and writes the same bytes and records."""
+    path = moe_dirs["Qwen3MoeForCausalLM"]
+    cfg = CompressConfig(**QUANT, micro_batch=2, hessian_dtype="float64")
+    first = _run(path, _ids(4), tmp_path, cfg, 2)
+    before = _shards(tmp_path)
+    again = _run(path, _ids(4), tmp_path, cfg, 2)
+    assert again == first
+    after = _shards(tmp_path)
+    assert all(torch.equal(t, after[f][n]) for f, s in before.items() for n, t in s.items())
