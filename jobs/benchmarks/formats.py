@@ -234,7 +234,7 @@ def scheme_record(name: str, runs: dict, meas: dict, errors: list[str], loader_n
         "ours_compress": None if o is None else o["compress"], "peer_recipe": None if p is None else p["recipe"],
         "peer_reused": bool(p and p.get("reused")),
     }
-    rec["wall_ratio"] = _ratio(rec["seconds_ours"], rec["seconds_peer"], 3)
+    rec["wall_ratio"] = _ratio(o and o["seconds"], p and p["seconds"], 3)
     bad = {k: m["checks"] for k, m in (("ours", mo), ("peer", mp)) if m and not m["checks"]["loads_in_transformers"]}
     if bad:
         rec["loading_problems"] = {k: {kk: v for kk, v in c.items() if kk in ("error", "loading_info")} for k, c in bad.items()}
