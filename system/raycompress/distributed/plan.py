@@ -165,7 +165,8 @@ def preflight(job: JobConfig, model: ModelRef):
     Raises:
         PreflightError: naming the field (select.sources.<name>.path, select.method, select.seq_len,
             select.n_samples x select.seq_len, compress.algorithm, compress.targets, compress.sparsity,
-            compress.cus_prun.dimensions, compress.quant.group_size, compress.scheme, model, evaluate.tasks).
+            compress.cus_prun.dimensions, compress.quant.group_size, compress.scheme,
+            compress.moe.min_tokens_per_expert, compress.owl on MoE layers, model, evaluate.tasks).
     """
     from raycompress.engine.pipeline import Plan, layer_kinds
     from raycompress.engine.subsets import row_subsets

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from raycompress.config import CompressConfig
 from raycompress.models.checkpoint import finalize_checkpoint, shard_name
-from raycompress.engine.experts import checkpoint_module, fallback_config, layer_groups, low_token_plan, expert_tokens, parse_expert, weight
+from raycompress.engine.experts import (checkpoint_module, expert_tokens, fallback_config, layer_groups, low_token_plan,
+                                        parse_expert, weight)
 from raycompress.engine.smoothing import extra_key, extra_kinds
 from raycompress.models.moe import is_moe_layer, num_experts
 from raycompress.models.quantized import quantization_config, resolve
