@@ -55,6 +55,16 @@ class SourceConfig(_Strict):
     max_doc_chars: int = Field(200_000, gt=0, description="documents longer than this are skipped")
 
 
+class RoutingSelectConfig(_Strict):
+    """Routing-aware selection (`method: routing`, mixture-of-experts models; `selection.routing`):
+    ZipCal's lexical coverage plus β × the routed-token need it covers, so that every expert the
+    corpus reaches gets `min_tokens_per_expert` tokens at the first `probe_layers` routers."""
+
+    min_tokens_per_expert: int = Field(16, ge=0)
+    beta: float = Field(16.0, ge=0.0, description="weight of the routed-expert coverage against ZipCal's gain")
+    probe_layers: int = Field(2, gt=0, le=1000, description="routers probed (the first k MoE decoder layers)")
+
+
 class SelectConfig(_Strict):
     """Calibration-set selection (stage 1)."""
 
@@ -71,6 +81,7 @@ class SelectConfig(_Strict):
         "mix", description="mix: each source fills its share; kcenter: each source selects n_samples, "
         "then k-center greedy on sentence embeddings cuts the union to n_samples (ZipCal multi-source)")
     embedder: str = Field("all-minilm-l6-v2", description="kcenter: a sentence-embedding model folder or alias")
+    routing: RoutingSelectConfig | None = Field(None, description="method routing: coverage target (defaults apply)")
 
     @model_validator(mode="after")
     def _check_mix(self) -> "SelectConfig":

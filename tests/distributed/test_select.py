@@ -114,3 +114,29 @@ def test_multi_source_kcenter(tmp_path, corpora, tiny_lm_dir, ray_local):
     assert m["quotas"] == {"bio": 6, "gen": 6}  # each source selects n_samples ...
     assert len(m["selected"]) == 6  # ... and k-center cuts the union to n_samples
     assert len({s["uid"] for s in m["selected"]}) == 6
+
+
+def test_routing_selection_end_to_end(tmp_path, corpora, tiny_lm_dir, ray_local):
+    """method routing on a tiny Qwen3-MoE: the select actors probe the routers, the driver merges
+    with the sources chosen so far as the prior, and the manifest records each source's coverage."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.models.moe_fixtures import make_tiny_moe
+
+    model = tmp_path / "moe"
+    make_tiny_moe(model, "Qwen3MoeForCausalLM", vocab=len(AutoTokenizer.from_pretrained(tiny_lm_dir)))
+    for f in tiny_lm_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model / f.name)
+    job = _job(tmp_path, corpora, model, method="routing", routing={"min_tokens_per_expert": 4, "probe_layers": 2})
+    m = run_select(job, model, tmp_path / "out")
+    assert len(m["selected"]) == 6 and m["method"] == "routing"
+    cov = m["routing_coverage"]
+    assert set(cov) == {"bio", "gen"}
+    for source in cov.values():
+        assert source["experts_reached"] > 0 and source["min_tokens_per_expert"] == 4
+        assert len(source["tokens"]) == 2 and len(source["tokens"][0]) == 8  # probed layers x experts
+    again = run_select(job, model, tmp_path / "out2")
+    assert again["calibration_sha256"] == m["calibration_sha256"]

@@ -143,7 +143,8 @@ def _round1(job: JobConfig, docs, drop: set, model: ModelRef, k: int, ctx: Selec
     from raycompress.distributed.resources import actor_options
 
     method = SELECTORS.get(job.select.method)
-    opts = actor_options(job.ray) if "model" in method.needs else {"num_cpus": job.ray.cpus_per_actor, "num_gpus": 0}
+    opts = actor_options(job.ray) if method.needs & {"model", "router"} else \
+        {"num_cpus": job.ray.cpus_per_actor, "num_gpus": 0}
     # at least one shard per file: a pool that starts with more actors than that makes Ray Data
     # warn; it grows to `select_actors` when a file has more shards
     pool = ActorPoolStrategy(min_size=min(job.ray.select_actors, n_files), max_size=job.ray.select_actors)
@@ -205,6 +206,7 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
     want = quotas(sel.n_samples, sel.mix) if sel.multi_source == "mix" else {s: sel.n_samples for s in sel.sources}
     chosen: list[Window] = []
     inputs, skipped, errors, usable = [], {}, {}, {}
+    routing = _Routing(sel) if "router" in method.needs else None
     for i, name in enumerate(tqdm(sorted(sel.sources), desc="select", unit="source", disable=None)):
         if want.get(name, 0) == 0:
             continue
@@ -223,18 +225,59 @@ def run_select(job: JobConfig, model: ModelRef | str | Path, out_dir: str | Path
             raise SelectionError(f"select.sources.{name}: no usable documents in {sorted(files.values())} "
                                  f"(skipped: {skipped[name]})")
         ctx = SelectContext(seed=sel.seed + i, candidate_pool=sel.candidate_pool,
-                            word_freq=_word_freq(docs, len(files)) if "word_freq" in method.needs else None)
+                            word_freq=_word_freq(docs, len(files)) if "word_freq" in method.needs else None,
+                            extra=routing.context() if routing else {})
         winners = _round1(job, docs, drop, model, want[name], ctx, len(files))
         if len(winners) < want[name]:
             raise SelectionError(f"select.sources.{name}: {len(winners)} candidate windows of {sel.seq_len} tokens "
                                  f"from {usable[name]} usable documents, fewer than the {want[name]} asked for")
-        chosen += method.merge(winners, want[name], ctx)
+        picked = method.merge(winners, want[name], routing.on_driver(ctx, model) if routing else ctx)
+        if routing:
+            routing.chose(name, picked, ctx)
+        chosen += picked
     if sel.multi_source == "kcenter":
         chosen = _kcenter(chosen, sel.n_samples, sel.embedder, model)
     for name in sel.sources:
         metrics.record("raycompress_documents", sum(w.source == name for w in chosen), job.name, source=name,
                        state="selected")
-    return _write_outputs(job, str(out_dir), chosen, inputs, {"skipped": skipped, "file_errors": errors}, usable, want)
+    extra = {"routing_coverage": routing.coverage} if routing else {}
+    return _write_outputs(job, str(out_dir), chosen, inputs, {"skipped": skipped, "file_errors": errors, **extra},
+                          usable, want)
+
+
+class _Routing:
+    """Routing-aware selection's driver side: the coverage target in each source's context, one
+    router probe on the driver for the merge rounds, the tokens the sources chosen so far route
+    (the next source's `routing_prior`, so a mix covers the experts together), and the coverage
+    of each source's merge for the manifest."""
+
+    def __init__(self, sel) -> None:
+        from raycompress.config import RoutingSelectConfig
+
+        self.cfg = sel.routing or RoutingSelectConfig()
+        self.probe, self.prior, self.coverage = None, None, {}
+
+    def context(self) -> dict:
+        out = {"min_tokens_per_expert": self.cfg.min_tokens_per_expert, "beta": self.cfg.beta,
+               "probe_layers": self.cfg.probe_layers}
+        return out if self.prior is None else {**out, "routing_prior": self.prior}
+
+    def on_driver(self, ctx: SelectContext, model: ModelRef) -> SelectContext:
+        if self.probe is None:
+            from raycompress.selection.router_probe import load_probe
+
+            self.probe = load_probe(model.local(), self.cfg.probe_layers)
+        ctx.extra["route_fn"] = self.probe
+        return ctx
+
+    def chose(self, source: str, picked: list[Window], ctx: SelectContext) -> None:
+        from raycompress.selection.routing import window_counts
+
+        routed = window_counts(picked, ctx).sum(0) if picked else None
+        if routed is not None:
+            self.prior = routed if self.prior is None else self.prior + routed
+        cov = ctx.extra.get("routing_coverage", {}).get("merge")
+        self.coverage[source] = cov.summary() if cov is not None else None
 
 
 class _DropFalseHangWarning(logging.Filter):

@@ -35,6 +35,11 @@ class ShardSelector:
         self.method = SELECTORS.get(method)
         self.concepts = concept_table(self.tokenizer)
         self.sep = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        if "router" in self.method.needs and "route_fn" not in ctx.extra:
+            from raycompress.selection.router_probe import load_probe
+
+            self.ctx = SelectContext(**{**ctx.__dict__, "extra": {
+                **ctx.extra, "route_fn": load_probe(model.local(), int(ctx.extra.get("probe_layers", 2)))}})
         if "model" in self.method.needs and ctx.ppl_fn is None:
             from raycompress.selection.perplexity import model_scorer
 
