@@ -250,3 +250,18 @@ def test_resume_replays_quantized_experts(moe_dirs, tmp_path):
     assert again == first
     after = _shards(tmp_path)
     assert all(torch.equal(t, after[f][n]) for f, s in before.items() for n, t in s.items())
+
+
+def test_low_token_plan_threshold_zero_still_catches_token_less_experts(moe_dirs):
+    from raycompress.engine.experts import low_token_plan
+
+    spec = OffloadedModel(moe_dirs["Qwen3MoeForCausalLM"]).spec
+    cfg = CompressConfig(**SPARSE, moe={"policy": "fallback", "min_tokens_per_expert": 0})
+    plan = low_token_plan(spec, cfg, 3, {0: 5, 1: 0}, 3)  # expert 2 absent: no token either
+    assert plan == {1: {"tokens": 0, "method": "magnitude", "reason": "no routed token (no statistics)"},
+                    2: {"tokens": 0, "method": "magnitude", "reason": "no routed token (no statistics)"}}
+    cfg = CompressConfig(**QUANT, moe={"policy": "fallback", "min_tokens_per_expert": 6})
+    assert low_token_plan(spec, cfg, 3, {0: 6, 1: 5, 2: 7}, 3) == {
+        1: {"tokens": 5, "method": "rtn", "reason": "5 routed tokens < min_tokens_per_expert=6"}}
+    assert low_token_plan(spec, cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"policy": "all_tokens"})}),
+                          3, {0: 0}, 3) == {}

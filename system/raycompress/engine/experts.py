@@ -151,6 +151,7 @@ def expert_tokens(spec: ArchSpec, counts: dict[str, int]) -> dict[int, int]:
 def low_token_plan(spec: ArchSpec, cfg, layer_idx: int, routed: dict[int, int], n_experts: int) -> dict[int, dict]:
     """The policy's decision for each starved expert: {e: {"tokens", "method", "reason"}} of the
     experts solved by the fallback method (empty under all_tokens, which calibrates every expert).
+    Starved: fewer routed tokens than `compress.moe.min_tokens_per_expert`, and always none at all.
 
     Raises:
         ExpertStarved: policy refuse and some expert below the threshold (the first is named); policy
@@ -159,7 +160,8 @@ def low_token_plan(spec: ArchSpec, cfg, layer_idx: int, routed: dict[int, int], 
     """
     moe = cfg.moe
     min_tok, policy = (moe.min_tokens_per_expert, moe.policy) if moe is not None else (1, "fallback")
-    starved = {e: routed.get(e, 0) for e in range(n_experts) if routed.get(e, 0) < min_tok}
+    need = max(1, min_tok)  # an expert without a token has no statistics: it is never solved from them
+    starved = {e: routed.get(e, 0) for e in range(n_experts) if routed.get(e, 0) < need}
     if not starved or policy == "all_tokens":
         return {}
     if policy == "refuse":
@@ -174,8 +176,8 @@ def low_token_plan(spec: ArchSpec, cfg, layer_idx: int, routed: dict[int, int], 
                             f"routed calibration token, and scheme {cfg.scheme} stores a calibrated input scale per "
                             "linear, which no data-free method gives; use compress.moe.policy all_tokens")
     method = fallback_method(cfg)
-    return {e: {"tokens": n, "method": method,
-                "reason": f"{n} routed tokens < min_tokens_per_expert={min_tok}"} for e, n in starved.items()}
+    return {e: {"tokens": n, "method": method, "reason": f"{n} routed tokens < min_tokens_per_expert={min_tok}"
+                if n >= 1 or min_tok >= 1 else "no routed token (no statistics)"} for e, n in starved.items()}
 
 
 def fallback_method(cfg) -> str:
