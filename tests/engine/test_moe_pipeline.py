@@ -265,3 +265,18 @@ def test_low_token_plan_threshold_zero_still_catches_token_less_experts(moe_dirs
         1: {"tokens": 5, "method": "rtn", "reason": "5 routed tokens < min_tokens_per_expert=6"}}
     assert low_token_plan(spec, cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"policy": "all_tokens"})}),
                           3, {0: 0}, 3) == {}
+
+
+def test_targets_by_prefix_and_owners_balanced_by_cost(moe_dirs):
+    om = OffloadedModel(moe_dirs["Qwen2MoeForCausalLM"])
+    plan = Plan(om, CompressConfig(**QUANT, targets=["mlp.experts.3", "mlp.shared_expert"]), 2)
+    assert plan.targets == ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+                            "mlp.experts.3.gate", "mlp.experts.3.up", "mlp.experts.3.down"]
+    assert plan.shapes["mlp.experts.3.down"] == (32, 32) and plan.experts == {"mlp.experts.3.gate", "mlp.experts.3.down"}
+    with pytest.raises(ValueError, match=r"compress.targets: \['mlp.experts.99'\] are not linears"):
+        Plan(om, CompressConfig(**QUANT, targets=["mlp.experts.99"]), 2)
+    plan = Plan(om, CompressConfig(**QUANT), 3)
+    load = [0.0] * 3
+    for g, names in plan.groups.items():
+        load[plan.owners[g]] += sum(plan.algo.cost(*plan.shapes[t]) for t in names)
+    assert max(load) - min(load) <= max(plan.algo.cost(*s) * 2 for s in plan.shapes.values())  # LPT: within one item
