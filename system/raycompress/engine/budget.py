@@ -27,9 +27,11 @@ every expert adds two statistics keys (gate/up: H² or H; down: I² or I, accumu
 statistics are E·(H² + I²)·bytes(accumulator) for Hessian methods, all on the worker in the stats
 phase and spread over the owners (LPT by solve cost) in the solve phase; the layer weights include
 the fused experts E·3·I·H·bytes(checkpoint dtype), held whole by every worker (a fused parameter
-cannot be freed one expert at a time); the MLP activations of one micro-batch are those of one
-expert at a time (mb·seq·3·I, its tokens at most all of them, plus a float32 weighted copy
-mb·seq·I·4 of the down input) and of the shared expert's MLP (3·I_shared); bytes moved add
+cannot be freed one expert at a time); a micro-batch's MLP activations are per routed (token,
+expert) slot, mb·seq·k of them: the gathered input (H, checkpoint dtype), its float32 weighted
+product and output (2·H·4), gate/up and act·up (3·I, checkpoint dtype) — transformers' grouped_mm
+experts forward materialises all slots at once (torch profiler, transformers 5.25) — plus the
+shared expert's MLP per token (3·I_shared); bytes moved add
 (K − 1)·E·(H² + I²)·bytes(accumulator) of statistics and (K − 1)·E·3·I·H·bytes(checkpoint dtype)
 (+ their quantization parameters) of new expert weights, by the same two sums above. FLOPs add
 2·tokens·(H² + I²) per expert under the `all_tokens` policy, 2·k·tokens·(H² + I²)/E per expert on
@@ -61,11 +63,12 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     params = sum(p.numel() for p in layer0.parameters())
     hidden = int(model.config.hidden_size)
     d_ff = int(getattr(model.config, model.spec.intermediate_key, 4 * hidden))
-    if plan.moe:  # one expert's MLP at a time, its float32 weighted down input, and the shared expert's MLP
+    act = 3 * d_ff * cb  # one token's MLP activations
+    if plan.moe:  # per routed (token, expert) slot, as transformers' experts forward materialises them
         moe = model.spec.moe
-        inter = int(getattr(model.config, moe.intermediate_key))
+        inter, top_k = int(getattr(model.config, moe.intermediate_key)), int(getattr(model.config, moe.top_k_key))
         shared = int(getattr(model.config, "shared_expert_intermediate_size", 0) or 0) if moe.shared_expert else 0
-        d_ff = inter + shared + (4 * inter + cb - 1) // (3 * cb)
+        act = top_k * (hidden * (cb + 8) + 3 * inter * cb) + 3 * shared * cb
     keys = max(1, n_subsets) if plan.split else 1
     d_in = {g: plan.d_in[g] for g in plan.stat_groups}
     numel = {g: d_in[g] ** 2 if kind == "hessian" else d_in[g] if kind else 0
@@ -77,7 +80,7 @@ def layer_floors(model: OffloadedModel, cfg: CompressConfig, plan: Plan, rows: l
     mem = []
     for k, n_rows in enumerate(rows):
         base = params * cb + n_rows * seq * hidden * cb
-        stats_phase = base + sum(stat_bytes.values()) + micro_batch * seq * (3 * d_ff * cb + d_max * 4)
+        stats_phase = base + sum(stat_bytes.values()) + micro_batch * seq * (act + d_max * 4)
         order = plan.solve_order(k)
         solve_phase = base + max((sum(stat_bytes.get(h, 0) for h in order[j:])
                                   + max(o * i * (5 + cb) for o, i in (plan.shapes[t] for t in plan.groups[g]))
