@@ -116,9 +116,16 @@ def group_size(shape: dict) -> int:
     return min(128, g & -g)
 
 
+def _ray(k: int, cpus: int) -> dict:
+    """The job's `ray:` section for k actors sharing `cpus` cores, cpus / k threads each: every actor
+    solves its share of a layer's experts at the same time (unlike a dense layer, where one actor
+    solves the down projection while the others wait, `scale._ray`)."""
+    return {"compress_actors": k, "num_cpus": cpus, "cpus_per_actor": cpus / k, "torch_threads": max(1, cpus // k)}
+
+
 def run_shape(name: str, shape: dict, a: argparse.Namespace) -> tuple[dict, list[str]]:
     """1- and 2-actor runs of one shape; (figures, errors)."""
-    from scale import _ray, summarise_run
+    from scale import summarise_run
 
     model_dir = write_moe_checkpoint(a.workdir / name / "model", shape)
     select_dir = write_select_dir(a.workdir / name / "select", a.samples, a.seq_len, 512)
