@@ -83,6 +83,13 @@ def test_routing_selection(tmp_path, cache):
     assert r["routing_aware"]["starved_experts"] == 0 and r["min_tokens_sweep"] == {"skipped": "--smoke"}
 
 
+def test_moe(tmp_path, cache):
+    r = smoke("moe", "--workdir", tmp_path, cache)
+    assert r["smoke"] is True and r["errors"] == [] and r["identical_across_actors"] is True
+    run = r["shapes"]["tiny-qwen3-moe"]["runs"]["1"]
+    assert run["tokens_per_expert_min"] > 0 and run["seconds_per_layer"] > 0 and r["rss_ratio"] > 0
+
+
 def test_scale(tmp_path, cache):
     r = smoke("scale", "--workdir", tmp_path, cache)
     assert r["errors"] == [] and r["shape"]["layers"] == 1
@@ -162,4 +169,4 @@ def test_formats(tmp_path, cache):
 
 
 COVERED = ("compression", "cus_prun", "selection", "scale", "gpu_check", "calibration_sweep", "sparse_transfer",
-           "chaos", "eval_parity", "peer_llmcompressor", "formats", "routing_selection")
+           "chaos", "eval_parity", "peer_llmcompressor", "formats", "routing_selection", "moe")

@@ -329,14 +329,3 @@ def test_preflight_refuses_a_scheme_the_shapes_or_torch_cannot_take(tiny_llama_d
     monkeypatch.delattr(torch, "float8_e4m3fn")
     with pytest.raises(PreflightError, match=r"^compress.scheme \(FP8_DYNAMIC\): needs float8 dtypes"):
         preflight(_scheme_job(tiny_llama_dir, corpus, algorithm="rtn", scheme="FP8_DYNAMIC"), ref)
-
-
-def test_preflight_refuses_a_mixture_of_experts_until_experts_are_solved(tmp_path):
-    from raycompress.distributed.plan import PreflightError, preflight
-    from tests.models.moe_fixtures import make_tiny_moe
-
-    model = tmp_path / "moe"
-    make_tiny_moe(model, "Qwen3MoeForCausalLM")
-    corpus = _jsonl(tmp_path / "a.jsonl", ["word " * 400])
-    with pytest.raises(PreflightError, match=r"^model: \['Qwen3MoeForCausalLM'\] is a mixture of experts"):
-        preflight(_tiny_job(model, {"a": corpus}, seq_len=16, n_samples=2), ModelRef(str(model)))

@@ -30,3 +30,15 @@ def test_layer_summary_collapses_experts_per_role():
     assert set(lay0["modules"]) == {"mlp.experts.*.gate", "mlp.experts.*.up", "mlp.experts.*.down", "self_attn.q_proj"}
     assert abs(lay0["modules"]["mlp.experts.*.down"]["rel_error"] - 0.25) < 1e-12  # mean of 0.1 .. 0.4
     assert compression_summary({"algorithm": "gptq", "modules": _records()})["experts"]["tokens"][1] == [1, 4, 7, 10]
+
+
+def test_reports_list_every_fallback_with_its_reason():
+    from raycompress.report.markdown import _compression_lines
+    from raycompress.report.report import fallback_lines
+
+    s = expert_summary(_records())
+    lines = fallback_lines(s)
+    assert lines[0].startswith("Mixture of experts: 8 (layer, expert) pairs") and "min 0, max 10; 1 fell back" in lines[0]
+    assert lines[1] == "Layer 0 expert 0: 0 routed tokens, solved with rtn (0 routed tokens < min_tokens_per_expert=1)."
+    md = "\n".join(_compression_lines(compression_summary({"algorithm": "gptq", "modules": _records()})))
+    assert lines[1] in md

@@ -13,6 +13,7 @@ from html import escape
 
 from raycompress.report import plots
 from raycompress.report.markdown import NO_RESULTS, RETENTION_NOTE, error_measure, na, result_rows, training_text
+from raycompress.report.report import fallback_lines
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; background: #f6f7f9;
@@ -105,9 +106,16 @@ def _compression_section(comp: dict) -> str:
         text += f", mean {measure['name']} {comp['mean_rel_error']:.4f}. {measure['name'].capitalize()} = " \
                 f"{measure['definition']}"
     html += f"<p class=note>{escape(text)}.</p>"
+    if comp.get("serving"):
+        html += f"<p class=note>{escape(comp['serving'])}</p>"
     label = f"{measure['name']} ({measure['unit']})" if measure else None
-    return html + image(plots.layer_chart(comp.get("layers") or [], label),
-                        f"per-layer sparsity and {measure['name'] if measure else 'error'}")
+    html += image(plots.layer_chart(comp.get("layers") or [], label),
+                  f"per-layer sparsity and {measure['name'] if measure else 'error'}")
+    experts = comp.get("experts")
+    if experts:
+        html += image(plots.expert_tokens_chart(experts), "routed calibration tokens per layer x expert")
+        html += "".join(f"<p class=note>{escape(line)}</p>" for line in fallback_lines(experts))
+    return html
 
 
 def _calibration_section(cal: dict) -> str:

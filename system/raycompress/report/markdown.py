@@ -1,7 +1,7 @@
 """report.md: the report dict of one job as Markdown tables (tasks, groups, retention, stages, calibration)."""
 from __future__ import annotations
 
-from raycompress.report.report import rel_error_measure
+from raycompress.report.report import fallback_lines, rel_error_measure
 from raycompress.report.results import fmt_value, primary, reference_label
 
 RETENTION_NOTE = ("Retention: the compressed metric relative to the dense one, oriented so that 1.0 = no loss "
@@ -74,7 +74,8 @@ def _compression_lines(c: dict) -> list[str]:
         return []
     text = f"Compression: {c['algorithm']}, {c['modules']} modules, mean sparsity {c['mean_sparsity']:.4f}"
     measure = error_measure(c)
-    serving = ["", c["serving"]] if c.get("serving") else []
+    serving = (["", c["serving"]] if c.get("serving") else []) + \
+        (["", *fallback_lines(c["experts"])] if c.get("experts") else [])
     if measure is None:
         return ["", "## Compression", "", text] + serving
     text += f", mean {measure['name']} {c['mean_rel_error']:.4f}"

@@ -76,6 +76,20 @@ def _mean(acc: float | None, x: float | None, n: int) -> float | None:
     return (acc * n + x) / (n + 1)
 
 
+def fallback_lines(experts: dict) -> list[str]:
+    """One line on the routed tokens per expert, then one per expert that fell back, with why."""
+    tokens = [t for row in experts.get("tokens") or [] for t in row]
+    head = (f"Mixture of experts: {len(tokens)} (layer, expert) pairs, routed calibration tokens per expert "
+            f"min {min(tokens)}, max {max(tokens)}; {len(experts.get('fallbacks') or [])} fell back.") if tokens else ""
+    return ([head] if head else []) + [
+        f"Layer {f['layer']} expert {f['expert']}: {_routed(experts, f)} routed tokens, solved with "
+        f"{f.get('method')} ({f.get('reason')})." for f in experts.get("fallbacks") or []]
+
+
+def _routed(experts: dict, f: dict) -> int:
+    return experts["tokens"][experts["layers"].index(f["layer"])][f["expert"]]
+
+
 def expert_summary(modules: list[dict]) -> dict | None:
     """A mixture of experts' routed tokens per layer x expert (from the gate/up records, which every
     expert has) and every expert that fell back to a data-free method, with why; None without
