@@ -329,3 +329,12 @@ def test_preflight_refuses_a_scheme_the_shapes_or_torch_cannot_take(tiny_llama_d
     monkeypatch.delattr(torch, "float8_e4m3fn")
     with pytest.raises(PreflightError, match=r"^compress.scheme \(FP8_DYNAMIC\): needs float8 dtypes"):
         preflight(_scheme_job(tiny_llama_dir, corpus, algorithm="rtn", scheme="FP8_DYNAMIC"), ref)
+
+
+def test_preflight_refuses_routing_selection_on_a_dense_model(tiny_llama_dir, tmp_path):
+    from raycompress.distributed.plan import PreflightError, preflight
+
+    corpus = _jsonl(tmp_path / "a.jsonl", ["word " * 400])
+    job = _tiny_job(tiny_llama_dir, {"a": corpus}, seq_len=16, n_samples=2, method="routing")
+    with pytest.raises(PreflightError, match=r"^select.method: 'routing' probes the model's expert routers"):
+        preflight(job, ModelRef(str(tiny_llama_dir)))

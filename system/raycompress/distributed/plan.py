@@ -186,6 +186,9 @@ def preflight(job: JobConfig, model: ModelRef):
     except (OSError, ValueError, KeyError) as exc:
         raise PreflightError(f"model: {exc}") from exc
     _check_sizes(job, om, files)
+    if "router" in SELECTORS.get(job.select.method).needs and om.spec.moe is None:
+        raise PreflightError(f"select.method: '{job.select.method}' probes the model's expert routers, and "
+                             f"{om.config.architectures} is not a mixture of experts; use zipcal")
     try:
         plans = [Plan(om, c, job.ray.compress_actors, i) for i in layer_kinds(om)]  # MoE: sparse and dense layers
         row_subsets(c, sorted(job.select.sources))  # a Cus-Prun dimension no source feeds
