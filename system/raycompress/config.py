@@ -261,8 +261,8 @@ class CompressConfig(_Strict):
             raise ValueError(f"algorithm '{self.algorithm}' needs a 'scheme' (e.g. W4A16) or a 'quant' section")
         if self.quant is not None and self.scheme is not None:
             raise ValueError("give 'scheme' or 'quant', not both")
-        if self.quant is not None and self.algorithm not in ("gptq", "sparsegpt", "rtn"):
-            raise ValueError(f"'quant' is supported with gptq, rtn or sparsegpt, not '{self.algorithm}'")
+        if self.quant is not None and self.algorithm not in ("gptq", "sparsegpt", "rtn", "awq"):
+            raise ValueError(f"'quant' is supported with gptq, rtn, awq or sparsegpt, not '{self.algorithm}'")
         if self.scheme is not None and self.algorithm not in quantizers + ("sparsegpt",):
             raise ValueError(f"'scheme' is supported with gptq, rtn, awq or sparsegpt, not '{self.algorithm}'")
         if self.scheme is not None and self.algorithm in ("awq", "sparsegpt") and self.scheme not in WEIGHT_ONLY_INT:

@@ -113,3 +113,15 @@ def test_shipped_tensors_cross_the_object_store_zero_copy(ray_local):
     assert torch.equal(got["stats"].value, st.value) and got["stats"].tokens == 10
     assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], w)
     assert PeakMemory.private() - before < 16e6
+
+
+def test_shipped_tensors_keep_8_bit_float_dtypes():
+    """NVFP4's float8 weight scales cross the object store as uint8 bits (NumPy has no float8)."""
+    import pickle
+
+    from raycompress.engine.transfer import Shipped
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32):
+        t = torch.randn(4, 3).to(dtype)
+        back = pickle.loads(pickle.dumps(Shipped(t)))
+        assert back.dtype == dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8))

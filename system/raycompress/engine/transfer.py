@@ -11,8 +11,9 @@ import torch
 
 class Shipped:
     """A CPU tensor that crosses Ray's object store without copies: pickled as a NumPy array
-    (bf16/f16 as int16 bits), which Ray stores out of band and a receiver maps zero-copy; it
-    unpickles to a plain (read-only) torch.Tensor. In-process (no pickling) `unship` unwraps it."""
+    (bf16/f16 as int16 bits, the 8-bit floats of FP8 / NVFP4 scales as uint8 bits, which NumPy
+    has no dtype for), which Ray stores out of band and a receiver maps zero-copy; it unpickles
+    to a plain (read-only) torch.Tensor. In-process (no pickling) `unship` unwraps it."""
 
     def __init__(self, t: torch.Tensor) -> None:
         self.t = t
@@ -21,6 +22,8 @@ class Shipped:
         t = self.t.detach().contiguous()
         if t.dtype in (torch.bfloat16, torch.float16):
             return _rebuild, (t.view(torch.int16).numpy(), str(t.dtype).removeprefix("torch."))
+        if t.is_floating_point() and t.element_size() == 1:
+            return _rebuild, (t.view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."))
         return _rebuild, (t.numpy(), "")
 
 
