@@ -150,6 +150,12 @@ class Plan:
             self.stat_groups = {g: (self.algo.stats, names) for g, names in self.groups.items()
                                 if self.algo.stats or g in self.extras}
 
+    @property
+    def data_free(self) -> bool:
+        """No statistic of any kind (a data-free method such as FP8_DYNAMIC by round to nearest):
+        the layer's inputs are never looked at, so nothing needs to run through it."""
+        return not self.stat_groups and not self.kv and not self.structured and not self.moe
+
     def keys(self, group: str, subsets: list[str]) -> list[str]:
         """Statistics keys of `group`: the algorithm's (per subset when split), then its extras."""
         own = ([f"{group}@{s}" for s in subsets] if self.split else [group]) if self.algo.stats else []
@@ -317,7 +323,7 @@ def _config_updates(model: OffloadedModel, plans: list[Plan], cfg: CompressConfi
 
 
 def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: int, width: int | None,
-                  subsets: list[str]) -> dict[str, dict]:
+                  subsets: list[str], propagate: bool = True) -> dict[str, dict]:
     """Statistics, reduction to owners, solves and propagation of decoder layer i (not waited on
     except where a later call needs it). Returns what the records of routed experts' linears add
     (`_expert_facts`): module -> {"expert", "tokens", optional "fallback"}.
@@ -348,7 +354,8 @@ def _compress_one(backend: Backend, plan: Plan, layer_cfg: CompressConfig, i: in
     solved = {g: ws[r].solve_group(g, plan.groups[g], fb_cfg if g in fallback else layer_cfg, k > 1)
               for r in range(k) for g in plan.solve_order(r)}
     backend.get(pending)
-    backend.get([w.apply(*[h for g, h in solved.items() if plan.owners[g] != r]) for r, w in enumerate(ws)])
+    backend.get([w.apply(*[h for g, h in solved.items() if plan.owners[g] != r], propagate=propagate)
+                 for r, w in enumerate(ws)])
     return facts
 
 
@@ -415,7 +422,8 @@ def compress_layers(backend: Backend, model: OffloadedModel, cfg: CompressConfig
                 on_layer(i, model.num_layers, {**progress.layers[str(i)], "seconds": 0.0, "replayed": True})
             continue
         t0 = time.perf_counter()
-        added = _compress_one(backend, plan_of(i), cfg.for_layer(sparsity[i]), i, width, subsets)
+        added = _compress_one(backend, plan_of(i), cfg.for_layer(sparsity[i]), i, width, subsets,
+                              propagate=not all(p.data_free for p in plans.values()))
         shard = backend.get(backend.workers[0].write_layer(path, plan.scheme))
         records = [{**r, **added.get(r["module"], {})} for part in _all(backend, "pop_infos") for r in part]
         _all(backend, "end_layer")

@@ -347,15 +347,17 @@ class LayerWorker:
             lin.out_features, lin.in_features = lin.weight.shape
 
     @torch.no_grad()
-    def apply(self, *solved: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    def apply(self, *solved: dict[str, dict[str, torch.Tensor]] | None, propagate: bool = True) -> None:
         """Install compressed weights received from their owners (None: solved here) and
-        propagate this shard through the compressed layer, in place."""
+        propagate this shard through the compressed layer, in place (not when no layer of the
+        recipe looks at its inputs: `Plan.data_free`)."""
         t0 = time.perf_counter()
         for part in solved:
             for name, tensors in (part or {}).items():
                 self._count_in(sum(nbytes(t) for t in tensors.values()))
                 self._install(name, to_device(tensors, self.device))
-        self._run_all(keep=True)
+        if propagate:
+            self._run_all(keep=True)
         self._tick("propagate", t0)
 
     @torch.no_grad()
