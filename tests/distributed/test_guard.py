@@ -77,7 +77,7 @@ def test_a_changed_job_does_not_reuse_finished_stages(tiny_llama_dir):
     ({"compress": {"targets": ["mlp.nope"]}}, r"compress.targets: \['mlp.nope'\]"),
     ({"compress": {"sparsity": [0.5, 0.5, 0.5]}}, r"compress.sparsity: 3 values for the model's 2 decoder layers"),
     ({"compress": {"algorithm": "gptq", "quant": {"bits": 4, "group_size": 48}, "block_size": 96}},
-     r"compress.quant.group_size: 48 does not divide the input width \[64, 128\]"),
+     r"compress.quant.group_size: group size 48 does not divide d_in=64 of module self_attn.q_proj"),
     ({"evaluate": {"tasks": ["no_such_task"]}}, r"evaluate.tasks: evaluate.tasks\[0\]: no task or group named 'no_such_task'"),
     ({"evaluate": {"tasks": [{"name": "p", "kind": "perplexity", "path": "missing.jsonl"}]}},
      r"evaluate.tasks: task 'p': field 'path': .*missing.jsonl not found"),
