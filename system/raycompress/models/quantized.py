@@ -118,10 +118,6 @@ def resolve(cfg: CompressConfig) -> Scheme | None:
     return _build(name, preset_name_to_scheme(name, ["Linear"]), kv)
 
 
-def _as_scheme(s) -> Scheme:
-    return _legacy(s) if isinstance(s, QuantConfig) else s
-
-
 def qparams(result, scheme, dtype) -> dict[str, torch.Tensor]:
     """A solved linear's weight parameters as the checkpoint stores them (they travel between
     workers no wider): `weight_scale` ((d_out, n_groups), (d_out, 1) per channel, (1,) per tensor)
@@ -131,7 +127,7 @@ def qparams(result, scheme, dtype) -> dict[str, torch.Tensor]:
     result: a QuantResult, GPTQResult or SparseGPTResult (its scale / zero (d_out, n_groups)
     float32; global_scale (1,) float32, needed for NVFP4 only).
     """
-    spec = _as_scheme(scheme).weight_spec
+    spec = scheme.weight_spec
     scale = result.scale[:1, :1].reshape(1) if spec.tensor else result.scale
     if spec.type == "fp4":
         return {"weight_scale": scale.to(torch.float8_e4m3fn),
@@ -151,7 +147,6 @@ def input_qparams(absmax: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> d
     FP8's static per-tensor activations, {"input_global_scale": 448 * 6 / max, (1,) float32} for
     NVFP4 (compressed-tensors `calculate_qparams` / `generate_gparam` on that max, in dtype), {} for
     dynamic or weight-only activations. A zero max gives the dtype's eps as scale (global scale 1)."""
-    scheme = _as_scheme(scheme)
     if not scheme.static_inputs:
         return {}
     amax = absmax.detach().float().max().reshape(1)
@@ -173,7 +168,7 @@ def kv_qparams(k_absmax: float, v_absmax: float, scheme: Scheme, dtype: torch.dt
     """An FP8 KV cache's per-tensor scales of one attention module: {"k_scale", "v_scale"}, each
     max |k| / 448 (resp. v) as (1,) tensors in dtype (names relative to the attention module);
     {} without a kv_cache_scheme."""
-    if _as_scheme(scheme).kv is None:
+    if scheme.kv is None:
         return {}
     return {"k_scale": _fp8_tensor_scale(k_absmax, dtype), "v_scale": _fp8_tensor_scale(v_absmax, dtype)}
 
@@ -186,8 +181,7 @@ def qparam_bytes(d_out: int, d_in: int, scheme, dtype: torch.dtype) -> int:
     """Bytes of one (d_out, d_in) linear's `qparams` as they travel between workers (zero points
     unpacked, int8) plus its static input parameters: scales d_out x n_groups in dtype (one per
     tensor: 1; NVFP4: 1 byte each plus a 4-byte global scale), zero points 1 byte each when
-    asymmetric. `scheme`: a Scheme (or a legacy QuantConfig)."""
-    scheme = _as_scheme(scheme)
+    asymmetric. `scheme`: a Scheme (`resolve`)."""
     spec = scheme.weight_spec
     n = 1 if spec.tensor else d_out * _n_groups(d_in, spec)
     if spec.type == "fp4":
@@ -203,7 +197,6 @@ def weight_bytes(d_out: int, d_in: int, scheme, dtype: torch.dtype) -> int:
     """Bytes of one (d_out, d_in) linear's stored weight: pack-quantized d_out x ceil(d_in * bits
     / 32) int32 words (+ a 2-element int64 weight_shape), int-/float-quantized one byte a value,
     NVFP4 half a byte a value. `dtype` is unused (kept for a uniform signature)."""
-    scheme = _as_scheme(scheme)
     spec = scheme.weight_spec
     if scheme.format == "pack-quantized":
         return d_out * math.ceil(d_in * spec.bits / 32) * 4 + 16
@@ -223,7 +216,6 @@ def pack(tensors: dict[str, torch.Tensor], scheme, dtype: torch.dtype) -> dict[s
     (d_out, d_in), float32 or the model dtype), weight_scale, [weight_zero_point],
     [weight_global_scale], [input_scale], [input_global_scale]} (as `qparams` / `input_qparams`
     give them), by compressed-tensors' own compressor for the scheme's format."""
-    scheme = _as_scheme(scheme)
     state = dict(tensors)
     state["weight"] = tensors["weight"].float()
     if scheme.weight_spec.type == "fp4":  # the compressor quantizes with a float scale, then stores it as FP8
@@ -250,7 +242,6 @@ def unpack(state: dict[str, torch.Tensor], scheme) -> dict[str, torch.Tensor]:
     """A layer state dict with its quantized linears turned back into dequantized `<name>.weight`
     (float32, exactly the values the checkpoint holds; the caller casts), other tensors as they are;
     input activation, KV-cache and global-scale parameters are dropped."""
-    scheme = _as_scheme(scheme)
     names = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
     out = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _DROPPED_ON_UNPACK}
     for name in names:
@@ -272,8 +263,6 @@ def quantization_config(scheme, ignore: list[str]) -> dict:
     quantization_status "compressed", ignore, ...), JSON-ready."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig
-
-    scheme = _as_scheme(scheme)
     cfg = QuantizationConfig(config_groups={"group_0": scheme.ct}, kv_cache_scheme=scheme.kv, format=scheme.format,
                              quantization_status="compressed", ignore=list(ignore))
     return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
